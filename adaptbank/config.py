@@ -1,0 +1,206 @@
+"""Frozen, validated configuration dataclasses.
+
+Every config is ``@dataclass(frozen=True, kw_only=True)``, validated in ``__post_init__`` (errors
+name the bad value, the CLI flag and what is allowed), serialised with ``to_dict``/``from_dict``, and
+``from_dict`` rejects unknown keys with the closest valid one. Each field is documented once, by the
+attribute docstring under it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, TypeVar, get_args
+
+__all__ = [
+    "LoRAConfig",
+    "AdapterConfig",
+    "ParallelAdapterConfig",
+    "MethodConfig",
+    "TrainConfig",
+    "method_from_dict",
+    "check_keys",
+    "TARGET_PRESETS",
+]
+
+TARGET_PRESETS: tuple[str, ...] = ("qv", "attn", "all-linear", "v", "houlsby", "pfeiffer", "ffn")
+"""Named target sets; ``inject.py`` maps each to module roles per model family."""
+
+Activation = Literal["relu", "gelu", "silu", "tanh"]
+
+C = TypeVar("C", bound="_Config")
+
+
+def check_keys(given: dict[str, Any], allowed: list[str] | tuple[str, ...], where: str) -> None:
+    """Raise ``ValueError`` for the first key of ``given`` not in ``allowed``, suggesting the closest."""
+    for key in given:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), list(allowed), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown key {key!r} in {where}{hint} allowed: {', '.join(sorted(allowed))}")
+
+
+def _positive(name: str, flag: str, value: float, *, integer: bool = False) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) if integer else isinstance(value, (int, float))
+    if not ok or not math.isfinite(float(value)) or value <= 0:
+        kind = "a positive integer" if integer else "a positive number"
+        raise ValueError(f"{name} must be {kind} ({flag}), got {value!r}")
+
+
+def _choice(name: str, flag: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)} ({flag}), got {value!r}")
+
+
+def _check_targets(targets: str | tuple[str, ...]) -> None:
+    if isinstance(targets, str):
+        _choice("targets", "--targets", targets, TARGET_PRESETS)
+    elif not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(f"targets must be a preset ({', '.join(TARGET_PRESETS)}) or non-empty patterns, got {targets!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Config:
+    kind: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+        if self.kind:
+            out["kind"] = self.kind
+        return out
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        fields = [f.name for f in dataclasses.fields(cls)]
+        data = {k: v for k, v in data.items() if not (k == "kind" and v == cls.kind)}
+        check_keys(data, fields, f"{cls.__name__}")
+        data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**data)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoRAConfig(_Config):
+    """LoRA (Hu et al. 2021): ``h = W x + (alpha / r) * B (A x)``."""
+
+    kind: ClassVar[str] = "lora"
+    rank: int = 8
+    """Rank r of the update (--rank)."""
+    alpha: float = 16.0
+    """Scale numerator: the update is multiplied by alpha / r (--alpha)."""
+    dropout: float = 0.1
+    """Dropout on the expert's input x before A (--dropout)."""
+    targets: str | tuple[str, ...] = "qv"
+    """A preset (qv, attn, all-linear, v) or explicit module-name regexes (--targets)."""
+
+    def __post_init__(self) -> None:
+        _positive("rank", "--rank", self.rank, integer=True)
+        _positive("alpha", "--alpha", self.alpha)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1) (--dropout), got {self.dropout!r}")
+        _check_targets(self.targets)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdapterConfig(_Config):
+    """Serial bottleneck adapter (Houlsby et al. 2019; Pfeiffer et al. 2021): ``h + up(f(down(h)))``."""
+
+    kind: ClassVar[str] = "adapter"
+    bottleneck: int = 64
+    """Hidden size m of the bottleneck (--rank sets it from the CLI)."""
+    activation: Activation = "relu"
+    """Non-linearity between down- and up-projection."""
+    targets: str | tuple[str, ...] = "pfeiffer"
+    """houlsby (after attention and after the feed-forward block) or pfeiffer (after the feed-forward only)."""
+
+    def __post_init__(self) -> None:
+        _positive("bottleneck", "--rank", self.bottleneck, integer=True)
+        _choice("activation", "--activation", self.activation, get_args(Activation))
+        _check_targets(self.targets)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelAdapterConfig(_Config):
+    """Parallel adapter (He et al. 2021): ``W x + s * up(f(down(x)))`` beside the wrapped sub-layer."""
+
+    kind: ClassVar[str] = "parallel-adapter"
+    bottleneck: int = 64
+    """Hidden size m of the bottleneck (--rank sets it from the CLI)."""
+    scale: float = 4.0
+    """Fixed scale s of the adapter branch (He et al. use 4)."""
+    activation: Activation = "relu"
+    """Non-linearity between down- and up-projection."""
+    targets: str | tuple[str, ...] = "ffn"
+    """Sub-layers to run beside; ``ffn`` is the feed-forward output projection."""
+
+    def __post_init__(self) -> None:
+        _positive("bottleneck", "--rank", self.bottleneck, integer=True)
+        _positive("scale", "--scale", self.scale)
+        _choice("activation", "--activation", self.activation, get_args(Activation))
+        _check_targets(self.targets)
+
+
+MethodConfig = LoRAConfig | AdapterConfig | ParallelAdapterConfig
+_METHODS: dict[str, type[_Config]] = {c.kind: c for c in (LoRAConfig, AdapterConfig, ParallelAdapterConfig)}
+
+
+def method_from_dict(data: dict[str, Any]) -> MethodConfig:
+    """Build a method config from its ``to_dict`` form; ``kind`` selects the class."""
+    kind = data.get("kind")
+    if kind not in _METHODS:
+        raise ValueError(f"method kind must be one of {', '.join(_METHODS)} (--method), got {kind!r}")
+    return _METHODS[kind].from_dict(data)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(_Config):
+    """Training settings for one task's expert and head."""
+
+    epochs: float = 3.0
+    """Passes over the training split; fractions allowed (--epochs)."""
+    lr: float = 5e-4
+    """AdamW learning rate of the expert (--lr)."""
+    head_lr: float = 2e-3
+    """AdamW learning rate of the classification head (--head-lr)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup: float = 0.06
+    """Fraction of steps with linear warm-up; the rest decays linearly to zero."""
+    batch_size: int = 16
+    """Examples per optimiser step (--batch-size)."""
+    max_length: int = 128
+    """Tokens per example after truncation (--max-length)."""
+    max_train: int | None = None
+    """Use at most this many training examples (--max-train)."""
+    max_test: int | None = None
+    """Evaluate on at most this many test examples (--max-test)."""
+    seed: int = 0
+    """Seed for initialisation, shuffling and dropout (--seed)."""
+    probe_init: bool = True
+    """Initialise the head as a logistic-regression probe on frozen features before training (LP-FT,
+    Kumar et al. 2022): the expert starts from the linear probe's accuracy instead of a random head."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm to this value (0 disables)."""
+
+    def __post_init__(self) -> None:
+        _positive("epochs", "--epochs", self.epochs)
+        _positive("lr", "--lr", self.lr)
+        _positive("head_lr", "--head-lr", self.head_lr)
+        _positive("batch_size", "--batch-size", self.batch_size, integer=True)
+        _positive("max_length", "--max-length", self.max_length, integer=True)
+        for name in ("max_train", "max_test"):
+            value = getattr(self, name)
+            if value is not None:
+                _positive(name, "--" + name.replace("_", "-"), value, integer=True)
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"warmup must be in [0, 1), got {self.warmup!r}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError(f"weight_decay and grad_clip must be >= 0, got {self.weight_decay!r}, {self.grad_clip!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an integer (--seed), got {self.seed!r}")

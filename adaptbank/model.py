@@ -1,0 +1,307 @@
+"""``AdaptBankModel``: a frozen Hugging Face backbone with per-task experts and classification heads.
+
+Letters in shape comments: B batch, T tokens, D hidden size, C classes of a task, k experts per row.
+
+The backbone is never modified except by wrapping target linears (see ``inject``); it is called
+unchanged, and the gates reach the wrapped layers through one :class:`RoutingState`. Per-task state
+(experts inside the wrapped layers, heads here, task facts in ``self.tasks``) is keyed by task name.
+Tasks are stored through ``export_task``/``import_task`` as plain ``dict[str, Tensor]`` whose keys
+do not contain the task name, so files are portable between banks and names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .adapted import AdaptedLinear
+from .backbone import Backbone, fingerprint
+from .config import LoRAConfig, MethodConfig
+from .experts import LoRAExpert
+from .inject import family_of, inject, iter_adapted, resolve_targets
+from .routing import RoutingState
+
+__all__ = ["AdaptBankModel", "TaskInfo", "ClassificationHead"]
+
+_DECODERS = {"gpt2", "llama", "mistral", "qwen2", "qwen3"}
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What the model knows of one task."""
+
+    name: str
+    method: MethodConfig
+    labels: tuple[str, ...]
+    paths: tuple[str, ...]
+    """Module paths that hold this task's expert."""
+    shared_group: str | None = None
+    """Shared-A group of a LoRA task-B expert, or None."""
+    owns_shared: bool = False
+    """True for the group's first task, which trains the shared A."""
+
+
+class ClassificationHead(nn.Module):
+    """Dropout then a linear map from pooled features (B, D) to class logits (B, C)."""
+
+    def __init__(self, d: int, n_classes: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(d, n_classes)
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        return self.linear(self.dropout(pooled))  # (B, C)
+
+
+class AdaptBankModel(nn.Module):
+    """A frozen backbone plus name-keyed task experts and heads, routed per forward."""
+
+    def __init__(self, backbone: Backbone) -> None:
+        super().__init__()
+        self.backbone = backbone.model
+        self.backbone.requires_grad_(False)
+        self.tokenizer = backbone.tokenizer
+        self.backbone_name = backbone.name
+        self.state = RoutingState()
+        self.heads = nn.ModuleDict()
+        self.tasks: dict[str, TaskInfo] = {}
+        self.merged: str | None = None
+        config = self.backbone.config
+        self.pooling = "last" if config.model_type in _DECODERS else "mean"
+        self.encoder = self.backbone.get_encoder() if getattr(config, "is_encoder_decoder", False) else self.backbone
+        self.hidden_size = int(getattr(config, "hidden_size", None) or getattr(config, "d_model"))
+        self._fingerprint: str | None = None
+
+    # ----------------------------------------------------------------------------- tasks
+    def base_fingerprint(self) -> str:
+        """Fingerprint of the base weights and config (computed once, experts excluded)."""
+        if self._fingerprint is None:
+            if self.merged is not None:
+                raise RuntimeError("unmerge() before fingerprinting the base model")
+            self._fingerprint = fingerprint(self.backbone)
+        return self._fingerprint
+
+    def add_task(self, name: str, method: MethodConfig, labels: Sequence[str], *,
+                 shared_group: str | None = None, head_dropout: float = 0.1) -> TaskInfo:
+        """Create task ``name``: its expert in every target layer and a fresh head for ``labels``."""
+        if name in self.tasks:
+            raise KeyError(f"task {name!r} already exists in the model")
+        if "." in name or not name:
+            raise ValueError(f"task name {name!r} must be non-empty and contain no '.'")
+        if len(labels) < 2:
+            raise ValueError(f"task {name!r} needs at least 2 labels, got {list(labels)!r}")
+        paths = resolve_targets(self.backbone, method.targets)
+        if self.encoder is not self.backbone:  # encoder-decoder (T5): classification reads the encoder only
+            paths = [p for p in paths if p.startswith("encoder.")]
+        owns = shared_group is not None and not any(t.shared_group == shared_group for t in self.tasks.values())
+        if shared_group is not None and not owns:
+            first = next(t for t in self.tasks.values() if t.shared_group == shared_group)
+            if first.method.rank != method.rank or set(first.paths) != set(paths):  # type: ignore[union-attr]
+                raise ValueError(f"shared-A group {shared_group!r} uses rank {first.method.rank} on {len(first.paths)} "  # type: ignore[union-attr]
+                                 f"layers; task {name!r} asks for rank {method.rank} on {len(paths)} layers")  # type: ignore[union-attr]
+        layers = inject(self.backbone, paths, self.state)
+        try:
+            for layer in layers.values():
+                layer.add_expert(name, method, shared_group=shared_group)
+        except Exception:
+            for layer in layers.values():
+                if name in layer.experts:
+                    layer.remove_expert(name)
+            raise
+        device = next(self.backbone.parameters()).device
+        self.heads[name] = ClassificationHead(self.hidden_size, len(labels), head_dropout).to(device)
+        info = TaskInfo(name, method, tuple(labels), tuple(paths), shared_group, owns)
+        self.tasks[name] = info
+        self._order_changed()
+        return info
+
+    def remove_task(self, name: str) -> None:
+        info = self._info(name)
+        if self.merged == name:
+            raise RuntimeError(f"task {name!r} is merged into the base weights; unmerge() first")
+        for path in info.paths:
+            self.backbone.get_submodule(path).remove_expert(name)
+        del self.heads[name]
+        del self.tasks[name]
+        self._order_changed()
+
+    def _order_changed(self) -> None:
+        self.state.experts = tuple(self.tasks)
+        self.state.version += 1
+        self.state.off()
+
+    def _info(self, name: str) -> TaskInfo:
+        if name not in self.tasks:
+            raise KeyError(f"unknown task {name!r}; the model holds: {', '.join(self.tasks) or 'none'}")
+        return self.tasks[name]
+
+    def layers_of(self, name: str) -> dict[str, AdaptedLinear]:
+        return {p: self.backbone.get_submodule(p) for p in self._info(name).paths}  # type: ignore[misc]
+
+    # ----------------------------------------------------------------------------- training setup
+    def expert_parameters(self, name: str, *, include_shared: bool | None = None) -> list[nn.Parameter]:
+        """Parameters of task ``name``'s experts. A shared A counts when the task owns its group
+        (``include_shared=None``), always (True) or never (False)."""
+        info = self._info(name)
+        keep_shared = info.owns_shared if include_shared is None else include_shared
+        out: list[nn.Parameter] = []
+        for layer in self.layers_of(name).values():
+            expert = layer.experts[name]
+            shared_A = expert.A if isinstance(expert, LoRAExpert) and info.shared_group else None
+            out += [p for p in expert.parameters() if p is not shared_A or keep_shared]
+        return out
+
+    def train_only(self, name: str) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """Freeze everything, then unfreeze task ``name``'s expert and head; returns both lists."""
+        self.requires_grad_(False)
+        expert = self.expert_parameters(name)
+        head = list(self.heads[name].parameters())
+        for p in expert + head:
+            p.requires_grad_(True)
+        return expert, head
+
+    # ----------------------------------------------------------------------------- forward
+    def route(self, *, task: str | None = None, task_ids: Sequence[str] | None = None,
+              index: Tensor | None = None, weight: Tensor | None = None) -> None:
+        """Set the gates for the next forward: one task, a task per row, or experts + weights per row.
+
+        Validation happens here, outside the layers' forward, so that forward stays branch-free on
+        tensor values.
+        """
+        if self.merged is not None and not (task == self.merged or (task_ids and set(task_ids) == {self.merged})):
+            raise RuntimeError(f"task {self.merged!r} is merged into the base weights; route to it or unmerge()")
+        if task is not None:
+            self._info(task)
+            self.state.use(task)
+        elif task_ids is not None:
+            unknown = sorted(set(task_ids) - set(self.tasks))
+            if unknown:
+                raise KeyError(f"unknown task(s) {unknown}; the model holds: {', '.join(self.tasks) or 'none'}")
+            if len(set(task_ids)) == 1:
+                self.state.use(task_ids[0])
+            else:
+                order = {n: i for i, n in enumerate(self.state.experts)}
+                device = next(self.backbone.parameters()).device
+                self.state.route(torch.tensor([order[t] for t in task_ids], device=device))  # (B, 1)
+        elif index is not None:
+            if index.numel() and (int(index.min()) < 0 or int(index.max()) >= len(self.tasks)):
+                raise ValueError(f"expert index out of range [0, {len(self.tasks)}): {index.tolist()}")
+            self.state.route(index, weight)
+        else:
+            self.state.off()
+
+    def features(self, input_ids: Tensor, attention_mask: Tensor, **extra: Tensor) -> Tensor:
+        """Pooled features (B, D) under the current routing: masked mean, or last token for decoders."""
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra)
+        hidden = out.last_hidden_state  # (B, T, D)
+        mask = attention_mask.to(hidden.dtype)  # (B, T)
+        if self.pooling == "mean":
+            return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)  # (B, D)
+        last = attention_mask.long().sum(1).clamp(min=1) - 1  # (B,)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, D)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, *, task: str, **extra: Tensor) -> Tensor:
+        """Logits (B, C) of task ``task`` with its expert active for every row."""
+        self.route(task=task)
+        return self.heads[task](self.features(input_ids, attention_mask, **extra))  # (B, C)
+
+    # ----------------------------------------------------------------------------- merge
+    def merge(self, name: str) -> None:
+        """Fold LoRA task ``name`` into the base weights: inference then costs what the base costs."""
+        info = self._info(name)
+        if self.merged is not None:
+            raise RuntimeError(f"task {self.merged!r} is already merged; unmerge() before merging {name!r}")
+        if not isinstance(info.method, LoRAConfig):
+            raise TypeError(f"only LoRA tasks can be merged; {name!r} uses {info.method.kind!r}")
+        if self.state.mixing:
+            raise RuntimeError("cannot merge while gates mix several experts per example; route one task first")
+        done: list[AdaptedLinear] = []
+        try:
+            for layer in self.layers_of(name).values():
+                layer.merge(name)
+                done.append(layer)
+        except Exception:
+            for layer in done:
+                layer.unmerge()
+            raise
+        self.merged = name
+        self.state.use(name)
+
+    def unmerge(self) -> None:
+        """Restore the base weights; a no-op when nothing is merged."""
+        if self.merged is None:
+            return
+        for layer in self.layers_of(self.merged).values():
+            layer.unmerge()
+        self.merged = None
+
+    # ----------------------------------------------------------------------------- export / import
+    def export_task(self, name: str) -> dict[str, dict[str, Tensor]]:
+        """``{"adapter": {"<path>.<key>": t}, "head": {...}}``; a shared A is exported by its group."""
+        adapter = {f"{p}.{k}": v.detach().clone() for p, layer in self.layers_of(name).items()
+                   for k, v in layer.expert_state(name).items()}
+        head = {k: v.detach().clone() for k, v in self.heads[name].linear.state_dict().items()}
+        return {"adapter": adapter, "head": head}
+
+    def export_shared(self, group: str) -> dict[str, Tensor]:
+        """The shared A of ``group`` in every layer: ``{"<path>.A": (r, I)}``."""
+        return {f"{p}.A": layer.shared_A[group].detach().clone() for p, layer in iter_adapted(self.backbone)
+                if group in layer.shared_A}
+
+    def import_task(self, name: str, method: MethodConfig, labels: Sequence[str], files: dict[str, dict[str, Tensor]],
+                    *, shared_group: str | None = None, shared: dict[str, Tensor] | None = None) -> TaskInfo:
+        """Add task ``name`` and load its tensors; any missing key, extra key or shape mismatch is an
+        error naming the layer and both shapes, and leaves the model without the task."""
+        info = self.add_task(name, method, labels, shared_group=shared_group)
+        try:
+            expected = self.export_task(name)
+            if shared_group is not None and info.owns_shared:
+                if shared is None:
+                    raise ValueError(f"task {name!r} is the first of shared-A group {shared_group!r} "
+                                     "but no shared A tensors were given")
+                _load_checked(self.export_shared(shared_group), shared, f"shared A of group {shared_group!r}",
+                              lambda k, v: self._set_shared(shared_group, k, v))
+            for part in ("adapter", "head"):
+                _load_checked(expected[part], files.get(part, {}), f"{part} of task {name!r}",
+                              lambda k, v, part=part: self._set_tensor(name, part, k, v))
+        except Exception:
+            self.remove_task(name)
+            raise
+        return info
+
+    def _set_tensor(self, name: str, part: str, key: str, value: Tensor) -> None:
+        if part == "head":
+            target = self.heads[name].linear.get_parameter(key)
+        else:
+            path = next(p for p in self.tasks[name].paths if key.startswith(p + "."))
+            target = self.backbone.get_submodule(path).experts[name].get_parameter(key[len(path) + 1:])
+        with torch.no_grad():
+            target.copy_(value)
+
+    def _set_shared(self, group: str, key: str, value: Tensor) -> None:
+        path = key[: -len(".A")]
+        with torch.no_grad():
+            self.backbone.get_submodule(path).shared_A[group].copy_(value)
+
+
+def _load_checked(expected: dict[str, Tensor], given: dict[str, Tensor], what: str, setter: object) -> None:
+    missing = sorted(set(expected) - set(given))
+    extra = sorted(set(given) - set(expected))
+    if missing or extra:
+        raise ValueError(f"{what}: the file does not fit this model; missing keys {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}, unexpected keys {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+    for key, value in given.items():
+        want = expected[key]
+        if tuple(value.shape) != tuple(want.shape):
+            layer, _, tensor = key.rpartition(".")
+            raise ValueError(f"{what}: layer {layer or key!r} tensor {tensor!r} has shape {tuple(value.shape)} "
+                             f"in the file but {tuple(want.shape)} in the model")
+    for key, value in given.items():
+        setter(key, value.to(expected[key].dtype))  # type: ignore[operator]
+
+
+def family(model: AdaptBankModel) -> str | None:
+    return family_of(model.backbone)

