@@ -57,6 +57,9 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
 class AdaptedLinear(nn.Module):
     """A frozen Linear/Conv1D plus experts keyed by task name, mixed by the shared routing state."""
 
+    transparent_child = "base"
+    """The wrapped module's attribute name; fingerprints look through it."""
+
     def __init__(self, base: nn.Module, state: RoutingState) -> None:
         super().__init__()
         self.d_in, self.d_out = linear_shape(base)
@@ -97,6 +100,13 @@ class AdaptedLinear(nn.Module):
             expert.A = shared  # keep the one object after .to()
         self.experts[name] = expert
         return expert
+
+    def set_shared(self, group: str, A: Tensor) -> None:
+        """Hold a shared A ``(r, I)`` for ``group`` (frozen), e.g. loaded from a bank."""
+        if A.dim() != 2 or A.shape[1] != self.d_in:
+            raise ValueError(f"shared A of group {group!r} has shape {tuple(A.shape)}, expected (r, {self.d_in})")
+        weight = self.base.weight
+        self.shared_A[group] = nn.Parameter(A.detach().clone().to(weight.device, weight.dtype), requires_grad=False)
 
     def remove_expert(self, name: str) -> None:
         if self.merged == name:

@@ -56,7 +56,10 @@ def resolve_backbone(name: str) -> tuple[str, str | None]:
 def load_backbone(name: str = DEFAULT_BACKBONE, *, dtype: torch.dtype | None = None) -> Backbone:
     """Load model and tokenizer, frozen and in eval mode. Hub ids work only if cached locally."""
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.set_verbosity_error()  # load reports and weight-loading bars are noise on the CLI
+    hf_logging.disable_progress_bar()
     where, gguf = resolve_backbone(name)
     kwargs: dict[str, object] = {"gguf_file": gguf} if gguf else {}
     try:
@@ -87,11 +90,18 @@ def fingerprint(model: nn.Module) -> str:
                  if not k.startswith("_") and k not in ("transformers_version", "torch_dtype", "dtype")}
         h.update(json.dumps(facts, sort_keys=True, default=str).encode())
     state = model.state_dict()
-    for key in sorted(state):
-        if ".experts." in key or ".shared_A." in key:
-            continue
+    # Wrappers (adapted layers, router taps) name the module they wrap by a ``transparent_child``
+    # attribute; their keys are hashed as if the wrapper were not there.
+    wrappers = sorted(((f"{n}.{m.transparent_child}.", f"{n}.") for n, m in model.named_modules()
+                       if getattr(m, "transparent_child", None)), key=lambda p: -len(p[0]))
+    def clean(key: str) -> str:
+        for wrapped, plain in wrappers:
+            key = key.replace(wrapped, plain)
+        return key
+
+    for name, key in sorted((clean(k), k) for k in state if ".experts." not in k and ".shared_A." not in k):
         tensor = state[key]
-        h.update(key.replace(".base.", ".").encode())
+        h.update(name.encode())
         h.update(str((tuple(tensor.shape), str(tensor.dtype))).encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:32]

@@ -22,6 +22,7 @@ from .backbone import Backbone, fingerprint
 from .config import LoRAConfig, MethodConfig
 from .experts import LoRAExpert
 from .inject import family_of, inject, iter_adapted, resolve_targets
+from .router import LDARouter, RouterTap, layer_list
 from .routing import RoutingState
 
 __all__ = ["AdaptBankModel", "TaskInfo", "ClassificationHead"]
@@ -69,6 +70,11 @@ class AdaptBankModel(nn.Module):
         self.heads = nn.ModuleDict()
         self.tasks: dict[str, TaskInfo] = {}
         self.merged: str | None = None
+        self.shared_groups: dict[str, tuple[str, ...]] = {}
+        """Shared-A groups present in the layers, with the paths that hold their A."""
+        self.reserved_layers = 0
+        """Transformer layers 0 .. n-1 get no experts: the router reads its features there."""
+        self.router: LDARouter | None = None
         config = self.backbone.config
         self.pooling = "last" if config.model_type in _DECODERS else "mean"
         self.encoder = self.backbone.get_encoder() if getattr(config, "is_encoder_decoder", False) else self.backbone
@@ -93,15 +99,10 @@ class AdaptBankModel(nn.Module):
             raise ValueError(f"task name {name!r} must be non-empty and contain no '.'")
         if len(labels) < 2:
             raise ValueError(f"task {name!r} needs at least 2 labels, got {list(labels)!r}")
-        paths = resolve_targets(self.backbone, method.targets)
-        if self.encoder is not self.backbone:  # encoder-decoder (T5): classification reads the encoder only
-            paths = [p for p in paths if p.startswith("encoder.")]
-        owns = shared_group is not None and not any(t.shared_group == shared_group for t in self.tasks.values())
+        paths = self.target_paths(method)
+        owns = shared_group is not None and shared_group not in self.shared_groups
         if shared_group is not None and not owns:
-            first = next(t for t in self.tasks.values() if t.shared_group == shared_group)
-            if first.method.rank != method.rank or set(first.paths) != set(paths):  # type: ignore[union-attr]
-                raise ValueError(f"shared-A group {shared_group!r} uses rank {first.method.rank} on {len(first.paths)} "  # type: ignore[union-attr]
-                                 f"layers; task {name!r} asks for rank {method.rank} on {len(paths)} layers")  # type: ignore[union-attr]
+            self._check_group_fits(shared_group, method, paths)
         layers = inject(self.backbone, paths, self.state)
         try:
             for layer in layers.values():
@@ -111,12 +112,92 @@ class AdaptBankModel(nn.Module):
                 if name in layer.experts:
                     layer.remove_expert(name)
             raise
+        if shared_group is not None:
+            self.shared_groups.setdefault(shared_group, tuple(paths))
         device = next(self.backbone.parameters()).device
         self.heads[name] = ClassificationHead(self.hidden_size, len(labels), head_dropout).to(device)
         info = TaskInfo(name, method, tuple(labels), tuple(paths), shared_group, owns)
         self.tasks[name] = info
         self._order_changed()
         return info
+
+    def target_paths(self, method: MethodConfig) -> list[str]:
+        """Module paths that ``method.targets`` selects in this backbone."""
+        paths = resolve_targets(self.backbone, method.targets)
+        if self.encoder is not self.backbone:  # encoder-decoder (T5): classification reads the encoder only
+            paths = [p for p in paths if p.startswith("encoder.")]
+        if self.reserved_layers:
+            reserved = tuple(f"{p}." for p in self._layer_paths()[: self.reserved_layers])
+            paths = [p for p in paths if not p.startswith(reserved)]
+            if not paths:
+                raise ValueError(f"targets {method.targets!r} select only layers below {self.reserved_layers}, which "
+                                 "are reserved for the router's features")
+        return paths
+
+    def _layer_paths(self) -> list[str]:
+        """Paths of the transformer layers, in order."""
+        names = {id(m): n for n, m in self.backbone.named_modules()}
+        return [names[id(m)] for m in layer_list(self.encoder)]
+
+    # ----------------------------------------------------------------------------- router
+    def attach_router(self, router: LDARouter, *, top_k: int = 1, temperature: float = 1.0) -> None:
+        """Install ``router`` for routed forwards (``route(routed=True)``); its features come from
+        taps on layers ``0 .. router.layers - 1``, which must hold no experts."""
+        if router.layers < 1:
+            raise ValueError(f"router layers must be >= 1, got {router.layers}")
+        missing = [n for n in router.names if n not in self.tasks]
+        if missing or len(router.names) != len(self.tasks):
+            raise ValueError(f"router experts {router.names} do not match the loaded tasks {list(self.tasks)}; "
+                             "refit the router (adaptbank router fit)")
+        prefixes = tuple(f"{p}." for p in self._layer_paths()[: router.layers])
+        low = [p for t in self.tasks.values() for p in t.paths if p.startswith(prefixes)]
+        if low:
+            raise ValueError(f"experts sit in layers the router reads ({low[0]} ...); the router needs layers "
+                             f"0..{router.layers - 1} free of experts")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1 (--top-k), got {top_k}")
+        layers = layer_list(self.encoder)
+        for i in range(router.layers):
+            tap = layers[i] if isinstance(layers[i], RouterTap) else RouterTap(layers[i], self.state, first=i == 0,
+                                                                                 last=False)
+            tap.first, tap.last, tap.router = i == 0, i == router.layers - 1, router
+            layers[i] = tap
+        last = layers[router.layers - 1]
+        last.top_k, last.temperature = top_k, temperature  # type: ignore[union-attr]
+        order = {n: i for i, n in enumerate(self.state.experts)}
+        last.to_model = torch.tensor([order[n] for n in router.names], device=next(self.parameters()).device)
+        self.router = router
+        self.reserved_layers = max(self.reserved_layers, router.layers)
+
+    def _check_group_fits(self, group: str, method: MethodConfig, paths: Sequence[str]) -> None:
+        held = self.shared_groups[group]
+        rank = self.backbone.get_submodule(held[0]).shared_A[group].shape[0]
+        if not isinstance(method, LoRAConfig) or method.rank != rank or set(held) != set(paths):
+            raise ValueError(f"shared-A group {group!r} holds rank-{rank} A on {len(held)} layers; the new task asks "
+                             f"for {method.kind} rank {getattr(method, 'rank', '-')} on {len(paths)} layers")
+
+    def import_shared(self, group: str, tensors: dict[str, Tensor], method: LoRAConfig) -> None:
+        """Load a shared-A group (frozen) without any of its tasks, so a new task-B can join it."""
+        if group in self.shared_groups:
+            raise KeyError(f"shared-A group {group!r} is already loaded")
+        paths = self.target_paths(method)
+        want = {f"{p}.A" for p in paths}
+        if set(tensors) != want:
+            raise ValueError(f"shared A of group {group!r} does not fit targets {method.targets!r}: "
+                             f"missing {sorted(want - set(tensors))[:3]}, unexpected {sorted(set(tensors) - want)[:3]}")
+        for path, layer in inject(self.backbone, paths, self.state).items():
+            layer.set_shared(group, tensors[f"{path}.A"])
+        self.shared_groups[group] = tuple(paths)
+
+    def drop_shared(self, group: str) -> None:
+        """Forget a shared-A group that no loaded task uses any more."""
+        users = [t.name for t in self.tasks.values() if t.shared_group == group]
+        if users:
+            raise RuntimeError(f"shared-A group {group!r} is still used by {users}")
+        for path in self.shared_groups.pop(group, ()):
+            layer = self.backbone.get_submodule(path)
+            if group in layer.shared_A:
+                del layer.shared_A[group]
 
     def remove_task(self, name: str) -> None:
         info = self._info(name)
@@ -126,12 +207,24 @@ class AdaptBankModel(nn.Module):
             self.backbone.get_submodule(path).remove_expert(name)
         del self.heads[name]
         del self.tasks[name]
+        if info.shared_group and not any(t.shared_group == info.shared_group for t in self.tasks.values()):
+            self.shared_groups.pop(info.shared_group, None)
         self._order_changed()
 
     def _order_changed(self) -> None:
         self.state.experts = tuple(self.tasks)
         self.state.version += 1
         self.state.off()
+        if self.router is not None and list(self.router.names) != list(self.tasks):
+            self.detach_router()
+
+    def detach_router(self) -> None:
+        """Remove the router taps; the layers are put back as they were."""
+        layers = layer_list(self.encoder)
+        for i, layer in enumerate(layers):
+            if isinstance(layer, RouterTap):
+                layers[i] = layer.layer
+        self.router = None
 
     def _info(self, name: str) -> TaskInfo:
         if name not in self.tasks:
@@ -164,6 +257,22 @@ class AdaptBankModel(nn.Module):
         return expert, head
 
     # ----------------------------------------------------------------------------- forward
+    def routed_features(self, input_ids: Tensor, attention_mask: Tensor, **extra: Tensor) -> Tensor:
+        """Pooled features (B, D) with the router choosing each row's experts inside this one forward;
+        the gates stay readable in ``state.index``/``state.weight``, the scores in ``state.scores``."""
+        if self.router is None:
+            raise RuntimeError("no router attached; fit one (adaptbank router fit) or route by task")
+        if self.merged is not None:
+            raise RuntimeError(f"task {self.merged!r} is merged into the base weights; unmerge() before routing")
+        self.state.off()
+        self.state.mask = attention_mask
+        self.state.features = []
+        try:
+            return self.features(input_ids, attention_mask, **extra)
+        finally:
+            self.state.mask = None
+            self.state.features = []
+
     def route(self, *, task: str | None = None, task_ids: Sequence[str] | None = None,
               index: Tensor | None = None, weight: Tensor | None = None) -> None:
         """Set the gates for the next forward: one task, a task per row, or experts + weights per row.

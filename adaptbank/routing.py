@@ -41,16 +41,22 @@ class RoutingState:
     """(B, k) or (B, T, k): their weights."""
     version: int = field(default=0)
     """Bumped whenever the set of experts changes; layers rebuild their stacks on a change."""
+    mask: Tensor | None = None
+    """(B, T) attention mask of a routed forward, set by the model; None outside routed forwards."""
+    features: list[Tensor] = field(default_factory=list)
+    """Router feature pools (B, D) collected by the router taps during a routed forward."""
+    scores: Tensor | None = None
+    """(B, E) router scores of the last routed forward."""
 
     def off(self) -> None:
         """No expert: the base model's output."""
-        self.active, self.index, self.weight = None, None, None
+        self.active, self.index, self.weight, self.mask = None, None, None, None
 
     def use(self, name: str) -> None:
         """Every row of the batch uses expert ``name``."""
         if name not in self.experts:
             raise KeyError(f"unknown expert {name!r}; the model holds: {', '.join(self.experts) or 'none'}")
-        self.active, self.index, self.weight = name, None, None
+        self.active, self.index, self.weight, self.mask = name, None, None, None
 
     def route(self, index: Tensor, weight: Tensor | None = None) -> None:
         """Per-example experts ``index (B, k)`` with ``weight (B, k)``/``(B, T, k)`` (ones if None)."""

@@ -25,8 +25,9 @@ from torch import Tensor
 
 from .config import TrainConfig
 from .model import AdaptBankModel
+from .router import pool
 
-__all__ = ["TrainingError", "TrainResult", "tokenize", "batches", "pooled_features", "fit_probe",
+__all__ = ["TrainingError", "TrainResult", "tokenize", "batches", "pooled_features", "frozen_pass", "fit_probe",
            "train_task", "predict_task", "evaluate"]
 
 
@@ -100,6 +101,32 @@ def pooled_features(model: AdaptBankModel, ids: Sequence[list[int]], *, task: st
     return out
 
 
+@torch.no_grad()
+def frozen_pass(model: AdaptBankModel, ids: Sequence[list[int]], *, router_layers: int,
+                batch_size: int = 64) -> tuple[Tensor, Tensor]:
+    """One pass of the frozen backbone: pooled features (N, D) for the probe head, and router
+    features (N, (L+1) D): masked mean-pools of the embeddings and layers 0 .. L-1, concatenated."""
+    was_training = model.training
+    model.eval()
+    model.route()
+    n_router = (router_layers + 1) * model.hidden_size
+    pooled, router = torch.empty(len(ids), model.hidden_size), torch.empty(len(ids), n_router)
+    for chunk in batches(ids, batch_size, shuffle=False):
+        batch = _collate([ids[i] for i in chunk], _pad_id(model), _device(model))
+        out = model.encoder(**batch, output_hidden_states=True)
+        mask = batch["attention_mask"]
+        router[chunk] = torch.cat([pool(h, mask) for h in out.hidden_states[: router_layers + 1]], -1).float().cpu()
+        last = out.last_hidden_state  # (B, T, D)
+        pooled[chunk] = (pool(last, mask) if model.pooling == "mean" else _last_token(last, mask)).float().cpu()
+    model.train(was_training)
+    return pooled, router
+
+
+def _last_token(hidden: Tensor, mask: Tensor) -> Tensor:
+    last = mask.long().sum(1).clamp(min=1) - 1  # (B,)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, D)
+
+
 def fit_probe(features: Tensor, labels: Sequence[int], n_classes: int, *, seed: int = 0) -> tuple[Tensor, Tensor]:
     """A multinomial logistic regression (scikit-learn, L2, C=1) as head weights (C, D) and bias (C,).
     Classes absent from ``labels`` get zero weights and a very low bias."""
@@ -123,8 +150,13 @@ def fit_probe(features: Tensor, labels: Sequence[int], n_classes: int, *, seed: 
 
 
 def train_task(model: AdaptBankModel, name: str, texts: Sequence[str], labels: Sequence[int], cfg: TrainConfig,
-               *, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
-    """Train task ``name``'s expert and head on ``texts``/``labels`` (class indices)."""
+               *, on_step: Callable[[int, float], None] | None = None,
+               features: Tensor | None = None) -> TrainResult:
+    """Train task ``name``'s expert and head on ``texts``/``labels`` (class indices).
+
+    ``features`` (N, D) are the frozen pooled features of ``texts`` when the caller has them already
+    (they seed the probe head); otherwise they are computed here when ``cfg.probe_init`` is set.
+    """
     n_classes = len(model.tasks[name].labels)
     bad = [y for y in labels if not 0 <= y < n_classes]
     if bad:
@@ -136,13 +168,13 @@ def train_task(model: AdaptBankModel, name: str, texts: Sequence[str], labels: S
     result = TrainResult(steps=0, seconds=0.0, examples_per_second=0.0)
     start = time.perf_counter()
     if cfg.probe_init:
-        feats = pooled_features(model, ids, task=None)  # (N, D): the new expert is still zero
+        feats = features if features is not None else pooled_features(model, ids, task=None)  # (N, D)
         W, b = fit_probe(feats, labels, n_classes, seed=cfg.seed)
         with torch.no_grad():
             model.heads[name].linear.weight.copy_(W)
             model.heads[name].linear.bias.copy_(b)
         pred = (feats @ W.T + b).argmax(1)  # (N,)
-        result.probe_accuracy = float((pred == torch.tensor(labels)).float().mean())
+        result.probe_accuracy = int((pred == torch.tensor(list(labels))).sum()) / len(labels)
     expert_params, head_params = model.train_only(name)
     groups = [{"params": expert_params, "lr": cfg.lr, "name": "expert"},
               {"params": head_params, "lr": cfg.head_lr, "name": "head"}]
@@ -178,9 +210,9 @@ def train_task(model: AdaptBankModel, name: str, texts: Sequence[str], labels: S
             sched.step()
             result.steps += 1
             seen += len(chunk)
-            result.losses.append(float(loss))
+            result.losses.append(loss.item())
             if on_step is not None:
-                on_step(result.steps, float(loss))
+                on_step(result.steps, result.losses[-1])
     model.eval()
     model.requires_grad_(False)
     result.seconds = time.perf_counter() - start
@@ -214,4 +246,4 @@ def evaluate(model: AdaptBankModel, name: str, texts: Sequence[str], labels: Seq
     if not texts:
         raise ValueError(f"task {name!r} has no test examples")
     pred = predict_task(model, name, texts, max_length=max_length, batch_size=batch_size).argmax(1)
-    return float((pred == torch.tensor(list(labels))).float().mean())
+    return int((pred == torch.tensor(list(labels))).sum()) / len(labels)

@@ -86,3 +86,33 @@ def minilm() -> Backbone:
         _MINILM["m"] = load_backbone()
     base = _MINILM["m"]
     return Backbone(name=base.name, model=copy.deepcopy(base.model), tokenizer=base.tokenizer, path=base.path)
+
+
+def _write_tiny_bert(path: Path, seed: int = 0) -> Path:
+    """Save a tiny random BERT and a word-level tokenizer covering the built-in tasks' words."""
+    import re
+
+    import transformers as tr
+
+    from adaptbank.builtin_tasks import BUILTIN_TASKS, generate
+
+    words: set[str] = set()
+    for task in BUILTIN_TASKS:
+        for split in ("train", "test"):
+            for text, _ in generate(task, split):
+                words.update(re.findall(r"\w+|[^\w\s]", text.lower()))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words)]
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = tr.BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    torch.manual_seed(seed)
+    cfg = tr.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    tr.BertModel(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A tiny BERT saved as a Hugging Face folder: a real backbone path for bank and CLI tests."""
+    return _write_tiny_bert(tmp_path_factory.mktemp("tiny-bert") / "model")

@@ -1,0 +1,126 @@
+"""Crash-safe file primitives and flock helpers for the on-disk bank (used by ``adaptbank.store``).
+
+The one rule: a file becomes visible under its final name only when its bytes are complete and
+durable.  ``atomic_write_bytes`` writes ``<dir>/.tmp-<name>-<random>``, flushes and ``fsync``s it,
+then ``os.replace``s it over the final name (atomic on POSIX within one filesystem)::
+
+    write .tmp-x-ab12 -> fsync(.tmp-x-ab12) -> replace(.tmp-x-ab12, x) -> [fsync(dir)]
+
+A crash at any point leaves either the old ``x`` (plus a stray ``.tmp-*`` that readers ignore and
+``BankStore.repair`` removes) or the new ``x``; never a torn one.  The directory ``fsync`` makes
+the rename itself durable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+TMP_PREFIX = ".tmp-"
+"""Name prefix of every temporary; readers skip such names and repair deletes stale ones."""
+
+_CHUNK = 1 << 20
+
+
+def _with_filename(exc: OSError, path: Path) -> OSError:
+    """Return ``exc`` with ``path`` as its filename when the OS error did not name one."""
+    if exc.filename is not None:
+        return exc
+    return OSError(exc.errno, exc.strerror or str(exc), str(path))
+
+
+def fsync_dir(path: str | Path) -> None:
+    """``fsync`` a directory so that entries created, renamed or removed in it are durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        raise _with_filename(exc, Path(path)) from exc
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, *, sync_dir: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically: temporary in the same dir, fsync, ``os.replace``.
+
+    On any failure the temporary is removed and the ``OSError`` (with the path filled in) is
+    re-raised; ``path`` itself is then untouched.  With ``sync_dir`` the parent directory is
+    fsynced after the rename, so the new name survives a power loss.
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "xb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass  # never created, or already gone: nothing to clean
+        raise _with_filename(exc, tmp) from exc
+    if sync_dir:
+        fsync_dir(path.parent)
+
+
+def file_digest(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path, timeout: float | None = None) -> Iterator[None]:
+    """Hold an exclusive ``fcntl.flock`` on ``path`` (created if missing) for the ``with`` body.
+
+    Waits forever when ``timeout`` is None, else raises ``TimeoutError`` after ``timeout`` s.
+    The kernel drops the lock when the descriptor closes or the process dies (even by SIGKILL),
+    so a crashed writer never leaves the bank locked.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if deadline is None else fcntl.LOCK_NB))
+                break
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"{path}: still locked by another process after {timeout} s") from None
+                time.sleep(0.01)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def hold_marker(path: str | Path) -> int:
+    """Create ``path`` (must not exist) and flock it; the returned fd keeps it "live" until closed."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def marker_live(path: str | Path) -> bool:
+    """True while some process still holds the flock taken by :func:`hold_marker` on ``path``."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)

@@ -1,0 +1,368 @@
+"""``AdapterBank``: the product's centre. A directory that holds one frozen base model's task experts.
+
+The bank joins three pieces that know nothing of each other: the storage layer (``store``: atomic,
+locked, checksummed files), the model (``AdaptBankModel``: experts and heads as tensors) and the
+training loop. ``add_task`` loads the task's data, trains its expert and head, evaluates them on the
+test split and commits everything in one atomic step; a failure at any point (bad data, a NaN loss,
+Ctrl-C, a full disk) leaves the bank as it was.
+
+Per task the bank stores ``adapter.safetensors`` (the expert, keys free of the task name),
+``head.safetensors``, ``memory.safetensors`` (the task's mean router feature and example count: its
+bounded share of the router's memory; the pooled covariance lives with the router)
+and ``config.json`` (method, task spec, labels, lineage, creation time, training settings, metrics).
+The shared A of a shared-A / task-B LoRA group is stored once under ``shared/``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .backbone import DEFAULT_BACKBONE, load_backbone
+from .config import LoRAConfig, MethodConfig, TrainConfig, method_from_dict
+from .data import TaskData, load_task
+from .model import AdaptBankModel
+from .router import LDARouter, RouterStats, layer_list
+from .specs import TaskSpec, load_task_spec, validate_task_name
+from .store import BankError, BankStore, Problem, TaskExistsError
+from .training import evaluate, frozen_pass, tokenize, train_task
+
+__all__ = ["AdapterBank", "AddResult", "BankError"]
+
+
+@dataclass
+class AddResult:
+    """What ``add_task`` did."""
+
+    name: str
+    test_accuracy: float
+    probe_accuracy: float | None
+    trainable_params: int
+    bytes_on_disk: int
+    seconds: float
+    shared_group: str | None
+    share_reason: str | None
+    n_train: int
+    n_test: int
+
+
+class AdapterBank:
+    """A bank directory. Open one with :meth:`open`, create one with :meth:`init`."""
+
+    def __init__(self, store: BankStore) -> None:
+        self.store = store
+        self._model: AdaptBankModel | None = None
+
+    # ----------------------------------------------------------------------------- open / init
+    @classmethod
+    def init(cls, path: str | Path, *, base: str = DEFAULT_BACKBONE, router_layers: int = 2) -> AdapterBank:
+        """Create an empty bank for backbone ``base`` (a path, a .gguf file or the bundled default).
+
+        ``router_layers`` L: the router reads the embeddings and layers 0..L-1, which therefore
+        hold no experts (see ``router.py``)."""
+        backbone = load_backbone(base)
+        model = AdaptBankModel(backbone)
+        n_layers = len(layer_list(model.encoder))
+        if not isinstance(router_layers, int) or not 1 <= router_layers < n_layers:
+            raise ValueError(f"router layers must be in [1, {n_layers - 1}] for this {n_layers}-layer backbone "
+                             f"(--router-layers), got {router_layers!r}")
+        cfg = backbone.model.config
+        info = {"name": base, "fingerprint": model.base_fingerprint(), "model_type": cfg.model_type,
+                "hidden_size": model.hidden_size, "layers": n_layers, "router_layers": router_layers}
+        bank = cls(BankStore.create(path, base=info))
+        model.reserved_layers = router_layers
+        bank._model = model
+        return bank
+
+    @classmethod
+    def open(cls, path: str | Path) -> AdapterBank:
+        """Open an existing bank (reads only the manifest)."""
+        return cls(BankStore.open(path))
+
+    @property
+    def path(self) -> Path:
+        return self.store.path
+
+    @property
+    def base(self) -> dict[str, Any]:
+        return self.store.manifest["base"]
+
+    def tasks(self) -> list[str]:
+        """Task names in the order they were added (the router's expert order)."""
+        return self.store.tasks()
+
+    def info(self, name: str) -> dict[str, Any]:
+        """The task's config.json plus its files (size, sha256) from the manifest."""
+        config = self.store.read_config(name)
+        entry = self.store.task_entry(name)
+        config["files"] = {k: {"size": v["size"], "sha256": v["sha256"]} for k, v in entry["files"].items()}
+        config["bytes_on_disk"] = self.store.bytes_on_disk(name)
+        return config
+
+    # ----------------------------------------------------------------------------- model
+    def base_model(self) -> AdaptBankModel:
+        """The backbone with no tasks loaded, checked against the bank's fingerprint (cached)."""
+        if self._model is None:
+            model = AdaptBankModel(load_backbone(self.base["name"]))
+            if model.base_fingerprint() != self.base["fingerprint"]:
+                raise BankError(f"{self.path}: the bank was made for base {self.base['name']!r} with fingerprint "
+                                f"{self.base['fingerprint']}, but the backbone loaded now has fingerprint "
+                                f"{model.base_fingerprint()}; refusing to mix experts of another base model")
+            model.reserved_layers = self.router_layers
+            self._model = model
+        return self._model
+
+    @property
+    def router_layers(self) -> int:
+        return int(self.base.get("router_layers", 2))
+
+    def load(self, names: Sequence[str] | None = None) -> AdaptBankModel:
+        """The base model with tasks ``names`` (all when None) loaded; reads only those tasks' files."""
+        model = self.base_model()
+        wanted = list(self.tasks() if names is None else names)
+        unknown = [n for n in wanted if n not in self.tasks()]
+        if unknown:
+            raise KeyError(f"unknown task(s) {unknown} in bank {self.path}; it holds: {', '.join(self.tasks()) or 'none'}")
+        for name in list(model.tasks):
+            if name not in wanted:
+                model.remove_task(name)
+        for name in wanted:
+            if name not in model.tasks:
+                self._import(model, name)
+        return model
+
+    def _import(self, model: AdaptBankModel, name: str) -> None:
+        cfg = self.store.read_config(name)
+        files = {stem: self.store.read_tensors(name, stem) for stem in ("adapter", "head")}
+        group = cfg.get("shared_group")
+        shared = None
+        if group is not None and not any(t.shared_group == group for t in model.tasks.values()):
+            shared = self.store.read_shared(group, "A")
+        model.import_task(name, method_from_dict(cfg["method"]), cfg["labels"], files, shared_group=group,
+                          shared=shared)
+
+    # ----------------------------------------------------------------------------- add / remove
+    def add_task(self, spec: TaskSpec | str | Path, method: MethodConfig | None = None,
+                 train: TrainConfig | None = None, *, name: str | None = None, share_a: str | None = None,
+                 replace: bool = False, parent: str | None = None,
+                 on_step: Callable[[int, int, float], None] | None = None,
+                 log: Callable[[str], None] | None = None,
+                 before: Callable[[float], None] | None = None) -> AddResult:
+        """Train task ``spec``'s expert and head, evaluate on its test split, store both atomically.
+
+        ``share_a`` puts a LoRA task in a shared-A group (``"auto"`` picks the most similar group or
+        starts one). Everything is validated before training; on any failure the bank is unchanged.
+        ``before`` receives the test accuracy of the untrained task (fresh head, zero expert).
+        """
+        say = log or (lambda _msg: None)
+        method = method or LoRAConfig()
+        train = train or TrainConfig()
+        spec = spec if isinstance(spec, TaskSpec) else load_task_spec(spec)
+        name = validate_task_name(spec.name if name is None else name)
+        if name in self.tasks() and not replace:
+            raise TaskExistsError(f"task {name!r} already exists in bank {self.path}; pass --replace to retrain it")
+        if parent is not None and parent not in self.tasks():
+            raise KeyError(f"parent task {parent!r} is not in bank {self.path}")
+        if share_a is not None and not isinstance(method, LoRAConfig):
+            raise ValueError(f"--share-a works with --method lora only, not {method.kind!r}")
+        data = load_task(spec, max_train=train.max_train, max_test=train.max_test, seed=train.seed)
+        start = time.perf_counter()
+        model = self.base_model()
+        for other in list(model.tasks):  # train alone: other experts are frozen anyway
+            model.remove_task(other)
+        train_ids = tokenize(model.tokenizer, [e.text for e in data.train], train.max_length)
+        pooled, router_feats = frozen_pass(model, train_ids, router_layers=self.router_layers)  # (N, D), (N, F)
+        mean, scatter = RouterStats.task_stats(router_feats)  # (F,), (F, F)
+        group, reason = (self._choose_group(share_a, mean, scatter, len(data.train), method) if share_a
+                         else (None, None))
+        owns = group is not None and group not in self.store.manifest["shared"]
+        if group is not None and not owns:
+            model.import_shared(group, self.store.read_shared(group, "A"), method)  # type: ignore[arg-type]
+        torch.manual_seed(train.seed)
+        model.add_task(name, method, data.labels, shared_group=group)
+        try:
+            if before is not None:
+                before(evaluate(model, name, [e.text for e in data.test], [e.label for e in data.test],
+                                max_length=train.max_length))
+            result = train_task(model, name, [e.text for e in data.train], [e.label for e in data.train], train,
+                                on_step=(lambda s, loss: on_step(s, 0, loss)) if on_step else None,
+                                features=pooled)
+            say(f"{name}: trained {result.steps} steps in {result.seconds:.1f}s")
+            acc = evaluate(model, name, [e.text for e in data.test], [e.label for e in data.test],
+                           max_length=train.max_length)
+            files = model.export_task(name)
+            files["memory"] = {"mean": mean.float(), "count": torch.tensor([len(data.train)])}
+            config = self._task_config(name, spec, method, train, data, group, owns, parent, reason, metrics={
+                "test_accuracy": acc, "n_train": len(data.train), "n_test": len(data.test),
+                "probe_accuracy": result.probe_accuracy, "train_seconds": result.seconds,
+                "examples_per_second": result.examples_per_second, "steps": result.steps,
+                "trainable_params": sum(p.numel() for p in model.expert_parameters(name)),
+                "head_params": sum(p.numel() for p in model.heads[name].parameters()),
+                "final_loss": result.losses[-1] if result.losses else None})
+            shared_files = {"A": model.export_shared(group)} if owns and group else None
+            self.store.write_task(name, files, config, shared=group, shared_files=shared_files, replace=replace,
+                                  router=self._router_update(add=(name, mean, len(data.train), scatter)))
+        finally:
+            model.remove_task(name)
+            if group is not None:
+                model.drop_shared(group)
+        self.store.reload()
+        return AddResult(name=name, test_accuracy=acc, probe_accuracy=result.probe_accuracy,
+                         trainable_params=config["metrics"]["trainable_params"],
+                         bytes_on_disk=self.store.bytes_on_disk(name), seconds=time.perf_counter() - start,
+                         shared_group=group, share_reason=reason, n_train=len(data.train), n_test=len(data.test))
+
+    def _task_config(self, name: str, spec: TaskSpec, method: MethodConfig, train: TrainConfig, data: TaskData,
+                     group: str | None, owns: bool, parent: str | None, reason: str | None,
+                     metrics: dict[str, Any]) -> dict[str, Any]:
+        return {"adaptbank_version": __version__, "name": name, "type": spec.type, "method": method.to_dict(),
+                "spec": spec.to_dict(), "labels": list(data.labels), "parent": parent,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "shared_group": group,
+                "owns_shared": owns, "share_reason": reason, "train": train.to_dict(), "metrics": metrics}
+
+    def _choose_group(self, share_a: str, mean: torch.Tensor, scatter: torch.Tensor, count: int,
+                      method: MethodConfig) -> tuple[str, str]:
+        """The shared-A group for a new task: ``share_a`` itself, or for ``auto`` the group holding the
+        task nearest to the new one in the router's feature space (Mahalanobis distance under the
+        pooled within-task covariance), when the router could barely tell the two apart
+        (distance <= ``AUTO_SHARE_MAX_DISTANCE``): tasks with overlapping inputs share A."""
+        groups = self.store.manifest["shared"]
+        if share_a != "auto":
+            validate_task_name(share_a)
+            if share_a in groups:
+                return share_a, f"joined the named group {share_a!r}"
+            return share_a, f"started the named group {share_a!r}"
+        stats = self._stats_from(self.store.read_router(), self.router_layers)
+        stats.add("\0new", mean, count, scatter)
+        dof = max(1, stats.scatter_count - len(stats.names))
+        cov = stats.scatter / dof
+        cov = (1 - ROUTER_SHRINKAGE) * cov + ROUTER_SHRINKAGE * torch.trace(cov) / stats.dim * torch.eye(stats.dim,
+                                                                                                      dtype=cov.dtype)
+        best, best_d = None, float("inf")
+        for group, entry in groups.items():
+            first = self.store.read_config(entry["tasks"][0])["method"]
+            if first.get("rank") != getattr(method, "rank", None) or first.get("targets") != method.to_dict()["targets"]:
+                continue
+            for t in entry["tasks"]:
+                diff = mean.double() - self.store.read_tensors(t, "memory")["mean"].double()  # (F,)
+                d = float(diff @ torch.linalg.solve(cov, diff)) ** 0.5
+                if d < best_d:
+                    best, best_d = group, d
+        if best is not None and best_d <= AUTO_SHARE_MAX_DISTANCE:
+            return best, (f"joined group {best!r}: its nearest task is at distance {best_d:.2f} <= "
+                          f"{AUTO_SHARE_MAX_DISTANCE} in the router's feature space")
+        new = next(f"group{i}" for i in range(1, len(groups) + 2) if f"group{i}" not in groups)
+        why = (f"started group {new!r}: the nearest compatible group {best!r} is at distance {best_d:.2f} > "
+               f"{AUTO_SHARE_MAX_DISTANCE}" if best is not None else f"started group {new!r}: no compatible group yet")
+        return new, why
+
+    def remove(self, name: str) -> None:
+        """Delete task ``name`` (and its shared group when it was the last member); the router drops
+        its output in the same commit."""
+        self.store.remove_task(name, router=self._router_update(drop=name))
+
+    # ----------------------------------------------------------------------------- router
+    def _router_update(self, *, add: tuple[str, torch.Tensor, int, torch.Tensor] | None = None,
+                       drop: str | None = None) -> Any:
+        """A store callback: the stored router statistics plus task ``add`` (or minus ``drop``), refit."""
+        layers = self.router_layers
+
+        def update(current: Any, tasks: list[str]) -> Any:
+            stats = self._stats_from(current, layers)
+            if drop is not None and drop in stats.names:
+                stats.remove(drop)
+            if add is not None:
+                name, mean, count, scatter = add
+                if name in stats.names:  # --replace: the new version takes the old one's place
+                    stats.remove(name)
+                stats.add(name, mean, count, scatter)
+            for name in [n for n in stats.names if n not in tasks]:
+                stats.remove(name)
+            return self._router_files(stats, layers)
+
+        return update
+
+    def _stats_from(self, current: Any, layers: int) -> RouterStats:
+        dim = (layers + 1) * int(self.base["hidden_size"])
+        if current is None:
+            return RouterStats(dim)
+        files, meta = current
+        return RouterStats.from_tensors(meta["expert_order"], files["stats"])
+
+    def _router_files(self, stats: RouterStats, layers: int) -> tuple[dict, dict, list[str]]:
+        files = {"stats": stats.to_tensors()}
+        if stats.names:
+            lda = LDARouter.fit(stats, layers=layers, shrinkage=ROUTER_SHRINKAGE)
+            files["lda"] = {"weight": lda.weight.clone(), "bias": lda.bias.clone()}
+        meta = {"kind": "lda", "layers": layers, "shrinkage": ROUTER_SHRINKAGE, "expert_order": list(stats.names),
+                "adaptbank_version": __version__}
+        return files, meta, list(stats.names)
+
+    def fit_router(self) -> list[str]:
+        """Refit the router from the bank's memory: the stored statistics, plus the mean of any task
+        they lack (such a task's scatter is unknown; the pooled covariance of the others stands in).
+        Returns the expert order."""
+        stored = self.store.read_router()
+        stats = self._stats_from(stored, self.router_layers)
+        for name in [n for n in stats.names if n not in self.tasks()]:
+            stats.remove(name)
+        for name in self.tasks():
+            if name not in stats.names:
+                memory = self.store.read_tensors(name, "memory")
+                stats.add(name, memory["mean"].double(), int(memory["count"][0]), None)
+        files, meta, order = self._router_files(stats, self.router_layers)
+        self.store.write_router(files, meta, order)
+        return order
+
+    def router(self) -> LDARouter:
+        """The stored router; an error says what to run when it is missing or stale."""
+        stored = self.store.read_router()
+        if stored is None or "lda" not in stored[0]:
+            raise BankError(f"bank {self.path} has no router yet; add a task or run `adaptbank router fit`")
+        files, meta = stored
+        if list(meta["expert_order"]) != self.tasks():
+            raise BankError(f"the router of bank {self.path} covers {meta['expert_order']} but the bank holds "
+                            f"{self.tasks()}; run `adaptbank router fit`")
+        return LDARouter(meta["expert_order"], files["lda"]["weight"], files["lda"]["bias"], layers=meta["layers"])
+
+    def load_routed(self, *, top_k: int = 1, temperature: float = 1.0) -> AdaptBankModel:
+        """All tasks loaded and the router attached: ready for task-agnostic prediction."""
+        router = self.router()
+        model = self.load()
+        model.attach_router(router, top_k=top_k, temperature=temperature)
+        return model
+
+    # ----------------------------------------------------------------------------- evaluation
+    def evaluate(self, names: Sequence[str] | None = None) -> dict[str, float]:
+        """Test accuracy per task with the true task id, on the same test examples as at add time."""
+        names = list(self.tasks() if names is None else names)
+        model = self.load(names)
+        out = {}
+        for name in names:
+            cfg = self.store.read_config(name)
+            train = TrainConfig.from_dict({k: v for k, v in cfg["train"].items() if k != "kind"})
+            data = load_task(TaskSpec.from_dict(cfg["spec"]), max_train=1, max_test=train.max_test, seed=train.seed)
+            out[name] = evaluate(model, name, [e.text for e in data.test], [e.label for e in data.test],
+                                 max_length=train.max_length)
+        return out
+
+    def verify(self, *, full: bool = True) -> list[Problem]:
+        """Checksums, manifest against files, and (when the backbone loads) the base fingerprint."""
+        return self.store.verify(full=full)
+
+
+ROUTER_SHRINKAGE = 0.1
+"""Shrinkage of the router's pooled covariance towards a scaled identity (measured: 0.03-0.1 match
+scikit-learn's Ledoit-Wolf 'auto' on the nine shared tasks)."""
+
+AUTO_SHARE_MAX_DISTANCE = 3.0
+"""``--share-a auto`` joins a group when a member task is within this Mahalanobis distance of the new
+task's mean router feature (about where two tasks' inputs start to overlap for the router)."""
+

@@ -1,0 +1,298 @@
+"""The ``adaptbank`` command line: thin click wrappers over the Python API.
+
+Every command turns a bad value into one clear line (``Error: ...``) and a non-zero exit, never a
+traceback, and a failed command leaves the bank as it was.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _friendly(fn: F) -> F:
+    """Map the library's expected errors to ``click.ClickException`` (exit 1, one line)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .store import BankError
+
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except KeyboardInterrupt:
+            click.echo("Interrupted: nothing was written; the bank is unchanged.", err=True)
+            sys.exit(130)
+        except (BankError, ValueError, KeyError, TypeError, FileNotFoundError, RuntimeError, OSError) as err:
+            message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+            raise click.ClickException(str(message)) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _emit(data: Any, as_json: bool, text: Callable[[], None]) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
+    else:
+        text()
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="adaptbank")
+def main() -> None:
+    """adaptbank: one frozen transformer, a bank of per-task experts, a router, continual runs."""
+
+
+# ------------------------------------------------------------------------------------------- init
+@main.command()
+@click.argument("bank", type=click.Path(file_okay=False))
+@click.option("--base", default=None, help="Backbone: a local folder, a .gguf file, or the bundled default "
+              "sentence-transformers/all-MiniLM-L6-v2.")
+@_friendly
+def init(bank: str, base: str | None) -> None:
+    """Create an empty bank BANK for one frozen base model."""
+    from .backbone import DEFAULT_BACKBONE
+    from .bank import AdapterBank
+
+    b = AdapterBank.init(bank, base=base or DEFAULT_BACKBONE)
+    click.echo(f"created bank {b.path} for base {b.base['name']} (fingerprint {b.base['fingerprint'][:12]})")
+
+
+# ------------------------------------------------------------------------------------------- add-task
+def _method(method: str, rank: int | None, alpha: float | None, targets: str | None, dropout: float | None) -> Any:
+    from .config import AdapterConfig, LoRAConfig, ParallelAdapterConfig
+
+    kw: dict[str, Any] = {}
+    if targets is not None:
+        kw["targets"] = targets if "," not in targets and targets in _presets() else tuple(targets.split(","))
+    if method == "lora":
+        kw |= {k: v for k, v in (("rank", rank), ("alpha", alpha), ("dropout", dropout)) if v is not None}
+        return LoRAConfig(**kw)
+    if rank is not None:
+        kw["bottleneck"] = rank
+    return AdapterConfig(**kw) if method == "adapter" else ParallelAdapterConfig(**kw)
+
+
+def _presets() -> tuple[str, ...]:
+    from .config import TARGET_PRESETS
+
+    return TARGET_PRESETS
+
+
+@main.command("add-task")
+@click.argument("bank", type=click.Path(file_okay=False))
+@click.argument("spec")
+@click.option("--method", type=click.Choice(["lora", "adapter", "parallel-adapter"]), default="lora", show_default=True)
+@click.option("--rank", type=int, default=None, help="LoRA rank r, or bottleneck width for adapters [8 / 64].")
+@click.option("--alpha", type=float, default=None, help="LoRA alpha; the update is scaled by alpha/r [16].")
+@click.option("--dropout", type=float, default=None, help="LoRA dropout [0.1].")
+@click.option("--targets", default=None, help="Preset (qv, attn, all-linear, v, houlsby, pfeiffer, ffn) or "
+              "comma-separated module-name regexes [lora: qv, adapter: pfeiffer, parallel-adapter: ffn].")
+@click.option("--share-a", default=None, help="Shared-A group name for a LoRA task-B expert, or 'auto'.")
+@click.option("--name", default=None, help="Task name in the bank [the spec's name].")
+@click.option("--parent", default=None, help="Record this bank task as the new task's parent (lineage).")
+@click.option("--epochs", type=float, default=None, help="Training epochs [3].")
+@click.option("--lr", type=float, default=None, help="Expert learning rate [5e-4].")
+@click.option("--head-lr", type=float, default=None, help="Head learning rate [2e-3].")
+@click.option("--batch-size", type=int, default=None, help="Batch size [16].")
+@click.option("--max-length", type=int, default=None, help="Tokens per example [128].")
+@click.option("--max-train", type=int, default=None, help="Use at most N training examples [all].")
+@click.option("--max-test", type=int, default=None, help="Evaluate on at most N test examples [all].")
+@click.option("--seed", type=int, default=None, help="Random seed [0].")
+@click.option("--replace", is_flag=True, help="Retrain and replace a task that exists already.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@_friendly
+def add_task(bank: str, spec: str, method: str, rank: int | None, alpha: float | None, dropout: float | None,
+             targets: str | None, share_a: str | None, name: str | None, parent: str | None, replace: bool,
+             as_json: bool, **train_kw: Any) -> None:
+    """Train SPEC's expert and head, evaluate on its test split, and store them in BANK.
+
+    SPEC is a task spec file (TOML) or the name of a spec in tasks/ (e.g. ag_news, weather).
+    """
+    from tqdm.auto import tqdm
+
+    from .bank import AdapterBank
+    from .config import TrainConfig
+
+    cfg = _method(method, rank, alpha, targets, dropout)
+    train = TrainConfig(**{k: v for k, v in train_kw.items() if v is not None})
+    b = AdapterBank.open(bank)
+    bar = tqdm(desc=f"training {name or spec}", unit="step", disable=as_json or None, file=sys.stderr)
+
+    def on_step(step: int, _total: int, loss: float) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+
+    try:
+        r = b.add_task(spec, cfg, train, name=name, share_a=share_a, replace=replace, parent=parent, on_step=on_step)
+    finally:
+        bar.close()
+    summary = {"task": r.name, "test_accuracy": r.test_accuracy, "probe_accuracy": r.probe_accuracy,
+               "trainable_params": r.trainable_params, "bytes_on_disk": r.bytes_on_disk, "seconds": round(r.seconds, 2),
+               "n_train": r.n_train, "n_test": r.n_test, "shared_group": r.shared_group, "share_reason": r.share_reason}
+    _emit(summary, as_json, lambda: click.echo(
+        f"added {r.name}: test accuracy {_pct(r.test_accuracy)} on {r.n_test} examples "
+        f"(probe init {_pct(r.probe_accuracy)}), {r.trainable_params:,} trainable parameters, "
+        f"{_human(r.bytes_on_disk)} on disk, {r.seconds:.1f}s"
+        + (f"\nshared A: {r.share_reason}" if r.share_reason else "")))
+
+
+# ------------------------------------------------------------------------------------------- list / show / remove
+@main.command("list")
+@click.argument("bank", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+@_friendly
+def list_(bank: str, as_json: bool) -> None:
+    """List the tasks in BANK with method, accuracy and size."""
+    from .bank import AdapterBank
+
+    b = AdapterBank.open(bank)
+    rows = []
+    for entry in b.store.manifest["tasks"]:
+        cfg = b.store.read_config(entry["name"], check="none")
+        rows.append({"task": entry["name"], "method": cfg["method"]["kind"], "labels": len(cfg["labels"]),
+                     "test_accuracy": cfg["metrics"].get("test_accuracy"), "shared_group": cfg.get("shared_group"),
+                     "bytes": sum(f["size"] for f in entry["files"].values())})
+    _emit({"bank": str(b.path), "base": b.base["name"], "tasks": rows}, as_json, lambda: (
+        click.echo(f"{b.path}: base {b.base['name']}, {len(rows)} task(s)"),
+        [click.echo(f"  {r['task']:<24} {r['method']:<16} {r['labels']:>4} labels  acc {_pct(r['test_accuracy']):>6}  "
+                    f"{_human(r['bytes']):>9}" + (f"  shared-A {r['shared_group']}" if r["shared_group"] else ""))
+         for r in rows]))
+
+
+@main.command()
+@click.argument("bank", type=click.Path(file_okay=False))
+@click.argument("task")
+@click.option("--json", "as_json", is_flag=True)
+@_friendly
+def show(bank: str, task: str, as_json: bool) -> None:
+    """Show everything BANK stores about TASK."""
+    from .bank import AdapterBank
+
+    info = AdapterBank.open(bank).info(task)
+    _emit(info, as_json, lambda: click.echo(json.dumps(info, indent=2, default=str)))
+
+
+@main.command()
+@click.argument("bank", type=click.Path(file_okay=False))
+@click.argument("task")
+@_friendly
+def remove(bank: str, task: str) -> None:
+    """Remove TASK from BANK."""
+    from .bank import AdapterBank
+
+    AdapterBank.open(bank).remove(task)
+    click.echo(f"removed {task}")
+
+
+# ------------------------------------------------------------------------------------------- eval / verify
+@main.command("eval")
+@click.argument("bank", type=click.Path(file_okay=False))
+@click.argument("tasks", nargs=-1)
+@click.option("--json", "as_json", is_flag=True)
+@_friendly
+def eval_(bank: str, tasks: tuple[str, ...], as_json: bool) -> None:
+    """Evaluate TASKS (all by default) on their test splits with the true task id (oracle routing)."""
+    from .bank import AdapterBank
+
+    acc = AdapterBank.open(bank).evaluate(list(tasks) or None)
+    avg = sum(acc.values()) / len(acc) if acc else None
+    _emit({"oracle": acc, "average": avg}, as_json, lambda: (
+        [click.echo(f"  {t:<24} {_pct(a)}") for t, a in acc.items()], click.echo(f"  {'average':<24} {_pct(avg)}")))
+
+
+@main.command()
+@click.argument("bank", type=click.Path(file_okay=False))
+@click.option("--repair", is_flag=True, help="Remove leftover temporaries and unreferenced directories.")
+@click.option("--fast", is_flag=True, help="Compare sizes and times instead of sha256.")
+@click.option("--json", "as_json", is_flag=True)
+@_friendly
+def verify(bank: str, repair: bool, fast: bool, as_json: bool) -> None:
+    """Check BANK: checksums, manifest against files, and the base model's fingerprint."""
+    from .bank import AdapterBank
+
+    b = AdapterBank.open(bank)
+    removed = b.store.repair() if repair else []
+    problems = b.verify(full=not fast)
+    errors = [p for p in problems if p.is_error]
+    data = {"ok": not errors, "problems": [{"kind": p.kind, "path": p.path, "message": p.message} for p in problems],
+            "repaired": removed}
+    _emit(data, as_json, lambda: (
+        [click.echo(f"repaired: removed {r}") for r in removed],
+        [click.echo(f"{'ERROR' if p.is_error else 'warning'} [{p.kind}] {p.path}: {p.message}") for p in problems],
+        click.echo("ok" if not errors else f"{len(errors)} error(s)")))
+    if errors:
+        sys.exit(1)
+
+
+# ------------------------------------------------------------------------------------------- graph
+@main.command()
+@click.argument("bank", type=click.Path(file_okay=False))
+@click.option("-o", "--output", default=None, help="Write .graphml, .json or .png (default: JSON to stdout).")
+@_friendly
+def graph(bank: str, output: str | None) -> None:
+    """The bank as a graph: tasks, shared-A groups, lineage and expert-similarity edges."""
+    from .bank import AdapterBank
+    from .graph import bank_graph, write_graph
+
+    g = bank_graph(AdapterBank.open(bank))
+    if output is None:
+        import networkx as nx
+
+        click.echo(json.dumps(nx.node_link_data(g, edges="edges"), indent=2, default=str))
+    else:
+        write_graph(g, Path(output))
+        click.echo(f"wrote {output}: {g.number_of_nodes()} nodes, {g.number_of_edges()} edges")
+
+
+# ------------------------------------------------------------------------------------------- demo
+@main.command()
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Working folder [a new temp folder].")
+@click.option("--task", default="weather", show_default=True, help="Built-in task to train.")
+@_friendly
+def demo(out: str | None, task: str) -> None:
+    """The main job on the embedded default: bundled MiniLM and a built-in task, no data needed."""
+    from .bank import AdapterBank
+    from .config import LoRAConfig, TrainConfig
+
+    work = Path(out or tempfile.mkdtemp(prefix="adaptbank-demo-"))
+    start = time.perf_counter()
+    b = AdapterBank.init(work / "bank")
+    click.echo(f"bank: {b.path} (base {b.base['name']})")
+    train = TrainConfig(epochs=2, max_train=300, max_test=200, max_length=48, probe_init=False)
+    r = b.add_task(task, LoRAConfig(), train, log=click.echo, before=lambda acc: click.echo(
+        f"{task}: accuracy before training (fresh head, zero expert): {_pct(acc)}"))
+    click.echo(f"{task}: accuracy after training a LoRA q+v expert: {_pct(r.test_accuracy)} "
+               f"({r.trainable_params:,} trainable parameters, {_human(r.bytes_on_disk)} on disk)")
+    click.echo(f"done in {time.perf_counter() - start:.0f}s")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

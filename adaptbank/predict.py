@@ -1,0 +1,99 @@
+"""Routed prediction: any input, no task id. The router picks (or mixes) experts per row inside one
+forward; the chosen task's head gives the label.
+
+Letters in shape comments: B batch, D hidden size, C classes, k experts per row.
+
+Where several selected experts belong to tasks with the same label list (amazon and yelp, say),
+their heads' probabilities are mixed with the routing weights, so a row routed 55/45 between two
+star-rating tasks gets a blend of both heads rather than a coin flip between them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .model import AdaptBankModel
+from .training import _collate, _device, _pad_id, batches
+
+__all__ = ["Prediction", "predict", "tokenize_checked"]
+
+
+@dataclass
+class Prediction:
+    """One input's answer."""
+
+    text: str
+    task: str
+    label: str
+    label_index: int
+    score: float
+    routing: dict[str, float] = field(default_factory=dict)
+    truncated: bool = False
+
+    def to_dict(self) -> dict[str, object]:
+        return {"text": self.text, "task": self.task, "label": self.label, "score": round(self.score, 6),
+                "routing": {k: round(v, 6) for k, v in self.routing.items()}, "truncated": self.truncated}
+
+
+def tokenize_checked(tokenizer: object, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], list[bool]]:
+    """Token ids truncated to ``max_length`` and, per text, whether truncation cut it. An empty
+    text is a ``ValueError`` naming its position."""
+    for i, t in enumerate(texts):
+        if not isinstance(t, str) or not t.strip():
+            raise ValueError(f"input {i + 1} is empty; every input needs some text")
+    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]  # type: ignore[operator]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = tokenizer(list(texts), truncation=False, add_special_tokens=True)["input_ids"]  # type: ignore[operator]
+    return ids, [len(f) > len(i) for f, i in zip(full, ids)]
+
+
+@torch.no_grad()
+def predict(model: AdaptBankModel, texts: Sequence[str], *, task: str | None = None, max_length: int = 128,
+            batch_size: int = 64, mix_heads: bool = True) -> list[Prediction]:
+    """Predict every text; ``task`` forces oracle routing to that task, else the router decides."""
+    if not model.tasks:
+        raise ValueError("the bank holds no tasks; add one with `adaptbank add-task`")
+    if task is not None and task not in model.tasks:
+        raise KeyError(f"unknown task {task!r}; the bank holds: {', '.join(model.tasks)}")
+    ids, truncated = tokenize_checked(model.tokenizer, texts, max_length)
+    model.eval()
+    out: list[Prediction | None] = [None] * len(texts)
+    names = list(model.state.experts)
+    for chunk in batches(ids, batch_size, shuffle=False):
+        batch = _collate([ids[i] for i in chunk], _pad_id(model), _device(model))
+        if task is not None:
+            model.route(task=task)
+            pooled = model.features(**batch)  # (B, D)
+            index = torch.full((len(chunk), 1), names.index(task))  # (B, 1)
+            weight = torch.ones(len(chunk), 1)  # (B, 1)
+        else:
+            pooled = model.routed_features(**batch)  # (B, D)
+            index, weight = model.state.index.cpu(), model.state.weight.float().cpu()  # type: ignore[union-attr]
+        for row, i in enumerate(chunk):
+            out[i] = _answer(model, texts[i], pooled[row], index[row], weight[row], names, mix_heads, truncated[i])
+    return out  # type: ignore[return-value]
+
+
+def _answer(model: AdaptBankModel, text: str, pooled: Tensor, index: Tensor, weight: Tensor, names: list[str],
+            mix_heads: bool, truncated: bool) -> Prediction:
+    chosen = [names[int(j)] for j in index]
+    top = chosen[int(weight.argmax())]
+    labels = model.tasks[top].labels
+    probs = model.heads[top](pooled[None]).float().softmax(-1)[0]  # (C,)
+    if mix_heads:
+        same = [(t, float(w)) for t, w in zip(chosen, weight) if model.tasks[t].labels == labels]
+        if len(same) > 1:
+            total = sum(w for _, w in same)
+            probs = sum(w / total * model.heads[t](pooled[None]).float().softmax(-1)[0] for t, w in same)  # (C,)
+    label = int(probs.argmax())
+    routing: dict[str, float] = {}
+    for t, w in zip(chosen, weight):
+        routing[t] = routing.get(t, 0.0) + float(w)
+    return Prediction(text=text, task=top, label=labels[label], label_index=label, score=float(probs[label]),
+                      routing=routing, truncated=truncated)

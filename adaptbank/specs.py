@@ -1,0 +1,325 @@
+"""Declarative task specs: what a task is called, where its data lives, and how to read it.
+
+A task spec is a small TOML file under ``tasks/`` (data only; nothing in a spec is ever executed)::
+
+    name = "ag_news"
+    type = "classification"
+    description = "AG News topic, 4 classes"
+
+    [data]
+    train = "${ADAPTBANK_DATA}/ag_news/train.jsonl"
+    test = "${ADAPTBANK_DATA}/ag_news/test.jsonl"
+    text_field = "text"      # optional, default "text"
+    label_field = "label"    # optional, default "label"
+    # labels = ["World", ...] # optional; default: labels.json beside the train file
+    format = "auto"          # auto | jsonl | csv | hf-datasets
+
+A *source string* (``train`` / ``test``) is one of
+
+- a path, absolute or relative to the spec file (made absolute when the spec is loaded);
+- a path containing ``${ADAPTBANK_DATA}``, expanded when the data is read to the environment variable
+  ``ADAPTBANK_DATA`` or, if unset, ``<repo>/../shared/data`` (see :func:`data_dir`);
+- ``builtin:<generator>:<split>``, a deterministic generated task from :mod:`adaptbank.builtin_tasks`.
+
+Bare names given to :func:`load_task_spec` resolve to ``<tasks dir>/<name>.toml``; the tasks dir is the
+environment variable ``ADAPTBANK_TASKS`` or the ``tasks/`` folder beside the package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from .builtin_tasks import BUILTIN_SPLITS, BUILTIN_TASKS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+__all__ = [
+    "DATA_VAR",
+    "SpecNotFoundError",
+    "TaskSpec",
+    "data_dir",
+    "expand_source",
+    "list_task_specs",
+    "load_task_spec",
+    "parse_builtin_source",
+    "spec_from_toml",
+    "tasks_dir",
+    "validate_task_name",
+]
+
+TaskType = Literal["classification"]
+DataFormat = Literal["auto", "jsonl", "csv", "hf-datasets"]
+
+DATA_VAR = "${ADAPTBANK_DATA}"
+"""The one placeholder expanded in source strings."""
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+# No '.': task names key torch ModuleDicts and appear inside dotted module paths.
+_NAME_RULE = "1-100 characters from [A-Za-z0-9_-], starting with a letter or digit"
+_PLACEHOLDER_RE = re.compile(r"\$\{[^}]*\}|\$[A-Za-z_]")
+_TOP_KEYS = ("name", "type", "description", "data")
+_DATA_KEYS = ("train", "test", "text_field", "label_field", "labels", "format")
+
+
+class SpecNotFoundError(ValueError, FileNotFoundError):
+    """A task spec named by path or bare name does not exist (both a ValueError and a FileNotFoundError)."""
+
+
+def validate_task_name(name: object) -> str:
+    """Return ``name`` if it is a valid task name, else raise ValueError naming the value and the rule.
+
+    Task names become file and directory names in a bank, so they must be safe path components.
+    """
+    if not isinstance(name, str):
+        raise ValueError(
+            f"task name must be a string, got {type(name).__name__} {name!r}; rule: {_NAME_RULE}"
+        )
+    if not 1 <= len(name) <= 100:
+        raise ValueError(f"invalid task name {name!r}: length {len(name)}; rule: {_NAME_RULE}")
+    if _NAME_RE.fullmatch(name) is None or ".." in name:
+        raise ValueError(f"invalid task name {name!r}; rule: {_NAME_RULE}")
+    return name
+
+
+def data_dir() -> Path:
+    """The directory ``${ADAPTBANK_DATA}`` expands to: env ``ADAPTBANK_DATA`` or ``<repo>/../shared/data``."""
+    env = os.environ.get("ADAPTBANK_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+def tasks_dir() -> Path:
+    """The directory bare spec names resolve in: env ``ADAPTBANK_TASKS`` or ``<repo>/tasks``."""
+    env = os.environ.get("ADAPTBANK_TASKS")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "tasks"
+
+
+def list_task_specs() -> list[str]:
+    """Names of the specs available in :func:`tasks_dir` (sorted file stems of ``*.toml``)."""
+    root = tasks_dir()
+    return sorted(p.stem for p in root.glob("*.toml")) if root.is_dir() else []
+
+
+def parse_builtin_source(source: str) -> tuple[str, str] | None:
+    """``"builtin:weather:train"`` -> ``("weather", "train")``; ``None`` for non-builtin sources.
+
+    Raises ValueError for a malformed ``builtin:`` source, an unknown generator or an unknown split.
+    """
+    if not source.startswith("builtin:"):
+        return None
+    parts = source.split(":")
+    if len(parts) != 3:
+        raise ValueError(f"malformed builtin source {source!r}; expected 'builtin:<generator>:<split>'")
+    _, task, split = parts
+    if task not in BUILTIN_TASKS:
+        raise ValueError(
+            f"unknown builtin generator {task!r} in {source!r}; allowed: {sorted(BUILTIN_TASKS)}"
+        )
+    if split not in BUILTIN_SPLITS:
+        raise ValueError(f"unknown builtin split {split!r} in {source!r}; allowed: {list(BUILTIN_SPLITS)}")
+    return task, split
+
+
+def expand_source(source: str) -> str:
+    """Expand ``${ADAPTBANK_DATA}`` in a source string (other sources are returned unchanged)."""
+    return source.replace(DATA_VAR, str(data_dir())) if DATA_VAR in source else source
+
+
+def _check_source(field: str, value: object) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{field} must be a non-empty source string, got {value!r}")
+    if "\x00" in value:
+        raise ValueError(f"{field} source {value!r} contains a NUL character")
+    if value.startswith("builtin:"):
+        parse_builtin_source(value)
+        return
+    leftover = _PLACEHOLDER_RE.search(value.replace(DATA_VAR, ""))
+    if leftover is not None:
+        raise ValueError(
+            f"{field} source {value!r} uses {leftover.group(0)!r}; only {DATA_VAR} is expanded in sources"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskSpec:
+    """One task: its name, kind, data sources and how to read them. See the module docstring."""
+
+    name: str
+    """Task name; a safe path component (see :func:`validate_task_name`)."""
+    type: TaskType = "classification"
+    """Task kind. Only ``"classification"`` is implemented; ``"generation"`` is reserved."""
+    train: str
+    """Source of the training split: a path, a path with ``${ADAPTBANK_DATA}``, or ``builtin:<gen>:<split>``."""
+    test: str
+    """Source of the test split, same forms as ``train``."""
+    text_field: str = "text"
+    """Field (JSONL key / CSV column / dataset column) holding the input text."""
+    label_field: str = "label"
+    """Field holding the label: an index into ``labels`` or one of the label names."""
+    labels: tuple[str, ...] | None = None
+    """Label names in index order; ``None`` reads ``labels.json`` beside the train file (or the builtin's)."""
+    format: DataFormat = "auto"
+    """File format; ``"auto"`` decides by extension (.jsonl/.json, .csv) or a directory (hf-datasets)."""
+    description: str = ""
+    """Free-text description shown by the CLI."""
+
+    def __post_init__(self) -> None:
+        validate_task_name(self.name)
+        if self.type == "generation":
+            raise ValueError(
+                f"task {self.name!r}: type 'generation' is not supported yet; allowed: {list(get_args(TaskType))}"
+            )
+        if self.type not in get_args(TaskType):
+            raise ValueError(
+                f"task {self.name!r}: unknown type {self.type!r}; allowed: {list(get_args(TaskType))}"
+            )
+        _check_source("train", self.train)
+        _check_source("test", self.test)
+        builtin = [s.startswith("builtin:") for s in (self.train, self.test)]
+        if any(builtin) and self.format != "auto":
+            raise ValueError(f"task {self.name!r}: builtin sources need format 'auto', got {self.format!r}")
+        for field in ("text_field", "label_field"):
+            value = getattr(self, field)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"task {self.name!r}: {field} must be a non-empty string, got {value!r}")
+        if self.format not in get_args(DataFormat):
+            raise ValueError(
+                f"task {self.name!r}: unknown format {self.format!r}; allowed: {list(get_args(DataFormat))}"
+            )
+        if not isinstance(self.description, str):
+            raise ValueError(f"task {self.name!r}: description must be a string, got {self.description!r}")
+        if self.labels is not None:
+            if isinstance(self.labels, list):  # TOML and JSON give lists; store an immutable tuple
+                object.__setattr__(self, "labels", tuple(self.labels))
+            _check_labels(self.labels, f"task {self.name!r}: labels")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat, JSON-ready dict of the fields (``labels`` as a list or ``None``)."""
+        d = dataclasses.asdict(self)
+        d["labels"] = list(self.labels) if self.labels is not None else None
+        return d
+
+    @classmethod
+    def from_dict(
+        cls, d: object, *, origin: str | None = None, base_dir: str | Path | None = None
+    ) -> TaskSpec:
+        """Build a spec from a flat dict of fields, rejecting unknown keys with a suggestion.
+
+        ``origin`` names where the dict came from in error messages; ``base_dir``, when given, makes
+        relative path sources absolute (relative to that directory).
+        """
+        where = f" in task spec {origin}" if origin else ""
+        if not isinstance(d, dict):
+            raise ValueError(f"task spec{where} must be a table/dict, got {type(d).__name__}")
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        _reject_unknown(d, allowed, where)
+        for key in ("name", "train", "test"):
+            if key not in d:
+                raise ValueError(f"missing required key {key!r}{where}")
+        kwargs = dict(d)
+        if (
+            "labels" in kwargs
+            and kwargs["labels"] is not None
+            and not isinstance(kwargs["labels"], (list, tuple))
+        ):
+            raise ValueError(f"labels{where} must be a list of strings, got {kwargs['labels']!r}")
+        if base_dir is not None:
+            for key in ("train", "test"):
+                kwargs[key] = _absolutize(kwargs[key], Path(base_dir))
+        try:
+            return cls(**kwargs)
+        except ValueError as exc:
+            raise ValueError(f"{exc}{where}") from None
+
+
+def _check_labels(labels: object, what: str) -> None:
+    if not isinstance(labels, tuple) or len(labels) < 2:
+        raise ValueError(f"{what} must be a list of at least 2 label names, got {labels!r}")
+    for label in labels:
+        if not isinstance(label, str) or not label.strip():
+            raise ValueError(f"{what}: each label must be a non-empty string, got {label!r}")
+    dupes = sorted({x for x in labels if labels.count(x) > 1})
+    if dupes:
+        raise ValueError(f"{what}: duplicate label names {dupes}")
+
+
+def _reject_unknown(d: dict[Any, Any], allowed: list[str], where: str) -> None:
+    for key in d:
+        if key in allowed:
+            continue
+        close = difflib.get_close_matches(str(key), allowed, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown key {key!r}{where}{hint} allowed: {', '.join(allowed)}")
+
+
+def _absolutize(source: object, base: Path) -> object:
+    """Make a relative path source absolute against ``base``; leave other sources as they are."""
+    if not isinstance(source, str) or not source or source.startswith("builtin:") or "$" in source:
+        return source
+    if "\x00" in source:
+        return source  # rejected with a clear message by TaskSpec validation
+    p = Path(source).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def spec_from_toml(text: str, *, origin: str = "<string>", base_dir: str | Path | None = None) -> TaskSpec:
+    """Parse TOML text in the ``[data]``-table layout into a :class:`TaskSpec`."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"task spec {origin} is not valid TOML: {exc}") from None
+    where = f" in task spec {origin}"
+    for key in doc:
+        if key in _DATA_KEYS:
+            raise ValueError(f"key {key!r}{where} belongs in the [data] table, not at the top level")
+    _reject_unknown(doc, list(_TOP_KEYS), where)
+    data = doc.get("data", {})
+    if not isinstance(data, dict):
+        raise ValueError(f"'data'{where} must be a table ([data]), got {type(data).__name__}")
+    _reject_unknown(data, list(_DATA_KEYS), f" in the [data] table of task spec {origin}")
+    flat = {k: v for k, v in doc.items() if k != "data"}
+    flat.update(data)
+    return TaskSpec.from_dict(flat, origin=origin, base_dir=base_dir)
+
+
+def load_task_spec(path_or_name: str | os.PathLike[str]) -> TaskSpec:
+    """Load a spec from a ``.toml`` path, or from a bare name resolved as ``<tasks dir>/<name>.toml``.
+
+    Raises :class:`SpecNotFoundError` (a ValueError and FileNotFoundError) listing the available
+    names when nothing matches, and ValueError for an invalid spec.
+    """
+    raw = os.fspath(path_or_name)
+    if not isinstance(raw, str):
+        raise ValueError(f"task spec must be a str path or name, got {raw!r}")
+    looks_like_path = raw.endswith(".toml") or "/" in raw or os.sep in raw or isinstance(path_or_name, Path)
+    if looks_like_path:
+        path = Path(raw).expanduser()
+    else:
+        validate_task_name(raw)
+        path = tasks_dir() / f"{raw}.toml"
+    if not path.is_file():
+        available = list_task_specs()
+        close = difflib.get_close_matches(Path(raw).stem, available, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise SpecNotFoundError(
+            f"task spec {raw!r} not found (looked for {path}){hint} available in {tasks_dir()}: "
+            f"{', '.join(available) or '(none)'}"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"task spec {path} is not valid UTF-8: {exc}") from None
+    return spec_from_toml(text, origin=str(path), base_dir=path.resolve().parent)
