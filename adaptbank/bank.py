@@ -347,11 +347,43 @@ class AdapterBank:
         out = {}
         for name in names:
             cfg = self.store.read_config(name)
-            train = TrainConfig.from_dict({k: v for k, v in cfg["train"].items() if k != "kind"})
+            train = TrainConfig.from_dict(cfg["train"])
             data = load_task(TaskSpec.from_dict(cfg["spec"]), max_train=1, max_test=train.max_test, seed=train.seed)
             out[name] = evaluate(model, name, [e.text for e in data.test], [e.label for e in data.test],
                                  max_length=train.max_length)
         return out
+
+    def evaluate_routed(self, names: Sequence[str] | None = None, *, top_k: int = 1) -> dict[str, Any]:
+        """Per task: the router's task-identification accuracy, the routed accuracy (no task id) and
+        the oracle accuracy (true task id), their averages, and which task the router chose how often.
+
+        A routed prediction is correct when its label is the true label and it came from the true
+        task, or from a task with the identical label list (amazon vs yelp)."""
+        from .predict import predict
+
+        names = list(self.tasks() if names is None else names)
+        model = self.load_routed(top_k=top_k)
+        rows: dict[str, dict[str, float]] = {}
+        confusion: dict[str, dict[str, int]] = {}
+        for name in names:
+            cfg = self.store.read_config(name)
+            train = TrainConfig.from_dict(cfg["train"])
+            data = load_task(TaskSpec.from_dict(cfg["spec"]), max_train=1, max_test=train.max_test, seed=train.seed)
+            texts, labels = [e.text for e in data.test], [e.label for e in data.test]
+            preds = predict(model, texts, max_length=train.max_length)
+            names_of = model.tasks[name].labels
+            hit_task = sum(p.task == name for p in preds)
+            hit = sum(p.label == names_of[y] and (p.task == name or model.tasks[p.task].labels == names_of)
+                      for p, y in zip(preds, labels))
+            oracle = evaluate(model, name, texts, labels, max_length=train.max_length)
+            rows[name] = {"router_accuracy": hit_task / len(preds), "routed_accuracy": hit / len(preds),
+                          "oracle_accuracy": oracle, "n": len(preds)}
+            confusion[name] = {t: c for t in self.tasks() if (c := sum(p.task == t for p in preds))}
+        avg = {k: sum(r[k] for r in rows.values()) / len(rows) for k in ("router_accuracy", "routed_accuracy",
+                                                                          "oracle_accuracy")} if rows else {}
+        if avg:
+            avg["routed_over_oracle"] = avg["routed_accuracy"] / avg["oracle_accuracy"] if avg["oracle_accuracy"] else 0.0
+        return {"tasks": rows, "average": avg, "confusion": confusion, "top_k": top_k}
 
     def verify(self, *, full: bool = True) -> list[Problem]:
         """Checksums, manifest against files, and (when the backbone loads) the base fingerprint."""

@@ -75,13 +75,15 @@ def main() -> None:
 @click.argument("bank", type=click.Path(file_okay=False))
 @click.option("--base", default=None, help="Backbone: a local folder, a .gguf file, or the bundled default "
               "sentence-transformers/all-MiniLM-L6-v2.")
+@click.option("--router-layers", type=int, default=2, show_default=True,
+              help="The router reads the embeddings and this many lowest layers, which hold no experts.")
 @_friendly
-def init(bank: str, base: str | None) -> None:
+def init(bank: str, base: str | None, router_layers: int) -> None:
     """Create an empty bank BANK for one frozen base model."""
     from .backbone import DEFAULT_BACKBONE
     from .bank import AdapterBank
 
-    b = AdapterBank.init(bank, base=base or DEFAULT_BACKBONE)
+    b = AdapterBank.init(bank, base=base or DEFAULT_BACKBONE, router_layers=router_layers)
     click.echo(f"created bank {b.path} for base {b.base['name']} (fingerprint {b.base['fingerprint'][:12]})")
 
 
@@ -216,16 +218,110 @@ def remove(bank: str, task: str) -> None:
 @main.command("eval")
 @click.argument("bank", type=click.Path(file_okay=False))
 @click.argument("tasks", nargs=-1)
+@click.option("--routed", is_flag=True, help="Also evaluate without task ids, through the router.")
+@click.option("--top-k", type=int, default=1, show_default=True, help="Experts mixed per input when routed.")
 @click.option("--json", "as_json", is_flag=True)
 @_friendly
-def eval_(bank: str, tasks: tuple[str, ...], as_json: bool) -> None:
-    """Evaluate TASKS (all by default) on their test splits with the true task id (oracle routing)."""
+def eval_(bank: str, tasks: tuple[str, ...], routed: bool, top_k: int, as_json: bool) -> None:
+    """Evaluate TASKS (all by default) on their test splits: with the true task id (oracle), and with
+    --routed also through the router (task-identification, routed and oracle accuracy per task)."""
     from .bank import AdapterBank
 
-    acc = AdapterBank.open(bank).evaluate(list(tasks) or None)
-    avg = sum(acc.values()) / len(acc) if acc else None
-    _emit({"oracle": acc, "average": avg}, as_json, lambda: (
-        [click.echo(f"  {t:<24} {_pct(a)}") for t, a in acc.items()], click.echo(f"  {'average':<24} {_pct(avg)}")))
+    b = AdapterBank.open(bank)
+    if not routed:
+        acc = b.evaluate(list(tasks) or None)
+        avg = sum(acc.values()) / len(acc) if acc else None
+        _emit({"oracle": acc, "average": avg}, as_json, lambda: (
+            [click.echo(f"  {t:<24} {_pct(a)}") for t, a in acc.items()], click.echo(f"  {'average':<24} {_pct(avg)}")))
+        return
+    res = b.evaluate_routed(list(tasks) or None, top_k=top_k)
+
+    def text() -> None:
+        click.echo(f"  {'task':<20} {'router':>8} {'routed':>8} {'oracle':>8}")
+        for t, r in res["tasks"].items():
+            click.echo(f"  {t:<20} {_pct(r['router_accuracy']):>8} {_pct(r['routed_accuracy']):>8} "
+                       f"{_pct(r['oracle_accuracy']):>8}")
+        a = res["average"]
+        click.echo(f"  {'average':<20} {_pct(a['router_accuracy']):>8} {_pct(a['routed_accuracy']):>8} "
+                   f"{_pct(a['oracle_accuracy']):>8}   routed/oracle {a['routed_over_oracle']:.3f}")
+        click.echo("  router confusion (true task -> chosen task: count):")
+        for t, row in res["confusion"].items():
+            off = {k: v for k, v in row.items() if k != t}
+            if off:
+                click.echo(f"    {t}: " + ", ".join(f"{k} {v}" for k, v in sorted(off.items(), key=lambda p: -p[1])))
+
+    _emit(res, as_json, text)
+
+
+# ------------------------------------------------------------------------------------------- predict / router
+@main.command()
+@click.argument("bank", type=click.Path(file_okay=False))
+@click.argument("texts", nargs=-1)
+@click.option("--input", "input_file", type=click.Path(dir_okay=False), default=None,
+              help="JSONL file: one {\"text\": ...} object (or JSON string) per line.")
+@click.option("--task", default=None, help="Force this task (oracle routing) instead of the router.")
+@click.option("--top-k", type=int, default=1, show_default=True, help="Experts mixed per input.")
+@click.option("--max-length", type=int, default=128, show_default=True, help="Tokens per input; longer is cut.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per input (JSON lines).")
+@_friendly
+def predict(bank: str, texts: tuple[str, ...], input_file: str | None, task: str | None, top_k: int,
+            max_length: int, as_json: bool) -> None:
+    """Predict TEXTS (or --input FILE) with BANK: the router picks the task, its head the label."""
+    from .bank import AdapterBank
+    from .predict import predict as run
+
+    items = list(texts) + (_read_inputs(Path(input_file)) if input_file else [])
+    if not items:
+        raise click.UsageError("give TEXT arguments or --input FILE.jsonl")
+    b = AdapterBank.open(bank)
+    if not b.tasks():
+        raise click.ClickException(f"bank {b.path} holds no tasks; add one with `adaptbank add-task`")
+    model = b.load() if task else b.load_routed(top_k=top_k)
+    preds = run(model, items, task=task, max_length=max_length)
+    for i, p in enumerate(preds):
+        if p.truncated:
+            click.echo(f"warning: input {i + 1} is longer than {max_length} tokens and was truncated", err=True)
+        if as_json:
+            click.echo(json.dumps(p.to_dict(), ensure_ascii=False))
+        else:
+            mix = ", ".join(f"{t} {w:.2f}" for t, w in p.routing.items())
+            click.echo(f"{p.task}: {p.label} ({p.score:.2f})  [{mix}]  {p.text[:60]!r}")
+
+
+def _read_inputs(path: Path) -> list[str]:
+    out = []
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise click.ClickException(f"{path}: not UTF-8 text ({err})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise click.ClickException(f"{path}:{n}: invalid JSON: {err.msg}") from None
+        text = obj.get("text") if isinstance(obj, dict) else obj
+        if not isinstance(text, str):
+            raise click.ClickException(f"{path}:{n}: expected a string or an object with a \"text\" string")
+        out.append(text)
+    return out
+
+
+@main.group()
+def router() -> None:
+    """The bank's learned router."""
+
+
+@router.command("fit")
+@click.argument("bank", type=click.Path(file_okay=False))
+@_friendly
+def router_fit(bank: str) -> None:
+    """Refit the router from the bank's memory (no raw text needed)."""
+    from .bank import AdapterBank
+
+    order = AdapterBank.open(bank).fit_router()
+    click.echo(f"router fitted over {len(order)} experts: {', '.join(order)}")
 
 
 @main.command()

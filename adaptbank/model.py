@@ -312,10 +312,23 @@ class AdaptBankModel(nn.Module):
         last = attention_mask.long().sum(1).clamp(min=1) - 1  # (B,)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, D)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, *, task: str, **extra: Tensor) -> Tensor:
-        """Logits (B, C) of task ``task`` with its expert active for every row."""
-        self.route(task=task)
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, *, task: str, expert: str | None = None,
+                **extra: Tensor) -> Tensor:
+        """Logits (B, C) of head ``task``, with expert ``expert`` (default: the task's own) for every row.
+        ``expert=""`` runs the backbone without experts."""
+        if expert == "":
+            self.route()
+        else:
+            self.route(task=expert or task)
         return self.heads[task](self.features(input_ids, attention_mask, **extra))  # (B, C)
+
+    def add_head(self, name: str, labels: Sequence[str], *, head_dropout: float = 0.1) -> None:
+        """A classification head with no expert of its own (for baselines that share one learner
+        expert across tasks, or train the backbone itself)."""
+        if name in self.heads:
+            raise KeyError(f"head {name!r} already exists")
+        device = next(self.backbone.parameters()).device
+        self.heads[name] = ClassificationHead(self.hidden_size, len(labels), head_dropout).to(device)
 
     # ----------------------------------------------------------------------------- merge
     def merge(self, name: str) -> None:

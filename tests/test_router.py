@@ -1,0 +1,167 @@
+"""The learned router: incremental LDA equals the offline fit, routing happens inside one forward,
+mixed rows equal single-row runs, and the bank's routed commands behave on bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import tiny_backbone
+
+from adaptbank import AdaptBankModel, LoRAConfig
+from adaptbank.bank import AdapterBank
+from adaptbank.cli import main
+from adaptbank.config import TrainConfig
+from adaptbank.router import LDARouter, RouterStats, topk_gates
+
+FAST = TrainConfig(epochs=1, max_train=120, max_test=60, max_length=32)
+
+
+def blobs(noise_seed: int = 0, n: int = 60, dim: int = 6, tasks: int = 4) -> list[torch.Tensor]:
+    """Gaussian tasks with fixed centres and a shared correlated covariance; ``noise_seed`` draws samples."""
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(tasks, dim, generator=g) * 2
+    mix = torch.randn(dim, dim, generator=g) / dim ** 0.5 + torch.eye(dim)
+    g.manual_seed(100 + noise_seed)
+    return [centers[t] + torch.randn(n, dim, generator=g) @ mix for t in range(tasks)]
+
+
+def test_incremental_lda_equals_offline_sklearn_fit():
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    feats = blobs()
+    stats = RouterStats(feats[0].shape[1])
+    for t, x in enumerate(feats):  # one task at a time, only its mean and scatter are kept
+        stats.add(f"t{t}", *_ms(x))
+    router = LDARouter.fit(stats, layers=1, shrinkage=0.1)
+    X = torch.cat(feats)
+    y = torch.arange(len(feats)).repeat_interleave(feats[0].shape[0])
+    sk = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=0.1, priors=[1 / len(feats)] * len(feats)).fit(X, y)
+    test = torch.cat(blobs(noise_seed=1))
+    ours = router(test).argmax(1)
+    assert torch.equal(ours, torch.as_tensor(sk.predict(test.numpy())))
+    assert (ours == y).float().mean() > 0.8  # the blobs are separable enough to make the test meaningful
+    # remove + re-add round trips through the tensor form
+    again = RouterStats.from_tensors(stats.names, stats.to_tensors())
+    assert torch.equal(LDARouter.fit(again, layers=1).weight, router.weight)
+
+
+def _ms(x: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor]:
+    mean, scatter = RouterStats.task_stats(x)
+    return mean, x.shape[0], scatter
+
+
+def test_topk_gates_renormalise():
+    scores = torch.tensor([[3.0, 1.0, 2.0], [0.0, 0.0, 5.0]])
+    index, weight = topk_gates(scores, 2)
+    assert index.tolist() == [[0, 2], [2, 0]]
+    torch.testing.assert_close(weight.sum(1), torch.ones(2))
+    p = scores[0].softmax(0)
+    torch.testing.assert_close(weight[0], torch.stack([p[0], p[2]]) / (p[0] + p[2]))
+
+
+def routed_model(top_k: int = 2) -> tuple[AdaptBankModel, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    model = AdaptBankModel(tiny_backbone("bert"))
+    model.reserved_layers = 1
+    for i, name in enumerate("abc"):
+        model.add_task(name, LoRAConfig(rank=4, dropout=0.0, targets="all-linear"), ["x", "y"])
+        with torch.no_grad():
+            for p in model.expert_parameters(name):
+                p.copy_(torch.randn(p.shape) * 0.3)
+    stats = RouterStats(2 * model.hidden_size)
+    g = torch.Generator().manual_seed(3)
+    for name in "abc":
+        stats.add(name, *_ms(torch.randn(20, 2 * model.hidden_size, generator=g)))
+    model.attach_router(LDARouter.fit(stats, layers=1), top_k=top_k)
+    ids = torch.randint(1, 120, (6, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[4, 6:] = 0
+    return model, {"input_ids": ids, "attention_mask": mask}
+
+
+def test_routed_forward_runs_the_backbone_once_and_rows_match_single_runs():
+    model, batch = routed_model(top_k=2)
+    calls = []
+    emb = model.backbone.embeddings
+    original = emb.forward
+    emb.forward = lambda *a, **k: calls.append(1) or original(*a, **k)  # count passes (test only)
+    mixed = model.routed_features(**batch)
+    assert len(calls) == 1, "the router must not run a second backbone pass"
+    index, weight = model.state.index.clone(), model.state.weight.clone()
+    assert index.shape == (6, 2) and len(set(index[:, 0].tolist())) > 1, "rows should use different experts"
+    for i in range(6):
+        model.route(index=index[i: i + 1], weight=weight[i: i + 1])
+        single = model.features(**{k: v[i: i + 1, : int(batch["attention_mask"][i].sum())] for k, v in batch.items()})
+        torch.testing.assert_close(mixed[i: i + 1], single, atol=1e-5, rtol=1e-5)
+    # top-1 routing is exactly the chosen task's expert
+    model.attach_router(model.router, top_k=1)
+    top1 = model.routed_features(**batch)
+    chosen = model.state.index[:, 0].tolist()
+    for i, e in enumerate(chosen):
+        model.route(task=model.state.experts[e])
+        torch.testing.assert_close(top1[i: i + 1], model.features(**{k: v[i: i + 1] for k, v in batch.items()}),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_router_refuses_experts_in_its_layers():
+    model = AdaptBankModel(tiny_backbone("bert"))
+    model.add_task("a", LoRAConfig(targets="qv"), ["x", "y"])  # layers 0 and 1
+    stats = RouterStats(2 * model.hidden_size)
+    stats.add("a", torch.zeros(2 * model.hidden_size), 1, None)
+    with pytest.raises(ValueError, match="layers the router reads"):
+        model.attach_router(LDARouter.fit(stats, layers=1))
+
+
+@pytest.fixture
+def bank(tiny_bert_dir, tmp_path) -> AdapterBank:
+    b = AdapterBank.init(tmp_path / "bank", base=str(tiny_bert_dir))
+    for task in ("weather", "intent"):
+        b.add_task(task, LoRAConfig(rank=4), FAST)
+    return b
+
+
+def test_bank_router_grows_incrementally_and_refit_matches(bank):
+    stored = bank.store.read_router()
+    assert stored[1]["expert_order"] == ["weather", "intent"]
+    incremental = bank.router()
+    order = bank.fit_router()  # from the bank's memory: stored statistics, no raw text
+    assert order == ["weather", "intent"]
+    refit = bank.router()
+    torch.testing.assert_close(refit.weight, incremental.weight)
+    res = bank.evaluate_routed()
+    assert set(res["tasks"]) == {"weather", "intent"}
+    for task, row in res["tasks"].items():
+        # oracle accuracy with the router attached reproduces the add-time accuracy exactly
+        assert row["oracle_accuracy"] == bank.info(task)["metrics"]["test_accuracy"]
+        assert row["router_accuracy"] > 0.5  # two very different built-in tasks
+        assert 0.0 <= row["routed_accuracy"] <= 1.0
+    bank.remove("intent")
+    assert bank.store.read_router()[1]["expert_order"] == ["weather"]
+
+
+def test_predict_cli_json_and_bad_input(bank, tmp_path):
+    runner = CliRunner()
+    out = runner.invoke(main, ["predict", str(bank.path), "it is snowing hard in the mountains", "wake me at 7",
+                               "--json", "--top-k", "2"])
+    assert out.exit_code == 0, out.output
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(rows) == 2 and {"text", "task", "label", "score", "routing"} <= set(rows[0])
+    assert abs(sum(rows[0]["routing"].values()) - 1.0) < 1e-4
+    forced = runner.invoke(main, ["predict", str(bank.path), "hello", "--task", "intent", "--json"])
+    assert json.loads(forced.stdout)["task"] == "intent"
+    long = runner.invoke(main, ["predict", str(bank.path), "rain " * 300, "--json", "--max-length", "16"])
+    assert long.exit_code == 0 and json.loads(long.stdout.splitlines()[-1])["truncated"] is True
+    assert "truncated" in long.stderr
+    for args, msg in [(["", "--json"], "input 1 is empty"), (["x", "--task", "nope"], "unknown task 'nope'"),
+                      ([], "--input")]:
+        res = runner.invoke(main, ["predict", str(bank.path), *args])
+        assert res.exit_code != 0 and msg in res.output and "Traceback" not in res.output
+    empty = tmp_path / "empty"
+    AdapterBank.init(empty, base=bank.base["name"])
+    res = runner.invoke(main, ["predict", str(empty), "hello"])
+    assert res.exit_code != 0 and "holds no tasks" in res.output
+    res = runner.invoke(main, ["eval", str(bank.path), "--routed", "--json"])
+    assert res.exit_code == 0 and "routed_over_oracle" in json.loads(res.stdout)["average"]
