@@ -102,8 +102,8 @@ def resolve_targets(model: nn.Module, targets: str | tuple[str, ...] | list[str]
             raise ValueError(f"invalid target pattern {pattern!r}: {err}") from None
         hits = {p for p in paths if regex.search(p)}
         if not hits:
-            raise ValueError(f"target pattern {pattern!r} matches no linear layer; the model offers: "
-                             f"{', '.join(_candidates(model))}")
+            raise ValueError(f"target pattern {pattern!r} matches no linear layer (presets: "
+                             f"{', '.join(PRESET_ROLES)}); the model offers: {', '.join(_candidates(model))}")
         chosen |= hits
     return sorted(chosen, key=_natural_key)
 
