@@ -1,0 +1,68 @@
+"""Reliability of the bank under add-task: SIGKILL at random moments, concurrent writers, Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from adaptbank._crash import add_task_cmd, run_trials, snapshot_tensors
+from adaptbank.bank import AdapterBank
+from adaptbank.config import LoRAConfig, TrainConfig
+
+SHORT = TrainConfig(epochs=1, max_train=60, max_test=30, max_length=32)
+FLAGS = ["--epochs", "1", "--max-train", "120", "--max-test", "30", "--max-length", "32"]
+
+
+@pytest.fixture
+def bank(tiny_bert_dir, tmp_path) -> Path:
+    b = AdapterBank.init(tmp_path / "bank", base=str(tiny_bert_dir))
+    b.add_task("weather", LoRAConfig(rank=4), SHORT)
+    b.add_task("topic", LoRAConfig(rank=4), SHORT, share_a="g")
+    return b.path
+
+
+def test_sigkilled_add_task_leaves_task_complete_or_absent(bank):
+    # kill early (import/training) and late (near the commit); the full 30 trials: bench/crash_add_task.py
+    results = run_trials(bank, "intent", [*FLAGS, "--share-a", "g"], trials=4, max_delay=9.0, seed=1)
+    assert all(r.outcome in ("complete", "absent") for r in results), [r.outcome for r in results]
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_concurrent_add_tasks_all_land(bank, n):
+    before = snapshot_tensors(bank)
+    tasks = ["intent", "reviews", "weather", "topic"][:n]
+    procs = [subprocess.Popen(add_task_cmd(bank, t, f"c{i}", FLAGS), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=dict(os.environ, HF_HUB_OFFLINE="1")) for i, t in enumerate(tasks)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err.decode()[-2000:]
+    b = AdapterBank.open(bank)
+    assert b.tasks()[:2] == ["weather", "topic"]
+    assert sorted(b.tasks()[2:]) == [f"c{i}" for i in range(n)]  # commit order is the race's
+    assert [p for p in b.verify() if p.is_error] == []
+    after = snapshot_tensors(bank)
+    assert all(after[k].keys() == v.keys() for k, v in before.items())
+    # the router saw every task: its statistics were updated under the lock, one commit per task
+    assert sorted(b.store.read_router()[1]["expert_order"]) == sorted(b.tasks())
+    b.router()  # not stale
+
+
+def test_ctrl_c_during_add_task_leaves_bank_unchanged(bank):
+    files = sorted(p.relative_to(bank) for p in bank.rglob("*") if p.is_file() and p.name != ".lock")
+    manifest = (bank / "manifest.json").read_bytes()
+    proc = subprocess.Popen(add_task_cmd(bank, "intent", "interrupted", ["--epochs", "50", "--max-train", "200",
+                                                                          "--max-length", "32"]),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    time.sleep(8)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()[-1000:]
+    assert b"bank is unchanged" in err and b"Traceback" not in err
+    assert (bank / "manifest.json").read_bytes() == manifest
+    assert sorted(p.relative_to(bank) for p in bank.rglob("*") if p.is_file() and p.name != ".lock") == files
