@@ -68,6 +68,8 @@ class AdaptedLinear(nn.Module):
         self.shared_A = nn.ParameterDict()
         self.state = state  # a plain object: not registered as a submodule
         self.merged: str | None = None
+        self.token_gate: nn.Linear | None = None
+        """Token-level router gate ``(E, I)`` over the model's expert order (see ``token_router``)."""
         self._stack_key: tuple[object, ...] | None = None
         self._stacks: list[tuple[type[Expert], Stack]] = []
 
@@ -129,6 +131,13 @@ class AdaptedLinear(nn.Module):
         if st.active is not None:
             expert = self.experts[st.active] if st.active in self.experts else None
             return h if expert is None else expert(x, h)
+        if st.token and self.token_gate is not None and len(self.experts):
+            probs = self.token_gate(x).float().softmax(-1)  # (B, T, E)
+            st.token_probs.append(probs)
+            index = torch.arange(probs.shape[-1], device=x.device).expand(probs.shape[0], -1)  # (B, E)
+            for kind, stack in self._current_stacks():
+                h = kind.gathered(x, h, stack, index, probs.to(x.dtype))
+            return h
         if st.index is None or len(self.experts) == 0:
             return h
         weight = st.weight.to(x.dtype)  # type: ignore[union-attr]

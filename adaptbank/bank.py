@@ -28,6 +28,7 @@ from . import __version__
 from .backbone import DEFAULT_BACKBONE, load_backbone
 from .config import LoRAConfig, MethodConfig, TrainConfig, method_from_dict
 from .data import TaskData, load_task
+from .inject import iter_adapted
 from .model import AdaptBankModel
 from .router import LDARouter, RouterStats, layer_list
 from .specs import TaskSpec, load_task_spec, validate_task_name
@@ -332,12 +333,49 @@ class AdapterBank:
                             f"{self.tasks()}; run `adaptbank router fit`")
         return LDARouter(meta["expert_order"], files["lda"]["weight"], files["lda"]["bias"], layers=meta["layers"])
 
-    def load_routed(self, *, top_k: int = 1, temperature: float = 1.0) -> AdaptBankModel:
-        """All tasks loaded and the router attached: ready for task-agnostic prediction."""
+    def load_routed(self, *, top_k: int = 1, temperature: float = 1.0, token_level: bool = False) -> AdaptBankModel:
+        """All tasks loaded and the router attached (or, with ``token_level``, the token gates
+        installed): ready for task-agnostic prediction."""
+        if token_level:
+            from .token_router import load_token_gates
+
+            stored = self.store.read_router()
+            if stored is None or "token" not in stored[0]:
+                raise BankError(f"bank {self.path} has no token-level router; run `adaptbank router fit --token-level`")
+            if stored[1].get("token_expert_order") != self.tasks():
+                raise BankError(f"the token router of bank {self.path} covers {stored[1].get('token_expert_order')} "
+                                f"but the bank holds {self.tasks()}; run `adaptbank router fit --token-level`")
+            model = self.load()
+            load_token_gates(model, stored[0]["token"])
+            return model
         router = self.router()
         model = self.load()
         model.attach_router(router, top_k=top_k, temperature=temperature)
         return model
+
+    def fit_token_router(self, *, epochs: float = 1.0, max_train: int = 200, lr: float = 5e-3,
+                         balance: float = 0.01, seed: int = 0) -> list[float]:
+        """Train token-level gates over all the bank's experts (frozen) on up to ``max_train``
+        training examples per task, reloaded from each task's stored spec; store them with the router."""
+        from .token_router import fit_token_router, token_gate_tensors
+
+        model = self.load()
+        data = {}
+        for name in self.tasks():
+            cfg = self.store.read_config(name)
+            task = load_task(TaskSpec.from_dict(cfg["spec"]), max_train=max_train, max_test=1, seed=seed)
+            data[name] = ([e.text for e in task.train], [e.label for e in task.train])
+        max_length = max(self.store.read_config(n)["train"]["max_length"] for n in self.tasks())
+        losses = fit_token_router(model, data, epochs=epochs, lr=lr, max_length=max_length, balance=balance, seed=seed)
+        stored = self.store.read_router()
+        files, meta = stored if stored is not None else ({}, {"kind": "lda", "layers": self.router_layers,
+                                                              "expert_order": []})
+        files = dict(files) | {"token": token_gate_tensors(model)}
+        meta = dict(meta) | {"token_expert_order": self.tasks(), "token_balance": balance, "token_epochs": epochs}
+        self.store.write_router(files, meta, list(meta.get("expert_order", [])))
+        for _, layer in iter_adapted(model.backbone):
+            layer.token_gate = None
+        return losses
 
     # ----------------------------------------------------------------------------- evaluation
     def evaluate(self, names: Sequence[str] | None = None) -> dict[str, float]:
@@ -353,7 +391,8 @@ class AdapterBank:
                                  max_length=train.max_length)
         return out
 
-    def evaluate_routed(self, names: Sequence[str] | None = None, *, top_k: int = 1) -> dict[str, Any]:
+    def evaluate_routed(self, names: Sequence[str] | None = None, *, top_k: int = 1,
+                        token_level: bool = False) -> dict[str, Any]:
         """Per task: the router's task-identification accuracy, the routed accuracy (no task id) and
         the oracle accuracy (true task id), their averages, and which task the router chose how often.
 
@@ -362,7 +401,7 @@ class AdapterBank:
         from .predict import predict
 
         names = list(self.tasks() if names is None else names)
-        model = self.load_routed(top_k=top_k)
+        model = self.load_routed(top_k=top_k, token_level=token_level)
         rows: dict[str, dict[str, float]] = {}
         confusion: dict[str, dict[str, int]] = {}
         for name in names:
@@ -370,7 +409,7 @@ class AdapterBank:
             train = TrainConfig.from_dict(cfg["train"])
             data = load_task(TaskSpec.from_dict(cfg["spec"]), max_train=1, max_test=train.max_test, seed=train.seed)
             texts, labels = [e.text for e in data.test], [e.label for e in data.test]
-            preds = predict(model, texts, max_length=train.max_length)
+            preds = predict(model, texts, max_length=train.max_length, token_level=token_level, top_k=max(top_k, 2))
             names_of = model.tasks[name].labels
             hit_task = sum(p.task == name for p in preds)
             hit = sum(p.label == names_of[y] and (p.task == name or model.tasks[p.task].labels == names_of)
@@ -383,7 +422,11 @@ class AdapterBank:
                                                                           "oracle_accuracy")} if rows else {}
         if avg:
             avg["routed_over_oracle"] = avg["routed_accuracy"] / avg["oracle_accuracy"] if avg["oracle_accuracy"] else 0.0
-        return {"tasks": rows, "average": avg, "confusion": confusion, "top_k": top_k}
+        if token_level:
+            for _, layer in iter_adapted(model.backbone):
+                layer.token_gate = None
+        return {"tasks": rows, "average": avg, "confusion": confusion, "top_k": top_k,
+                "router": "token" if token_level else "sequence"}
 
     def verify(self, *, full: bool = True) -> list[Problem]:
         """Checksums, manifest against files, and (when the backbone loads) the base fingerprint."""

@@ -220,9 +220,11 @@ def remove(bank: str, task: str) -> None:
 @click.argument("tasks", nargs=-1)
 @click.option("--routed", is_flag=True, help="Also evaluate without task ids, through the router.")
 @click.option("--top-k", type=int, default=1, show_default=True, help="Experts mixed per input when routed.")
+@click.option("--router", "router_kind", type=click.Choice(["sequence", "token"]), default="sequence",
+              show_default=True, help="Which router --routed uses.")
 @click.option("--json", "as_json", is_flag=True)
 @_friendly
-def eval_(bank: str, tasks: tuple[str, ...], routed: bool, top_k: int, as_json: bool) -> None:
+def eval_(bank: str, tasks: tuple[str, ...], routed: bool, top_k: int, router_kind: str, as_json: bool) -> None:
     """Evaluate TASKS (all by default) on their test splits: with the true task id (oracle), and with
     --routed also through the router (task-identification, routed and oracle accuracy per task)."""
     from .bank import AdapterBank
@@ -234,7 +236,7 @@ def eval_(bank: str, tasks: tuple[str, ...], routed: bool, top_k: int, as_json: 
         _emit({"oracle": acc, "average": avg}, as_json, lambda: (
             [click.echo(f"  {t:<24} {_pct(a)}") for t, a in acc.items()], click.echo(f"  {'average':<24} {_pct(avg)}")))
         return
-    res = b.evaluate_routed(list(tasks) or None, top_k=top_k)
+    res = b.evaluate_routed(list(tasks) or None, top_k=top_k, token_level=router_kind == "token")
 
     def text() -> None:
         click.echo(f"  {'task':<20} {'router':>8} {'routed':>8} {'oracle':>8}")
@@ -262,10 +264,12 @@ def eval_(bank: str, tasks: tuple[str, ...], routed: bool, top_k: int, as_json: 
 @click.option("--task", default=None, help="Force this task (oracle routing) instead of the router.")
 @click.option("--top-k", type=int, default=1, show_default=True, help="Experts mixed per input.")
 @click.option("--max-length", type=int, default=128, show_default=True, help="Tokens per input; longer is cut.")
+@click.option("--router", "router_kind", type=click.Choice(["sequence", "token"]), default="sequence",
+              show_default=True, help="The sequence router, or the per-layer token gates.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per input (JSON lines).")
 @_friendly
 def predict(bank: str, texts: tuple[str, ...], input_file: str | None, task: str | None, top_k: int,
-            max_length: int, as_json: bool) -> None:
+            max_length: int, router_kind: str, as_json: bool) -> None:
     """Predict TEXTS (or --input FILE) with BANK: the router picks the task, its head the label."""
     from .bank import AdapterBank
     from .predict import predict as run
@@ -276,8 +280,9 @@ def predict(bank: str, texts: tuple[str, ...], input_file: str | None, task: str
     b = AdapterBank.open(bank)
     if not b.tasks():
         raise click.ClickException(f"bank {b.path} holds no tasks; add one with `adaptbank add-task`")
-    model = b.load() if task else b.load_routed(top_k=top_k)
-    preds = run(model, items, task=task, max_length=max_length)
+    token = router_kind == "token"
+    model = b.load() if task else b.load_routed(top_k=top_k, token_level=token)
+    preds = run(model, items, task=task, max_length=max_length, token_level=token, top_k=top_k)
     for i, p in enumerate(preds):
         if p.truncated:
             click.echo(f"warning: input {i + 1} is longer than {max_length} tokens and was truncated", err=True)
@@ -315,12 +320,23 @@ def router() -> None:
 
 @router.command("fit")
 @click.argument("bank", type=click.Path(file_okay=False))
+@click.option("--token-level", is_flag=True, help="Train per-layer token gates (experts frozen) instead; this "
+              "reads up to --max-train training examples per task from the tasks' specs.")
+@click.option("--epochs", type=float, default=1.0, show_default=True, help="Token router: passes over the data.")
+@click.option("--max-train", type=int, default=200, show_default=True, help="Token router: examples per task.")
+@click.option("--balance", type=float, default=0.01, show_default=True, help="Token router: load-balancing weight.")
 @_friendly
-def router_fit(bank: str) -> None:
-    """Refit the router from the bank's memory (no raw text needed)."""
+def router_fit(bank: str, token_level: bool, epochs: float, max_train: int, balance: float) -> None:
+    """Refit the sequence router from the bank's memory (no raw text needed), or train the token-level
+    router with --token-level."""
     from .bank import AdapterBank
 
-    order = AdapterBank.open(bank).fit_router()
+    b = AdapterBank.open(bank)
+    if token_level:
+        losses = b.fit_token_router(epochs=epochs, max_train=max_train, balance=balance)
+        click.echo(f"token router trained: {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+        return
+    order = b.fit_router()
     click.echo(f"router fitted over {len(order)} experts: {', '.join(order)}")
 
 

@@ -55,8 +55,11 @@ def tokenize_checked(tokenizer: object, texts: Sequence[str], max_length: int) -
 
 @torch.no_grad()
 def predict(model: AdaptBankModel, texts: Sequence[str], *, task: str | None = None, max_length: int = 128,
-            batch_size: int = 64, mix_heads: bool = True) -> list[Prediction]:
-    """Predict every text; ``task`` forces oracle routing to that task, else the router decides."""
+            batch_size: int = 64, mix_heads: bool = True, token_level: bool = False,
+            top_k: int = 2) -> list[Prediction]:
+    """Predict every text; ``task`` forces oracle routing to that task, else the router decides:
+    the sequence router (default), or with ``token_level`` the per-layer token gates, whose gate mass
+    per expert picks the head (the ``top_k`` largest masses are reported and mixed)."""
     if not model.tasks:
         raise ValueError("the bank holds no tasks; add one with `adaptbank add-task`")
     if task is not None and task not in model.tasks:
@@ -72,6 +75,12 @@ def predict(model: AdaptBankModel, texts: Sequence[str], *, task: str | None = N
             pooled = model.features(**batch)  # (B, D)
             index = torch.full((len(chunk), 1), names.index(task))  # (B, 1)
             weight = torch.ones(len(chunk), 1)  # (B, 1)
+        elif token_level:
+            from .token_router import token_routed_features
+
+            pooled, mass = token_routed_features(model, batch["input_ids"], batch["attention_mask"])  # (B, D), (B, E)
+            weight, index = mass.float().cpu().topk(min(top_k, mass.shape[-1]), dim=-1)  # (B, k)
+            weight = weight / weight.sum(-1, keepdim=True)
         else:
             pooled = model.routed_features(**batch)  # (B, D)
             index, weight = model.state.index.cpu(), model.state.weight.float().cpu()  # type: ignore[union-attr]

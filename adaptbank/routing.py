@@ -47,16 +47,24 @@ class RoutingState:
     """Router feature pools (B, D) collected by the router taps during a routed forward."""
     scores: Tensor | None = None
     """(B, E) router scores of the last routed forward."""
+    token: bool = False
+    """Token-level routing: each adapted layer's own gate mixes all experts per token."""
+    token_mask: Tensor | None = None
+    """(B, T) attention mask of a token-routed forward (padding is left out of gate statistics)."""
+    token_probs: list[Tensor] = field(default_factory=list)
+    """Per adapted layer, the (B, T, E) gate probabilities of the last token-routed forward."""
 
     def off(self) -> None:
         """No expert: the base model's output."""
         self.active, self.index, self.weight, self.mask = None, None, None, None
+        self.token, self.token_mask, self.token_probs = False, None, []
 
     def use(self, name: str) -> None:
         """Every row of the batch uses expert ``name``."""
         if name not in self.experts:
             raise KeyError(f"unknown expert {name!r}; the model holds: {', '.join(self.experts) or 'none'}")
         self.active, self.index, self.weight, self.mask = name, None, None, None
+        self.token, self.token_mask, self.token_probs = False, None, []
 
     def route(self, index: Tensor, weight: Tensor | None = None) -> None:
         """Per-example experts ``index (B, k)`` with ``weight (B, k)``/``(B, T, k)`` (ones if None)."""
@@ -69,6 +77,7 @@ class RoutingState:
         if weight.dim() == 3 and (weight.shape[0], weight.shape[2]) != tuple(index.shape):
             raise ValueError(f"token weight shape {tuple(weight.shape)} does not match index {tuple(index.shape)}")
         self.active, self.index, self.weight = None, index.long(), weight
+        self.token = False
 
     def dense(self, gates: Tensor) -> None:
         """Dense gates over all experts: ``(B, E)`` per example or ``(B, T, E)`` per token."""
@@ -78,7 +87,12 @@ class RoutingState:
         index = torch.arange(n, device=gates.device).expand(gates.shape[0], n)  # (B, E)
         self.route(index, gates)
 
+    def tokens(self, mask: Tensor) -> None:
+        """Token-level routing for the next forward: every layer's gate decides per token."""
+        self.off()
+        self.token, self.token_mask = True, mask
+
     @property
     def mixing(self) -> bool:
         """True when rows may use different experts or several at once."""
-        return self.index is not None
+        return self.index is not None or self.token

@@ -165,3 +165,31 @@ def test_predict_cli_json_and_bad_input(bank, tmp_path):
     assert res.exit_code != 0 and "holds no tasks" in res.output
     res = runner.invoke(main, ["eval", str(bank.path), "--routed", "--json"])
     assert res.exit_code == 0 and "routed_over_oracle" in json.loads(res.stdout)["average"]
+
+
+def test_token_router_trains_gates_only_and_balances(bank):
+    from adaptbank.token_router import gate_mass, load_balance
+
+    # the load-balancing loss is 1 for a perfectly even router and E for total collapse
+    E = 4
+    even = torch.full((2, 3, E), 1 / E)
+    collapsed = torch.nn.functional.one_hot(torch.zeros(2, 3, dtype=torch.long), E).float()
+    mask = torch.ones(2, 3)
+    assert load_balance(even, mask).item() == pytest.approx(1.0)
+    assert load_balance(collapsed, mask).item() == pytest.approx(E)
+    assert gate_mass([even, collapsed], mask)[0].tolist() == pytest.approx([0.625, 0.125, 0.125, 0.125])
+    experts_before = {k: v.clone() for k, v in bank.load().state_dict().items() if ".experts." in k}
+    losses = bank.fit_token_router(epochs=3, max_train=64, lr=2e-2)
+    assert sum(losses[-4:]) < sum(losses[:4])  # batches are sampled, so compare a few at each end
+    model = bank.load()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in experts_before.items())
+    res = bank.evaluate_routed(token_level=True)
+    # untrained (zero) gates give equal mass, so argmax picks the first task: 50% on two tasks
+    assert res["router"] == "token" and res["average"]["router_accuracy"] > 0.6
+    out = CliRunner().invoke(main, ["predict", str(bank.path), "a cold snowy night", "--router", "token", "--json"])
+    assert out.exit_code == 0, out.output
+    assert set(json.loads(out.stdout)["routing"]) <= {"weather", "intent"}
+    # adding a task makes the token gates stale: routed use says what to run
+    bank.add_task("topic", LoRAConfig(rank=4), FAST)
+    res = CliRunner().invoke(main, ["predict", str(bank.path), "x", "--router", "token"])
+    assert res.exit_code != 0 and "router fit --token-level" in res.output
