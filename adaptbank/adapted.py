@@ -210,8 +210,7 @@ class AdaptedLinear(nn.Module):
         return out
 
     def iter_experts(self) -> Iterator[tuple[str, Expert]]:
-        for name, e in self.experts.items():
-            yield name, e  # type: ignore[misc]
+        yield from self.experts.items()  # type: ignore[misc]
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_out={self.d_out}, experts={list(self.experts)}, merged={self.merged!r}"

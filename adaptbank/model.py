@@ -78,7 +78,7 @@ class AdaptBankModel(nn.Module):
         config = self.backbone.config
         self.pooling = "last" if config.model_type in _DECODERS else "mean"
         self.encoder = self.backbone.get_encoder() if getattr(config, "is_encoder_decoder", False) else self.backbone
-        self.hidden_size = int(getattr(config, "hidden_size", None) or getattr(config, "d_model"))
+        self.hidden_size = int(getattr(config, "hidden_size", None) or config.d_model)
         self._fingerprint: str | None = None
 
     # ----------------------------------------------------------------------------- tasks

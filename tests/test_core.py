@@ -7,7 +7,7 @@ import torch
 from conftest import FAMILIES, tiny_backbone
 from safetensors.torch import load_file, save_file
 
-from adaptbank import AdapterConfig, AdaptBankModel, LoRAConfig, ParallelAdapterConfig
+from adaptbank import AdaptBankModel, AdapterConfig, LoRAConfig, ParallelAdapterConfig
 from adaptbank.adapted import AdaptedLinear
 from adaptbank.inject import iter_adapted, resolve_targets
 

@@ -66,7 +66,7 @@ def routed_model(top_k: int = 2) -> tuple[AdaptBankModel, dict[str, torch.Tensor
     torch.manual_seed(0)
     model = AdaptBankModel(tiny_backbone("bert"))
     model.reserved_layers = 1
-    for i, name in enumerate("abc"):
+    for name in "abc":
         model.add_task(name, LoRAConfig(rank=4, dropout=0.0, targets="all-linear"), ["x", "y"])
         with torch.no_grad():
             for p in model.expert_parameters(name):

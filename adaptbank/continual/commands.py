@@ -1,0 +1,104 @@
+"""``adaptbank run`` and ``adaptbank report``: click commands over :func:`run_sequence` and ``report.write_report``.
+
+The main CLI registers them with ``main.add_command(run)`` and ``main.add_command(report)`` (or
+``register(main)``). Expected errors become one ``Error: ...`` line and exit 1, never a traceback;
+Ctrl-C keeps every finished task, and the same command resumes the run.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from .runspec import STRATEGIES
+
+__all__ = ["run", "report", "register"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _friendly(resume_hint: bool) -> Callable[[F], F]:
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            from ..store import BankError
+
+            try:
+                return fn(*args, **kwargs)
+            except click.ClickException:
+                raise
+            except KeyboardInterrupt:
+                hint = " Finished tasks are kept; run the same command again to resume." if resume_hint else ""
+                click.echo(f"Interrupted.{hint}", err=True)
+                sys.exit(130)
+            except (BankError, ValueError, KeyError, TypeError, FileNotFoundError, RuntimeError, OSError) as err:
+                message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+                raise click.ClickException(str(message)) from None
+
+        return wrapper  # type: ignore[return-value]
+
+    return wrap
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+@click.command("run")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False),
+              help="Run directory: result.json, the checkpoint or bank. An existing run there is resumed.")
+@click.option("--strategy", type=click.Choice(STRATEGIES), default=None, help="Override the spec's strategy.")
+@click.option("--max-train", type=int, default=None, help="Override [train] max_train (examples per task).")
+@click.option("--max-test", type=int, default=None, help="Override [train] max_test (test examples per task).")
+@click.option("--epochs", type=float, default=None, help="Override [train] epochs.")
+@click.option("--seed", type=int, default=None, help="Override [run] seed; task i trains with seed + i.")
+@_friendly(resume_hint=True)
+def run(spec: str, out: str, strategy: str | None, max_train: int | None, max_test: int | None,
+        epochs: float | None, seed: int | None) -> None:
+    """Learn the tasks of run spec SPEC in order and write OUT/result.json after every task."""
+    from ..metrics import AccuracyMatrix
+    from .loop import run_sequence
+    from .runspec import load_run_spec
+
+    if epochs is not None and float(epochs).is_integer():
+        epochs = int(epochs)  # "epochs = 1", not "1.0", in config_changed and reports
+    run_spec = load_run_spec(spec).with_overrides(strategy=strategy, max_train=max_train, max_test=max_test,
+                                                  epochs=epochs, seed=seed)
+    result = run_sequence(run_spec, out, log=click.echo)
+    oracle = AccuracyMatrix(tuple(result["tasks"]), result["oracle"]["matrix"], result["oracle"]["baseline"]).summary()
+    line = (f"{result['name']} ({result['strategy']}): ACC {_pct(oracle['acc'])}, BWT {_pct(oracle['bwt'])}, "
+            f"FWT {_pct(oracle['fwt'])}, forgetting {_pct(oracle['forgetting'])}")
+    if result["routed"] is not None:
+        routed = AccuracyMatrix(tuple(result["tasks"]), result["routed"]["matrix"]).summary()
+        line += f"; routed ACC {_pct(routed['acc'])}"
+    click.echo(line)
+    click.echo(f"wrote {Path(out) / 'result.json'}; see `adaptbank report {out}`")
+
+
+@click.command("report")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["md", "html", "json"]), default="md", show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Write the report to this file instead of standard output.")
+@_friendly(resume_hint=False)
+def report(run_dirs: tuple[str, ...], fmt: str, output: str | None) -> None:
+    """Report on one or more run directories (reads only their result.json; runs no model)."""
+    from ..report import write_report
+
+    text = write_report(list(run_dirs), fmt, Path(output) if output else None)  # type: ignore[arg-type]
+    if output:
+        click.echo(f"wrote {output}")
+    else:
+        click.echo(text, nl=False)
+
+
+def register(group: click.Group) -> None:
+    """Add ``run`` and ``report`` to a click group (the ``adaptbank`` CLI)."""
+    group.add_command(run)
+    group.add_command(report)

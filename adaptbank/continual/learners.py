@@ -1,0 +1,364 @@
+"""The single-learner baselines: seq-lora, seq-full, ewc, replay, olora and joint.
+
+Letters in shape comments: B batch, D hidden size, E experts, r LoRA rank, I layer input features.
+
+Methods, references and equations are in the docstring of :mod:`adaptbank.continual.strategies`.
+All of them share :class:`SeqLoRA`'s machinery: heads start from the task's initial head and become
+a probe on the current features (``probe_init``), training is ``trainer.fit_rows`` with the
+subclass's parameter groups, extra loss terms and extra rows, and the checkpoint is one safetensors
+file (``RUN_DIR/checkpoint/state.safetensors``: the persisted parameters, the strategy's state,
+and what each step trained) rewritten atomically after every task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_save
+from torch import Tensor
+
+from .._atomic import atomic_write_bytes
+from ..backbone import load_backbone
+from ..model import AdaptBankModel, ClassificationHead
+from ..training import _collate, _device, _pad_id, tokenize
+from .base import Context, Learned, OnStep, Strategy
+from .trainer import Row, encode, fit_rows, head_accuracy, probe_head
+
+__all__ = ["LEARNER", "SeqLoRA", "SeqFull", "EWC", "Replay", "OLoRA", "Joint"]
+
+LEARNER = "_learner"
+"""Name of the one shared expert of seq-lora/ewc/replay/joint; task names cannot start with '_'."""
+
+
+class SeqLoRA(Strategy):
+    """One LoRA learner expert trained on task after task, one head per task."""
+
+    name = "seq-lora"
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.infos: dict[int, Learned] = {}
+        self._rows: dict[int, list[Row]] = {}
+        self.path = ctx.run_dir / "checkpoint" / "state.safetensors"
+
+    # -- what the subclasses change
+    def _build(self) -> AdaptBankModel:
+        model = AdaptBankModel(load_backbone(self.spec.backbone))
+        torch.manual_seed(self.spec.seed)
+        model.add_task(LEARNER, self.spec.method, ("_a", "_b"))
+        return model
+
+    def _features(self, batch: dict[str, Tensor]) -> Tensor:
+        self.model.route(task=LEARNER)
+        return self.model.features(**batch)  # (B, D)
+
+    def _new_task(self, task: str) -> None:
+        """Give ``task`` its head, starting from the initial head."""
+        self.model.add_head(task, self.ctx.data[self.tasks.index(task)].labels)
+        self.model.heads[task].load_state_dict(self.init_heads[task].state_dict())
+
+    def _groups(self, i: int) -> list[dict[str, Any]]:
+        return [{"params": self.model.expert_parameters(LEARNER), "lr": self.spec.train.lr, "name": "expert"},
+                {"params": list(self.model.heads[self.tasks[i]].parameters()), "lr": self.spec.train.head_lr,
+                 "name": "head"}]
+
+    def _extra(self, i: int) -> Callable[[], Tensor] | None:
+        return None
+
+    def _more_rows(self, i: int) -> Callable[[int], list[Row]] | None:
+        return None
+
+    def _after(self, i: int) -> None:
+        """Runs after task ``i`` is trained (EWC: Fisher; replay: fill the buffer)."""
+
+    def _persist(self, name: str) -> bool:
+        return ".experts." in name or name.startswith("heads.")
+
+    def _state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        return {}, {}
+
+    def _load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        pass
+
+    # -- shared machinery
+    def rows(self, j: int) -> list[Row]:
+        if j not in self._rows:
+            d = self.ctx.data[j]
+            ids = tokenize(self.model.tokenizer, [e.text for e in d.train], self.spec.train.max_length)
+            self._rows[j] = [Row(x, e.label, d.spec.name) for x, e in zip(ids, d.train, strict=True)]
+        return self._rows[j]
+
+    def open(self) -> int:
+        self._setup(self._build())
+        if not self.path.is_file():
+            return 0
+        with safe_open(str(self.path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if meta.get("strategy") != self.name:
+            raise ValueError(f"{self.path} is a checkpoint of strategy {meta.get('strategy')!r}, not {self.name!r}")
+        learned = int(meta["learned"])
+        self.infos = {int(k): Learned(**v) for k, v in json.loads(meta["infos"]).items()}
+        for task in self._structure(learned):
+            self._new_task(task)
+        model_part = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        names = [n for n, _ in self.model.named_parameters()]
+        unexpected = sorted(set(model_part) - set(names))
+        missing = [n for n in names if self._persist(n) and n not in model_part]
+        if unexpected or missing:
+            raise ValueError(f"{self.path} does not fit the model: unexpected {unexpected[:3]}, missing {missing[:3]}; "
+                             "was it written by another version? Use a new --out")
+        self.model.load_state_dict(model_part, strict=False)
+        self._load_state({k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")},
+                         json.loads(meta.get("state", "{}")))
+        return learned
+
+    def _structure(self, learned: int) -> tuple[str, ...]:
+        """Tasks whose heads (or experts) exist after ``learned`` tasks."""
+        return self.tasks[:learned]
+
+    def learn(self, i: int, on_step: OnStep) -> Learned:
+        torch.manual_seed(self.spec.seed + i)
+        self._new_task(self.tasks[i])
+        return self._train(i, [i], self.rows(i), on_step)
+
+    def _train(self, i: int, new: list[int], rows: list[Row], on_step: OnStep) -> Learned:
+        cfg = self.spec.task_train(i)
+        if cfg.probe_init:
+            for j in new:
+                feats = encode(self.model, [r.ids for r in self.rows(j)], self._features)  # (N, D)
+                probe_head(self.model.heads[self.tasks[j]], feats, [r.label for r in self.rows(j)], seed=cfg.seed)
+        groups = self._groups(i)
+        self.model.requires_grad_(False)
+        for p in (p for g in groups for p in g["params"]):
+            p.requires_grad_(True)
+        res = fit_rows(self.model, rows, cfg, groups, self._features, seed=cfg.seed, what=f"task {self.tasks[i]!r}",
+                       extra=self._extra(i), more_rows=self._more_rows(i), on_step=on_step)
+        self._after(i)
+        n_params = sum(p.numel() for g in groups for p in g["params"])
+        self.infos[i] = Learned(n_params, res.steps, res.losses[-1] if res.losses else None)
+        return self.infos[i]
+
+    def recall(self, i: int) -> Learned:
+        return self.infos[i]
+
+    def save(self, learned: int) -> None:
+        tensors = {f"model.{n}": p.detach().clone().contiguous() for n, p in self.model.named_parameters()
+                   if self._persist(n)}
+        extra, state = self._state()
+        tensors.update({f"state.{k}": v.detach().clone().contiguous() for k, v in extra.items()})
+        meta = {"strategy": self.name, "learned": str(learned), "state": json.dumps(state),
+                "infos": json.dumps({str(k): dataclasses.asdict(v) for k, v in sorted(self.infos.items())})}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.path, safetensors_save(tensors, metadata=meta))
+
+    def _head(self, task: str) -> ClassificationHead:
+        return self.model.heads[task] if task in self.model.heads else self.init_heads[task]  # type: ignore[return-value]
+
+    def oracle_row(self, i: int, baseline: list[float]) -> list[float]:
+        return [head_accuracy(self._head(t), encode(self.model, self.test_ids[j], self._features), self._labels(j))
+                for j, t in enumerate(self.tasks)]
+
+    def size_bytes(self) -> int:
+        return self.path.stat().st_size if self.path.is_file() else 0
+
+
+class SeqFull(SeqLoRA):
+    """Full fine-tuning of every backbone weight, task after task."""
+
+    name = "seq-full"
+
+    def _build(self) -> AdaptBankModel:
+        return AdaptBankModel(load_backbone(self.spec.backbone))
+
+    def _features(self, batch: dict[str, Tensor]) -> Tensor:
+        return self._plain(batch)  # (B, D)
+
+    def _groups(self, i: int) -> list[dict[str, Any]]:
+        return [{"params": list(self.model.backbone.parameters()), "lr": self.spec.train.lr, "name": "backbone"},
+                {"params": list(self.model.heads[self.tasks[i]].parameters()), "lr": self.spec.train.head_lr,
+                 "name": "head"}]
+
+    def _persist(self, name: str) -> bool:
+        return True
+
+
+class EWC(SeqLoRA):
+    """seq-lora plus the EWC penalty on the learner's parameters (see the module docstring)."""
+
+    name = "ewc"
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.fisher: dict[str, list[Tensor]] = {}
+        self.star: dict[str, list[Tensor]] = {}
+
+    def _extra(self, i: int) -> Callable[[], Tensor] | None:
+        done = [t for t in self.tasks[:i] if t in self.fisher]  # sequence order: a fixed summation order
+        if not done:
+            return None
+        params = self.model.expert_parameters(LEARNER)
+        lam = self.spec.options.ewc_lambda
+
+        def penalty() -> Tensor:
+            terms = ((f * (p - s) ** 2).sum() for t in done
+                     for p, f, s in zip(params, self.fisher[t], self.star[t], strict=True))
+            total = sum(terms, torch.zeros(()))
+            return lam / 2 * total
+
+        return penalty
+
+    def _after(self, i: int) -> None:
+        task, rows = self.tasks[i], self.rows(i)
+        picked = sorted(random.Random(self.spec.seed + i).sample(range(len(rows)), min(len(rows),
+                                                                                       self.spec.options.ewc_samples)))
+        params = self.model.expert_parameters(LEARNER)
+        fisher = [torch.zeros_like(p) for p in params]
+        self.model.eval()
+        for p in params:
+            p.requires_grad_(True)
+        for k in picked:
+            batch = _collate([rows[k].ids], _pad_id(self.model), _device(self.model))
+            logp = F.log_softmax(self.model.heads[task](self._features(batch)).float(), -1)[0, rows[k].label]
+            grads = torch.autograd.grad(logp, params, allow_unused=True)
+            for f, g in zip(fisher, grads, strict=True):
+                if g is not None:
+                    f += g.detach() ** 2
+        self.model.requires_grad_(False)
+        self.fisher[task] = [f / len(picked) for f in fisher]
+        self.star[task] = [p.detach().clone() for p in params]
+
+    def _state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        out = {}
+        for t in self.fisher:
+            out |= {f"fisher.{t}.{k}": f for k, f in enumerate(self.fisher[t])}
+            out |= {f"star.{t}.{k}": s for k, s in enumerate(self.star[t])}
+        return out, {"ewc_tasks": list(self.fisher)}
+
+    def _load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        n = len(self.model.expert_parameters(LEARNER))
+        for t in meta.get("ewc_tasks", []):
+            self.fisher[t] = [tensors[f"fisher.{t}.{k}"] for k in range(n)]
+            self.star[t] = [tensors[f"star.{t}.{k}"] for k in range(n)]
+
+
+class Replay(SeqLoRA):
+    """seq-lora plus experience replay from a bounded, class-balanced buffer."""
+
+    name = "replay"
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.buffer: dict[str, list[int]] = {}
+
+    def _buffered(self, i: int) -> list[int]:
+        return [j for j in range(i) if self.tasks[j] in self.buffer]
+
+    def _groups(self, i: int) -> list[dict[str, Any]]:
+        groups = super()._groups(i)
+        groups[1]["params"] += [p for j in self._buffered(i) for p in self.model.heads[self.tasks[j]].parameters()]
+        return groups
+
+    def _more_rows(self, i: int) -> Callable[[int], list[Row]] | None:
+        pool = [self.rows(j)[k] for j in self._buffered(i) for k in self.buffer[self.tasks[j]]]
+        if not pool:
+            return None
+        rng = random.Random((self.spec.seed + i) * 7919)
+        n = min(self.spec.train.batch_size, len(pool))
+        return lambda _step: rng.sample(pool, n)
+
+    def _after(self, i: int) -> None:
+        """Class-balanced sample: classes take turns, each in a seeded random order."""
+        by_class: dict[int, list[int]] = {}
+        for k, row in enumerate(self.rows(i)):
+            by_class.setdefault(row.label, []).append(k)
+        rng = random.Random(self.spec.seed + i)
+        queues = [rng.sample(v, len(v)) for _, v in sorted(by_class.items())]
+        picked: list[int] = []
+        while len(picked) < self.spec.options.replay_per_task and any(queues):
+            for q in queues:
+                if q and len(picked) < self.spec.options.replay_per_task:
+                    picked.append(q.pop())
+        self.buffer[self.tasks[i]] = sorted(picked)
+
+    def _state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        return {}, {"buffer": self.buffer}
+
+    def _load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        self.buffer = {k: list(v) for k, v in meta.get("buffer", {}).items()}
+
+
+class OLoRA(SeqLoRA):
+    """A new LoRA expert per task, kept orthogonal to the older ones; all experts on at inference."""
+
+    name = "olora"
+
+    def _build(self) -> AdaptBankModel:
+        return AdaptBankModel(load_backbone(self.spec.backbone))
+
+    def _features(self, batch: dict[str, Tensor]) -> Tensor:
+        n, b = len(self.model.tasks), batch["input_ids"].shape[0]
+        if n == 0:
+            self.model.route()
+        else:
+            device = batch["input_ids"].device
+            index = torch.arange(n, device=device).expand(b, n)  # (B, E): every expert so far
+            self.model.route(index=index, weight=torch.ones(b, n, device=device))  # (B, E) weight 1 each
+        return self.model.features(**batch)  # (B, D)
+
+    def _new_task(self, task: str) -> None:
+        self.model.add_task(task, self.spec.method, self.ctx.data[self.tasks.index(task)].labels)
+        self.model.heads[task].load_state_dict(self.init_heads[task].state_dict())
+
+    def _groups(self, i: int) -> list[dict[str, Any]]:
+        task = self.tasks[i]
+        return [{"params": self.model.expert_parameters(task), "lr": self.spec.train.lr, "name": "expert"},
+                {"params": list(self.model.heads[task].parameters()), "lr": self.spec.train.head_lr, "name": "head"}]
+
+    def _extra(self, i: int) -> Callable[[], Tensor] | None:
+        lam1, lam2 = self.spec.options.olora_lambda, self.spec.options.olora_l2
+        task, old = self.tasks[i], self.tasks[:i]
+        if (not old or lam1 == 0) and lam2 == 0:
+            return None
+        pairs = [(layer.experts[task].A, layer.experts[t].A)  # (r, I) each
+                 for layer in self.model.layers_of(task).values() for t in old]
+        new = self.model.expert_parameters(task)
+
+        def term() -> Tensor:
+            orth = sum((((a @ b.T) ** 2).sum() for a, b in pairs), torch.zeros(()))  # ||(r, r)||_F^2 per pair
+            l2 = sum((p.pow(2).sum() for p in new), torch.zeros(()))
+            return lam1 * orth + lam2 * l2
+
+        return term
+
+
+class Joint(SeqLoRA):
+    """Multi-task training on all tasks at once (the upper bound): trained once, in step 0."""
+
+    name = "joint"
+
+    def _structure(self, learned: int) -> tuple[str, ...]:
+        return self.tasks if learned else ()
+
+    def _groups(self, i: int) -> list[dict[str, Any]]:
+        heads = [p for t in self.tasks for p in self.model.heads[t].parameters()]
+        return [{"params": self.model.expert_parameters(LEARNER), "lr": self.spec.train.lr, "name": "expert"},
+                {"params": heads, "lr": self.spec.train.head_lr, "name": "head"}]
+
+    def learn(self, i: int, on_step: OnStep) -> Learned:
+        if i > 0:  # everything was learned in step 0; the row evaluates the same model again
+            self.infos[i] = Learned(0, 0, None)
+            return self.infos[i]
+        torch.manual_seed(self.spec.seed)
+        for t in self.tasks:
+            self._new_task(t)
+        rows = [r for j in range(len(self.tasks)) for r in self.rows(j)]
+        return self._train(0, list(range(len(self.tasks))), rows, on_step)
+

@@ -1,0 +1,259 @@
+"""The continual-learning loop: learn the tasks of a run spec in order and fill the accuracy matrix.
+
+A plain loop (avalanche ``Agent``'s pre/post-adapt shape, minGPT's trainer), not a template class::
+
+    baseline b_j  (untrained backbone, initial head j: see strategies.py)
+    for i, task in enumerate(tasks):            # resumes after the last finished task
+        learn(task i)            -> checkpoint   (the bank itself, or RUN_DIR/checkpoint/state.safetensors)
+        R[i][j] for every j      (oracle; routed too for strategies with a router)
+        RUN_DIR/result.json      (atomic; "finished": false until the last row)
+
+Resumable: a run killed at any point and restarted with the same spec continues after the last
+task whose row is in ``result.json`` (a task learned but not yet evaluated is evaluated, not
+relearned). Every task trains with ``seed + i`` and starts from the checkpointed tensors alone
+(fresh optimiser, fresh RNG seed), so a resumed run gives the same matrix as an unbroken one.
+
+Files in ``RUN_DIR``: ``run.json`` (the config, written first, and the baseline row),
+``result.json`` (schema in :mod:`adaptbank.report`), and ``bank/`` or ``checkpoint/``.
+
+Callbacks receive small frozen dataclasses, never the strategy or the model (design §2.4).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from .._atomic import atomic_write_bytes
+from ..data import load_task
+from ..metrics import AccuracyMatrix
+from ..report import SCHEMA_VERSION, load_run
+from .runspec import RunSpec
+from .strategies import Context, Learned, Strategy, make_strategy
+
+__all__ = ["Callback", "RunStart", "TaskStart", "StepEnd", "TaskEnd", "RunEnd", "run_sequence", "NOTES"]
+
+NOTES = (
+    "baseline b_j: the backbone without experts and task j's initial head (random, seeded by the run seed "
+    "and j; chance level)",
+    "R[i][j] for j > i (a task not yet learned): the model after task i with task j's initial head; for "
+    "bank strategies this equals b_j",
+    "routed: the router picks the expert(s); tasks not yet learned are not evaluated (null)",
+)
+JOINT_NOTE = ("joint: trained once, in step 0, on all tasks together; later steps train nothing and every "
+              "row evaluates that one model")
+
+
+@dataclass(frozen=True)
+class RunStart:
+    name: str
+    strategy: str
+    tasks: tuple[str, ...]
+    run_dir: str
+    first: int
+    """Index of the first task this process works on (> 0 when resuming)."""
+
+
+@dataclass(frozen=True)
+class TaskStart:
+    index: int
+    task: str
+
+
+@dataclass(frozen=True)
+class StepEnd:
+    index: int
+    task: str
+    step: int
+    loss: float
+
+
+@dataclass(frozen=True)
+class TaskEnd:
+    index: int
+    task: str
+    oracle: tuple[float | None, ...]
+    routed: tuple[float | None, ...] | None
+    router_accuracy: float | None
+    trainable_params: int
+    bank_bytes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class RunEnd:
+    run_dir: str
+    finished: bool
+    acc: float
+    bwt: float
+
+
+class Callback(Protocol):
+    """Five hooks, each a no-op by default; a callback may define only the ones it needs."""
+
+    def on_run_start(self, event: RunStart) -> None:
+        return None
+
+    def on_task_start(self, event: TaskStart) -> None:
+        return None
+
+    def on_step_end(self, event: StepEnd) -> None:
+        return None
+
+    def on_task_end(self, event: TaskEnd) -> None:
+        return None
+
+    def on_run_end(self, event: RunEnd) -> None:
+        return None
+
+
+def _emit(callbacks: Sequence[Any], hook: str, event: object) -> None:
+    for cb in callbacks:
+        fn = getattr(cb, hook, None)
+        if fn is not None:
+            fn(event)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2, allow_nan=False) + "\n").encode("utf-8"))
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys where two JSON values differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".") or "(all)"]
+
+
+def _open_run(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
+    """The run state (``run.json``): created for a new run, checked against ``spec`` for a resumed one."""
+    config = json.loads(json.dumps(spec.to_config()))
+    state_file = run_dir / "run.json"
+    if state_file.is_file():
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        changed = _diff(state.get("config"), config)
+        if changed:
+            raise ValueError(f"{run_dir} holds a run with other settings (differs in: {', '.join(changed[:5])}); "
+                             "rerun with the same spec and flags to resume it, or choose a new --out")
+        return state
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise ValueError(f"{run_dir} exists and is not an adaptbank run directory (no run.json); "
+                         "choose a new or empty --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = {"schema": 1, "config": config, "baseline": None}
+    _write_json(state_file, state)
+    return state
+
+
+def _remove_new_run(run_dir: Path, existed: bool) -> None:
+    """Undo a run directory this call created (it was absent or empty before, see ``_open_run``)."""
+    if existed:
+        for child in run_dir.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _result(spec: RunSpec, baseline: list[float], oracle: list[list[float]], routed: list[list[float | None]] | None,
+            steps: list[dict[str, Any]]) -> dict[str, Any]:
+    notes = list(NOTES) + ([JOINT_NOTE] if spec.strategy == "joint" else [])
+    return {"schema": SCHEMA_VERSION, "name": spec.name, "strategy": spec.strategy, "tasks": list(spec.task_names),
+            "seed": spec.seed, "backbone": spec.backbone, "config": spec.to_config(),
+            "config_changed": spec.config_changed(), "oracle": {"baseline": baseline, "matrix": oracle},
+            "routed": None if routed is None else {"baseline": None, "matrix": routed}, "steps": steps,
+            "finished": len(oracle) == len(spec.tasks), "notes": notes}
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _progress(spec: RunSpec, i: int, oracle: list[float], routed: list[float | None] | None,
+              router_acc: float | None, info: Learned, seconds: float) -> str:
+    """``[2/3] topic: 91.0%; mean over seen 92.5%, routed 90.1%, router 97.0%; 12,288 trainable params; 8.1s``."""
+    line = f"[{i + 1}/{len(spec.tasks)}] {spec.task_names[i]}: {_pct(oracle[i])}; mean over seen "
+    line += _pct(sum(oracle[: i + 1]) / (i + 1))
+    if routed is not None:
+        line += f", routed {_pct(sum(v or 0.0 for v in routed[: i + 1]) / (i + 1))}, router {_pct(router_acc)}"
+    return line + f"; {info.trainable_params:,} trainable params; {seconds:.1f}s"
+
+
+def run_sequence(spec: RunSpec, out_dir: str | Path, *, callbacks: Sequence[Callback] = (),
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) ``spec`` in ``out_dir``; returns the ``result.json`` dict.
+
+    Every task's data is loaded before anything trains, so a missing file or a bad label fails first.
+    """
+    run_dir = Path(out_dir)
+    data = tuple(load_task(t, max_train=spec.train.max_train, max_test=spec.train.max_test, seed=spec.seed + i)
+                 for i, t in enumerate(spec.tasks))
+    existed = run_dir.exists()
+    fresh = not (run_dir / "run.json").is_file()
+    state = _open_run(spec, run_dir)
+    result_file = run_dir / "result.json"
+    previous = load_run(result_file) if result_file.is_file() else None
+    oracle: list[list[float]] = [list(r) for r in previous["oracle"]["matrix"]] if previous else []
+    routed: list[list[float | None]] | None = None
+    if spec.routed:
+        routed = [list(r) for r in previous["routed"]["matrix"]] if previous else []
+    steps: list[dict[str, Any]] = [dict(s) for s in previous["steps"]] if previous else []
+    if "routed" in spec.eval and not spec.routed:
+        log(f"note: strategy {spec.strategy} has no router; reporting oracle accuracy only")
+
+    strategy: Strategy = make_strategy(Context(spec=spec, run_dir=run_dir, data=data, log=log))
+    try:
+        learned = strategy.open()
+        if state["baseline"] is None:
+            state["baseline"] = strategy.baseline()
+            _write_json(run_dir / "run.json", state)
+    except BaseException:
+        if fresh:  # nothing learned yet: leave no half-made run behind (a bad backbone, Ctrl-C while loading)
+            _remove_new_run(run_dir, existed)
+        raise
+    done = len(oracle)
+    if learned not in (done, done + 1):
+        raise RuntimeError(f"{run_dir}: the checkpoint holds {learned} learned task(s) but result.json has {done} "
+                           "row(s); the run directory is inconsistent, start again with a new --out")
+    baseline: list[float] = state["baseline"]
+    if done:
+        log(f"resuming {spec.name} after task {done} of {len(spec.tasks)} ({spec.task_names[done - 1]})")
+    _emit(callbacks, "on_run_start", RunStart(spec.name, spec.strategy, spec.task_names, str(run_dir), done))
+
+    for i in range(done, len(spec.tasks)):
+        task = spec.task_names[i]
+        _emit(callbacks, "on_task_start", TaskStart(i, task))
+        start = time.perf_counter()
+        if i >= learned:
+            info: Learned = strategy.learn(i, lambda s, loss, i=i, task=task: _emit(
+                callbacks, "on_step_end", StepEnd(i, task, s, loss)))
+            strategy.save(i + 1)
+        else:
+            info = strategy.recall(i)
+        oracle.append(strategy.oracle_row(i, baseline))
+        router_acc = None
+        if routed is not None:
+            row, router_acc = strategy.routed_row(i)
+            routed.append(row)
+        seconds = time.perf_counter() - start
+        size = strategy.size_bytes()
+        steps.append({"task": task, "router_accuracy": router_acc, "trainable_params": info.trainable_params,
+                      "bank_bytes": size, "seconds": seconds, "train_steps": info.train_steps,
+                      "final_loss": info.final_loss})
+        result = _result(spec, baseline, oracle, routed, steps)
+        _write_json(result_file, result)
+        log(_progress(spec, i, oracle[-1], None if routed is None else routed[-1], router_acc, info, seconds))
+        _emit(callbacks, "on_task_end", TaskEnd(i, task, tuple(oracle[-1]),
+                                                None if routed is None else tuple(routed[-1]), router_acc,
+                                                info.trainable_params, size, seconds))
+
+    result = _result(spec, baseline, oracle, routed, steps)
+    summary = AccuracyMatrix(spec.task_names, oracle, baseline).summary()
+    if done == len(spec.tasks):
+        log(f"{spec.name} was already finished in {run_dir}; nothing to do")
+    _emit(callbacks, "on_run_end", RunEnd(str(run_dir), result["finished"], summary["acc"], summary["bwt"]))  # type: ignore[arg-type]
+    return result

@@ -1,0 +1,274 @@
+"""Run specs: one TOML file that says which tasks to learn in which order, how, and how to score it.
+
+A run spec (``tasks/runs/*.toml``) is data only; nothing in it is executed::
+
+    [run]
+    name = "builtin"                       # the run's name in reports
+    backbone = "sentence-transformers/all-MiniLM-L6-v2"
+    tasks = ["weather", "reviews", "intent"]   # task spec names (tasks/<name>.toml) or .toml paths
+    strategy = "bank"                      # see STRATEGIES
+    seed = 0                               # task i trains with seed + i
+    eval = ["oracle", "routed"]            # oracle is always computed; routed needs a router (bank, shared-a)
+
+    [method]                               # LoRAConfig / AdapterConfig fields; kind defaults to "lora"
+    kind = "lora"
+    rank = 8
+
+    [train]                                # TrainConfig fields (not seed: that is [run] seed)
+    epochs = 2
+    max_train = 300
+
+    [options]                              # optional: StrategyOptions fields
+    ewc_lambda = 5000.0
+
+Everything is validated when the spec is loaded, before any model is: unknown keys (with the
+closest valid key), unknown task specs, unknown strategies, an empty or repeated task list and bad
+eval modes are ``ValueError`` naming the value. CLI flags override a loaded spec through
+:meth:`RunSpec.with_overrides`, which records what changed (``config_changed`` in ``result.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import LoRAConfig, MethodConfig, TrainConfig, check_keys, method_from_dict
+from ..specs import TaskSpec, load_task_spec
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+__all__ = ["STRATEGIES", "ROUTED_STRATEGIES", "EVAL_MODES", "StrategyOptions", "RunSpec", "load_run_spec",
+           "run_spec_from_toml", "run_spec_from_dict"]
+
+STRATEGIES: tuple[str, ...] = ("bank", "shared-a", "seq-lora", "seq-full", "ewc", "replay", "olora", "joint")
+"""Continual-learning strategies (see :mod:`adaptbank.continual.strategies`)."""
+
+ROUTED_STRATEGIES: tuple[str, ...] = ("bank", "shared-a")
+"""Strategies with a learned router, and so a routed (task-id-free) evaluation."""
+
+EVAL_MODES: tuple[str, ...] = ("oracle", "routed")
+
+DEFAULT_BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
+"""Same as ``backbone.DEFAULT_BACKBONE``, repeated so that this module (and the CLI) loads without torch."""
+
+_LORA_ONLY = ("shared-a", "olora")
+_TOP_KEYS = ("run", "method", "train", "options")
+_RUN_KEYS = ("name", "backbone", "tasks", "strategy", "seed", "eval")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StrategyOptions:
+    """Settings that only some strategies read (the ``[options]`` table)."""
+
+    ewc_lambda: float = 5000.0
+    """EWC penalty strength lambda in ``lambda/2 * sum_i F_i (theta_i - theta*_i)^2`` (raw empirical
+    Fisher, mean of squared per-example gradients). With LoRA parameters the Fisher entries are small
+    (about 1e-6 .. 1e-3), so lambda of 1e3 .. 1e4 puts the penalty on the scale of the task loss."""
+    ewc_samples: int = 200
+    """Training examples per finished task used to estimate its diagonal Fisher."""
+    replay_per_task: int = 50
+    """Replay buffer size per finished task (a class-balanced sample of its training split)."""
+    olora_lambda: float = 0.5
+    """O-LoRA orthogonality weight lambda_1 on ``sum_layers sum_old ||A_new A_old^T||_F^2`` (paper: 0.5)."""
+    olora_l2: float = 0.0
+    """O-LoRA L2 weight lambda_2 on the new expert's parameters (paper: 0 or small)."""
+
+    def __post_init__(self) -> None:
+        for name in ("ewc_lambda", "olora_lambda", "olora_l2"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"options.{name} must be a number >= 0, got {value!r}")
+        for name in ("ewc_samples", "replay_per_task"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"options.{name} must be a positive integer, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSpec:
+    """One continual-learning run: the task sequence, the strategy and every setting it trains with."""
+
+    name: str
+    """Run name shown in reports."""
+    tasks: tuple[TaskSpec, ...]
+    """The task sequence, resolved to task specs; names must be unique."""
+    backbone: str = DEFAULT_BACKBONE
+    """Backbone for every strategy: a local folder, a .gguf file or the bundled default."""
+    strategy: str = "bank"
+    """One of :data:`STRATEGIES` (--strategy)."""
+    seed: int = 0
+    """Run seed; task i trains (and subsamples its data) with ``seed + i`` (--seed)."""
+    eval: tuple[str, ...] = ("oracle", "routed")
+    """Evaluation modes; oracle is always computed, routed only for strategies with a router."""
+    method: MethodConfig = field(default_factory=LoRAConfig)
+    """The expert kind and its settings (``[method]``)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training settings (``[train]``); its seed is replaced per task by ``seed + i``."""
+    options: StrategyOptions = field(default_factory=StrategyOptions)
+    """Strategy-specific settings (``[options]``)."""
+    changed: tuple[tuple[str, Any, Any], ...] = ()
+    """``(key, spec value, new value)`` for every CLI override that changed the spec."""
+    source: str = "<string>"
+    """Where the spec came from (a path), for messages."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ValueError(f"{self.source}: run name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.backbone, str) or not self.backbone:
+            raise ValueError(f"{self.source}: backbone must be a non-empty string, got {self.backbone!r}")
+        if not self.tasks:
+            raise ValueError(f"{self.source}: the task sequence is empty; [run] tasks needs at least one task")
+        names = [t.name for t in self.tasks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"{self.source}: duplicate task(s) {', '.join(dupes)} in the sequence {names}; "
+                             "each task may appear once")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"{self.source}: unknown strategy {self.strategy!r} (--strategy); allowed: "
+                             f"{', '.join(STRATEGIES)}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"{self.source}: seed must be an integer (--seed), got {self.seed!r}")
+        if not self.eval or isinstance(self.eval, str):
+            raise ValueError(f"{self.source}: eval must be a non-empty list from {list(EVAL_MODES)}, got {self.eval!r}")
+        for mode in self.eval:
+            if mode not in EVAL_MODES:
+                raise ValueError(f"{self.source}: unknown eval mode {mode!r}; allowed: {', '.join(EVAL_MODES)}")
+        if len(set(self.eval)) != len(self.eval):
+            raise ValueError(f"{self.source}: eval lists a mode twice: {list(self.eval)}")
+        if self.strategy in _LORA_ONLY and not isinstance(self.method, LoRAConfig):
+            raise ValueError(f"{self.source}: strategy {self.strategy!r} needs method kind 'lora', got "
+                             f"{self.method.kind!r}")
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tasks)
+
+    @property
+    def routed(self) -> bool:
+        """True when this run evaluates with the learned router."""
+        return "routed" in self.eval and self.strategy in ROUTED_STRATEGIES
+
+    def task_train(self, i: int) -> TrainConfig:
+        """The training settings of task ``i``: the run's, with seed ``seed + i``."""
+        return dataclasses.replace(self.train, seed=self.seed + i)
+
+    def to_config(self) -> dict[str, Any]:
+        """Everything that determines the run's numbers, JSON-ready (``config`` in ``result.json``)."""
+        return {"tasks": list(self.task_names), "task_specs": [t.to_dict() for t in self.tasks],
+                "backbone": self.backbone, "strategy": self.strategy, "seed": self.seed, "eval": list(self.eval),
+                "method": self.method.to_dict(), "train": {k: v for k, v in self.train.to_dict().items()
+                                                            if k != "seed"},
+                "options": self.options.to_dict()}
+
+    def config_changed(self) -> dict[str, list[Any]]:
+        """``{key: [spec value, new value]}`` of the CLI overrides (``config_changed`` in ``result.json``)."""
+        return {key: [old, new] for key, old, new in self.changed}
+
+    def with_overrides(self, *, strategy: str | None = None, max_train: int | None = None,
+                       max_test: int | None = None, epochs: float | None = None, seed: int | None = None) -> RunSpec:
+        """A copy with the given CLI flags applied (None leaves a setting as it is); validated again."""
+        train_kw = {k: v for k, v in (("max_train", max_train), ("max_test", max_test), ("epochs", epochs))
+                    if v is not None}
+        run_kw = {k: v for k, v in (("strategy", strategy), ("seed", seed)) if v is not None}
+        changed = dict((k, (old, new)) for k, old, new in self.changed)
+        for key, value in [*train_kw.items(), *run_kw.items()]:
+            old = getattr(self.train, key) if key in train_kw else getattr(self, key)
+            if old != value:
+                first = changed.get(key, (old, value))[0]
+                changed[key] = (first, value)
+        train = dataclasses.replace(self.train, **train_kw) if train_kw else self.train
+        return dataclasses.replace(self, train=train, changed=tuple((k, o, n) for k, (o, n) in changed.items()
+                                                                    if o != n), **run_kw)
+
+
+def _resolve_task(entry: object, base_dir: Path | None, source: str) -> TaskSpec:
+    if not isinstance(entry, str) or not entry:
+        raise ValueError(f"{source}: every entry of [run] tasks must be a task name or a .toml path, got {entry!r}")
+    looks_like_path = entry.endswith(".toml") or "/" in entry or os.sep in entry
+    target: str | Path = entry
+    if looks_like_path and base_dir is not None and not Path(entry).expanduser().is_absolute():
+        target = base_dir / entry
+    try:
+        return load_task_spec(target)
+    except ValueError as err:  # SpecNotFoundError is a ValueError: name the run spec too
+        raise ValueError(f"{source}: unknown task {entry!r}: {err}") from None
+
+
+def run_spec_from_dict(doc: dict[str, Any], *, source: str = "<string>", base_dir: str | Path | None = None) -> RunSpec:
+    """Build a :class:`RunSpec` from a parsed TOML document (tables ``run``, ``method``, ``train``, ``options``)."""
+    if not isinstance(doc, dict):
+        raise ValueError(f"{source}: a run spec must be a table, got {type(doc).__name__}")
+    check_keys(doc, _TOP_KEYS, f"run spec {source}")
+    tables: dict[str, dict[str, Any]] = {}
+    for key in _TOP_KEYS:
+        value = doc.get(key, {})
+        if not isinstance(value, dict):
+            raise ValueError(f"{source}: [{key}] must be a table, got {value!r}")
+        tables[key] = value
+    run = tables["run"]
+    check_keys(run, _RUN_KEYS, f"[run] of {source}")
+    for required in ("name", "tasks"):
+        if required not in run:
+            raise ValueError(f"{source}: [run] needs {required!r}")
+    tasks = run["tasks"]
+    if isinstance(tasks, str) or not isinstance(tasks, list):
+        raise ValueError(f"{source}: [run] tasks must be a list of task names, got {tasks!r}")
+    if not tasks:
+        raise ValueError(f"{source}: the task sequence is empty; [run] tasks needs at least one task")
+    if "seed" in tables["train"]:
+        raise ValueError(f"{source}: put the seed in [run] (seed = {tables['train']['seed']!r}), not in [train]; "
+                         "task i trains with the run seed + i")
+    base = Path(base_dir) if base_dir is not None else None
+    try:
+        method = method_from_dict({"kind": "lora", **tables["method"]})
+        train = TrainConfig.from_dict(tables["train"])
+        options = StrategyOptions(**_checked(tables["options"], StrategyOptions, source))
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{source}: {err}") from None
+    eval_modes = run.get("eval", ["oracle", "routed"])
+    if isinstance(eval_modes, str) or not isinstance(eval_modes, list):
+        raise ValueError(f"{source}: [run] eval must be a list from {list(EVAL_MODES)}, got {eval_modes!r}")
+    # Cheap checks first, so that a bad strategy is named before task specs are looked up.
+    if run.get("strategy", "bank") not in STRATEGIES:
+        raise ValueError(f"{source}: unknown strategy {run.get('strategy')!r} (--strategy); allowed: "
+                         f"{', '.join(STRATEGIES)}")
+    specs = tuple(_resolve_task(t, base, source) for t in tasks)
+    return RunSpec(name=run["name"], tasks=specs, backbone=run.get("backbone", DEFAULT_BACKBONE),
+                   strategy=run.get("strategy", "bank"), seed=run.get("seed", 0), eval=tuple(eval_modes),
+                   method=method, train=train, options=options, source=source)
+
+
+def _checked(table: dict[str, Any], cls: type, source: str) -> dict[str, Any]:
+    check_keys(table, [f.name for f in dataclasses.fields(cls)], f"[options] of {source}")
+    return table
+
+
+def run_spec_from_toml(text: str, *, source: str = "<string>", base_dir: str | Path | None = None) -> RunSpec:
+    """Parse TOML text into a :class:`RunSpec`; relative task paths resolve against ``base_dir``."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{source}: invalid TOML: {err}") from None
+    return run_spec_from_dict(doc, source=source, base_dir=base_dir)
+
+
+def load_run_spec(path: str | os.PathLike[str]) -> RunSpec:
+    """Load and validate a run spec file."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ValueError(f"run spec {os.fspath(path)!r} not found (expected a .toml file such as tasks/runs/builtin.toml)")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"run spec {file} is not valid UTF-8: {err}") from None
+    return run_spec_from_toml(text, source=str(file), base_dir=file.resolve().parent)

@@ -1,0 +1,126 @@
+"""Continual-learning strategies over one frozen backbone: the bank and the baselines it is compared to.
+
+Letters in shape comments: B batch, D hidden size, E experts, r LoRA rank, I layer input features.
+
+Every strategy learns the tasks of a :class:`RunSpec` in order, with the same backbone, method and
+:class:`TrainConfig`, and a head per task. Each is a small class with ``open`` (build or resume),
+``learn(i)``, ``save`` (checkpoint), ``oracle_row(i)`` (accuracy on every task of the sequence with
+the true task id) and, for the two strategies with a router, ``routed_row(i)``:
+
+- ``bank``: an :class:`AdapterBank` in ``RUN_DIR/bank``, one independent expert per task; older
+  experts never change, so with the true task id there is no forgetting (BWT = 0 exactly).
+- ``shared-a``: the bank with every task in one shared-A group (HydraLoRA's asymmetric LoRA, Tian
+  et al. 2024, arXiv:2404.19245): A is trained by the first task and frozen, later tasks train B.
+- ``seq-lora``: ONE LoRA expert fine-tuned task after task (the naive sequential baseline).
+- ``seq-full``: full fine-tuning of the backbone, task after task.
+- ``ewc``: seq-lora plus Elastic Weight Consolidation (Kirkpatrick et al. 2017, arXiv:1612.00796) on
+  the LoRA parameters: ``loss + lambda/2 * sum_{t finished} sum_i F_t,i (theta_i - theta*_t,i)^2``,
+  with ``F_t`` the diagonal empirical Fisher (mean squared per-example gradient of log p(y|x), true
+  labels, as avalanche does) on ``ewc_samples`` training examples of task t.
+- ``replay``: seq-lora plus experience replay (Chaudhry et al. 2019, arXiv:1902.10486): a
+  class-balanced buffer of ``replay_per_task`` training examples per finished task; every step adds
+  ``batch_size`` buffer rows to the batch, each scored by its own task's head (trained too).
+- ``olora``: O-LoRA (Wang et al. 2023, arXiv:2310.14152): a new LoRA expert per task, all older ones
+  frozen and active; ``loss + lambda_1 * sum_layers sum_old ||A_new A_old^T||_F^2 + lambda_2 ||theta_new||^2``.
+  At inference every expert so far is on with weight 1; the true task picks the head.
+- ``joint``: multi-task training on all tasks at once (one LoRA + per-task heads, mixed batches), the
+  upper bound. It trains once, in step 0, on every task; later steps train nothing, so every row
+  evaluates that one model (BWT = 0; FWT is large because every task was seen from the start).
+
+Baseline and unseen tasks. Every task j gets an *initial head*: a randomly initialised head seeded
+from the run seed and j alone (the same for every strategy). The baseline ``b_j`` is the untrained
+backbone (no expert) with that head: chance level. A task not yet learned is evaluated with the
+current model's features and its initial head, so ``R[i][j]`` for ``j > i`` is comparable with
+``b_j`` (FWT as in GEM). For the bank an unseen task has no expert, so ``R[i][j] = b_j`` exactly.
+When a task is learned its head starts from the initial head, then (``probe_init``) becomes a
+logistic-regression probe on the current features, as in ``training.train_task``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from ..bank import AdapterBank
+from ..predict import predict
+from ..training import evaluate
+from .base import Context, Learned, OnStep, Strategy
+from .learners import EWC, Joint, OLoRA, Replay, SeqFull, SeqLoRA
+
+__all__ = ["BankStrategy", "SharedAStrategy", "STRATEGY_CLASSES", "make_strategy"]
+
+
+# ---------------------------------------------------------------------------------------------- bank
+class BankStrategy(Strategy):
+    """Independent experts in an :class:`AdapterBank`; the bank on disk is the checkpoint."""
+
+    name = "bank"
+    share_a: ClassVar[str | None] = None
+
+    def open(self) -> int:
+        path = self.ctx.run_dir / "bank"
+        self.bank = AdapterBank.open(path) if path.exists() else AdapterBank.init(path, base=self.spec.backbone)
+        held = self.bank.tasks()
+        if held != list(self.tasks[: len(held)]):
+            raise ValueError(f"{path} holds tasks {held}, which are not a prefix of the run's sequence "
+                             f"{list(self.tasks)}; use a new --out")
+        self._setup(self.bank.base_model())
+        return len(held)
+
+    def learn(self, i: int, on_step: OnStep) -> Learned:
+        self.bank.add_task(self.ctx.data[i].spec, self.spec.method, self.spec.task_train(i), share_a=self.share_a,
+                           on_step=lambda step, _e, loss: on_step(step, loss))
+        return self.recall(i)
+
+    def recall(self, i: int) -> Learned:
+        m = self.bank.info(self.tasks[i])["metrics"]
+        return Learned(m["trainable_params"] + m["head_params"], m["steps"], m["final_loss"])
+
+    def save(self, learned: int) -> None:
+        """Nothing to do: ``add_task`` committed the task atomically."""
+
+    def oracle_row(self, i: int, baseline: list[float]) -> list[float]:
+        model = self.bank.load()
+        length = self.spec.train.max_length
+        return [evaluate(model, t, [e.text for e in self.ctx.data[j].test], self._labels(j), max_length=length)
+                if j <= i else baseline[j] for j, t in enumerate(self.tasks)]
+
+    def routed_row(self, i: int) -> tuple[list[float | None], float]:
+        """Accuracy per seen task with the router choosing experts, and the router's task-id accuracy.
+
+        A prediction counts when its label name is right and it came from the true task's head, or
+        from a head with the identical label list (then the label names mean the same)."""
+        model = self.bank.load_routed()
+        texts, owners = [], []
+        for j in range(i + 1):
+            texts += [e.text for e in self.ctx.data[j].test]
+            owners += [j] * len(self.ctx.data[j].test)
+        preds = predict(model, texts, max_length=self.spec.train.max_length)
+        labels = {t: self.ctx.data[j].labels for j, t in enumerate(self.tasks)}
+        gold = [e.label for j in range(i + 1) for e in self.ctx.data[j].test]
+        correct, seen, hits = [0] * (i + 1), [0] * (i + 1), 0
+        for p, j, y in zip(preds, owners, gold, strict=True):
+            true = self.tasks[j]
+            hits += p.task == true
+            seen[j] += 1
+            correct[j] += p.label == labels[true][y] and (p.task == true or labels[p.task] == labels[true])
+        row: list[float | None] = [c / n for c, n in zip(correct, seen, strict=True)]
+        return row + [None] * (len(self.tasks) - i - 1), hits / len(preds)
+
+    def size_bytes(self) -> int:
+        return self.bank.store.bytes_on_disk()
+
+
+class SharedAStrategy(BankStrategy):
+    """The bank with all tasks in one shared-A group."""
+
+    name = "shared-a"
+    share_a = "shared"
+
+
+STRATEGY_CLASSES: dict[str, type[Strategy]] = {c.name: c for c in (BankStrategy, SharedAStrategy, SeqLoRA, SeqFull,
+                                                                    EWC, Replay, OLoRA, Joint)}
+
+
+def make_strategy(ctx: Context) -> Strategy:
+    """The strategy ``ctx.spec.strategy`` names (validated by the spec)."""
+    return STRATEGY_CLASSES[ctx.spec.strategy](ctx)
