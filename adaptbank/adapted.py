@@ -72,6 +72,7 @@ class AdaptedLinear(nn.Module):
         """Token-level router gate ``(E, I)`` over the model's expert order (see ``token_router``)."""
         self._stack_key: tuple[object, ...] | None = None
         self._stacks: list[tuple[type[Expert], Stack]] = []
+        self._stack_params: list[nn.Parameter] = []
 
     @property
     def weight(self) -> Tensor:
@@ -101,6 +102,7 @@ class AdaptedLinear(nn.Module):
         if shared is not None:
             expert.A = shared  # keep the one object after .to()
         self.experts[name] = expert
+        self._stack_key = None
         return expert
 
     def set_shared(self, group: str, A: Tensor) -> None:
@@ -114,6 +116,7 @@ class AdaptedLinear(nn.Module):
         if self.merged == name:
             raise RuntimeError(f"expert {name!r} is merged into the base weights; unmerge() first")
         expert = self.experts.pop(name)
+        self._stack_key = None
         for group, A in list(self.shared_A.items()):
             users = [e for e in self.experts.values() if isinstance(e, LoRAExpert) and e.A is A]
             if isinstance(expert, LoRAExpert) and expert.A is A and not users:
@@ -146,12 +149,17 @@ class AdaptedLinear(nn.Module):
         return h
 
     def _current_stacks(self) -> list[tuple[type[Expert], Stack]]:
-        """Stacks of every expert group over the expert order, cached while nothing changes."""
-        params = list(self.experts.parameters())
+        """Stacks of every expert group over the expert order, cached while nothing changes.
+
+        The cache key is the expert order, its version, and each expert parameter's identity,
+        storage and in-place version counter: one pass over a flat list kept with the cache (walking
+        the module tree on every forward cost 6 ms per layer with 512 experts)."""
+        params = self._stack_params if self._stack_key is not None else list(self.experts.parameters())
         trains = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        key = (self.state.version, self.state.experts, tuple((id(p), p._version) for p in params))
+        key = (self.state.version, self.state.experts, tuple((p._version, p.data_ptr()) for p in params))
         if not trains and key == self._stack_key:
             return self._stacks
+        params = list(self.experts.parameters())
         groups: dict[tuple[object, ...], list[Expert | None]] = {}
         order = self.state.experts
         for i, name in enumerate(order):
@@ -159,15 +167,17 @@ class AdaptedLinear(nn.Module):
                 e: Expert = self.experts[name]  # type: ignore[assignment]
                 groups.setdefault(e.group_key(), [None] * len(order))[i] = e
         stacks = []
+        trains = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         with torch.set_grad_enabled(trains):
             for members in groups.values():
                 kind = type(next(m for m in members if m is not None))
                 stacks.append((kind, kind.stack(members)))
         stacks.sort(key=lambda s: s[0].side != "input")  # input-side experts first, then output-side
         if not trains:
-            self._stack_key, self._stacks = key, stacks
+            key = (self.state.version, self.state.experts, tuple((p._version, p.data_ptr()) for p in params))
+            self._stack_key, self._stacks, self._stack_params = key, stacks, params
         else:
-            self._stack_key, self._stacks = None, []
+            self._stack_key, self._stacks, self._stack_params = None, [], []
         return stacks
 
     # ----------------------------------------------------------------------------- merge

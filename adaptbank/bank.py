@@ -186,8 +186,7 @@ class AdapterBank:
         owns = group is not None and group not in self.store.manifest["shared"]
         if group is not None and not owns:
             model.import_shared(group, self.store.read_shared(group, "A"), method)  # type: ignore[arg-type]
-        torch.manual_seed(train.seed)
-        model.add_task(name, method, data.labels, shared_group=group)
+        model.add_task(name, method, data.labels, shared_group=group, seed=train.seed)
         try:
             if before is not None:
                 before(evaluate(model, name, [e.text for e in data.test], [e.label for e in data.test],

@@ -173,17 +173,19 @@ def add_task(bank: str, spec: str, method: str, rank: int | None, alpha: float |
 @_friendly
 def list_(bank: str, as_json: bool) -> None:
     """List the tasks in BANK with method, accuracy and size."""
-    from .bank import AdapterBank
+    from .store import BankStore  # the store alone: listing never imports torch
 
-    b = AdapterBank.open(bank)
+    b = BankStore.open(bank)
+    manifest = b.manifest
+    base = manifest["base"]
     rows = []
-    for entry in b.store.manifest["tasks"]:
-        cfg = b.store.read_config(entry["name"], check="none")
+    for entry in manifest["tasks"]:
+        cfg = b.read_config(entry["name"], check="none")
         rows.append({"task": entry["name"], "method": cfg["method"]["kind"], "labels": len(cfg["labels"]),
                      "test_accuracy": cfg["metrics"].get("test_accuracy"), "shared_group": cfg.get("shared_group"),
                      "bytes": sum(f["size"] for f in entry["files"].values())})
-    _emit({"bank": str(b.path), "base": b.base["name"], "tasks": rows}, as_json, lambda: (
-        click.echo(f"{b.path}: base {b.base['name']}, {len(rows)} task(s)"),
+    _emit({"bank": str(b.path), "base": base["name"], "tasks": rows}, as_json, lambda: (
+        click.echo(f"{b.path}: base {base['name']}, {len(rows)} task(s)"),
         [click.echo(f"  {r['task']:<24} {r['method']:<16} {r['labels']:>4} labels  acc {_pct(r['test_accuracy']):>6}  "
                     f"{_human(r['bytes']):>9}" + (f"  shared-A {r['shared_group']}" if r["shared_group"] else ""))
          for r in rows]))

@@ -181,7 +181,8 @@ class TrainConfig(_Config):
     max_test: int | None = None
     """Evaluate on at most this many test examples (--max-test)."""
     seed: int = 0
-    """Seed for initialisation, shuffling and dropout (--seed)."""
+    """Seed for shuffling and dropout in ``train_task``, and for the expert's and head's initialisation
+    where the bank creates them (``AdaptBankModel.add_task(seed=...)``) (--seed)."""
     probe_init: bool = True
     """Initialise the head as a logistic-regression probe on frozen features before training (LP-FT,
     Kumar et al. 2022): the expert starts from the linear probe's accuracy instead of a random head."""

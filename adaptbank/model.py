@@ -91,8 +91,13 @@ class AdaptBankModel(nn.Module):
         return self._fingerprint
 
     def add_task(self, name: str, method: MethodConfig, labels: Sequence[str], *,
-                 shared_group: str | None = None, head_dropout: float = 0.1) -> TaskInfo:
-        """Create task ``name``: its expert in every target layer and a fresh head for ``labels``."""
+                 shared_group: str | None = None, head_dropout: float = 0.1, seed: int | None = None) -> TaskInfo:
+        """Create task ``name``: its expert in every target layer and a fresh head for ``labels``.
+        With ``seed``, initialisation draws from that seed (the global RNG is left untouched)."""
+        if seed is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self.add_task(name, method, labels, shared_group=shared_group, head_dropout=head_dropout)
         if name in self.tasks:
             raise KeyError(f"task {name!r} already exists in the model")
         if "." in name or not name:

@@ -39,11 +39,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save
+if TYPE_CHECKING:  # torch and safetensors load lazily: listing a bank must not pay for importing torch
+    import torch
 
 from adaptbank._atomic import (
     TMP_PREFIX,
@@ -64,9 +63,7 @@ SCHEMA_VERSION = 1
 """Manifest schema this module writes; banks with a larger ``schema`` are refused."""
 
 Check = Literal["fast", "full", "none"]
-RouterFiles = dict[str, dict[str, torch.Tensor]]
-RouterUpdate = Callable[[tuple[RouterFiles, dict[str, Any]] | None, list[str]],
-                        tuple[RouterFiles, dict[str, Any], list[str]] | None]
+RouterUpdate = Callable[[tuple[dict, dict[str, Any]] | None, list[str]], tuple[dict, dict[str, Any], list[str]] | None]
 """Called under the bank lock with the stored router ``(files, meta)`` (or None) and the bank's task
 names after the change; returns the new ``(files, meta, expert_order)`` or None to leave it."""
 _T = TypeVar("_T")
@@ -663,6 +660,8 @@ class BankStore:
             raise BankError(f"{self.path}: {label} has no tensor file {rel!r} (has {sorted(entry['files'])})")
         path = self._checked_file(entry, rel, check, label)
         try:
+            from safetensors.torch import load_file
+
             return load_file(path)
         except Exception as exc:  # noqa: BLE001 - any parser failure means a corrupt file
             raise BankCorruptError(f"{path}: {label}: unreadable safetensors file: {exc}", kind="unreadable") from exc
@@ -692,6 +691,8 @@ class BankStore:
             try:
                 path = self._checked_file(entry, rel, "full" if full else "fast", label)
                 if rel.endswith(".safetensors"):
+                    from safetensors import safe_open
+
                     with safe_open(path, framework="pt") as fh:
                         fh.keys()
                 elif rel.endswith(".json"):
@@ -740,6 +741,9 @@ class BankStore:
 
     def _encode(self, files: object, owner: str) -> dict[str, bytes]:
         """Serialize ``{stem: {key: Tensor}}`` to ``{"<stem>.safetensors": bytes}``."""
+        import torch
+        from safetensors.torch import save
+
         if not isinstance(files, dict):
             raise TypeError(f"files of {owner!r} must be a dict stem -> dict[str, Tensor], got {type(files).__name__}")
         out = {}
