@@ -46,6 +46,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--default-epochs", type=float, default=None,
                    help="override TrainConfig().epochs in the adaptbank-default run (only for quick checks)")
+    p.add_argument("--bank-reserved", type=int, default=2,
+                   help="layers kept free of experts in the adaptbank-default run, as a bank does (router features)")
     p.add_argument("--skip-peft", action="store_true")
     p.add_argument("--skip-default", action="store_true", help="skip the adaptbank-defaults run")
     p.add_argument("--skip-logreg", action="store_true")
@@ -54,7 +56,7 @@ def parse() -> argparse.Namespace:
     return p.parse_args()
 
 
-def run_adaptbank(task: str, data, cfg) -> dict:
+def run_adaptbank(task: str, data, cfg, reserved: int = 0) -> dict:
     import torch
 
     from adaptbank import AdaptBankModel, LoRAConfig, load_backbone
@@ -63,6 +65,7 @@ def run_adaptbank(task: str, data, cfg) -> dict:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model = AdaptBankModel(load_backbone())
+    model.reserved_layers = reserved  # the bank keeps layers 0..reserved-1 for its router's features
     torch.manual_seed(cfg.seed)
     model.add_task(task, LoRAConfig(rank=8, alpha=16.0, dropout=0.1, targets="qv"), data.labels)
     texts, labels = [e.text for e in data.train], [e.label for e in data.train]
@@ -214,7 +217,7 @@ def main() -> None:
         print(f"== {task}: {len(data.labels)} classes, {len(data.train)} train / {len(data.test)} test", flush=True)
         res: dict[str, dict | None] = {"default": None, "like": None, "peft": None, "logreg": None}
         if not args.skip_default:
-            res["default"] = run_adaptbank(task, data, default_cfg)
+            res["default"] = run_adaptbank(task, data, default_cfg, reserved=args.bank_reserved)
             print(f"   adaptbank default       {res['default']}", flush=True)
         res["like"] = run_adaptbank(task, data, like_cfg)
         print(f"   adaptbank like-for-like {res['like']}", flush=True)
@@ -243,6 +246,8 @@ def main() -> None:
                      r["like_minus_peft_points"], r["like_train_speed_over_peft"], r["default_minus_peft_points"],
                      r["default_minus_logreg_points"]])
     print()
+    print(f"ab default = as `adaptbank add-task` trains it: TrainConfig() and no experts in layers "
+          f"0..{args.bank_reserved - 1} (the router's); like4like = peft's settings, experts in every layer")
     print(table(["task", "ab default acc", "ex/s", "ab like4like acc", "ex/s", "peft acc", "ex/s", "LogReg acc",
                  "like-peft (pts)", "like/peft ex/s", "default-peft (pts)", "default-LogReg (pts)"], rows))
     print(f"\naccuracy in %, train examples/s; {NOISE_NOTE}")
