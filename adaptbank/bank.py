@@ -154,13 +154,11 @@ class AdapterBank:
                  train: TrainConfig | None = None, *, name: str | None = None, share_a: str | None = None,
                  replace: bool = False, parent: str | None = None,
                  on_step: Callable[[int, int, float], None] | None = None,
-                 log: Callable[[str], None] | None = None,
-                 before: Callable[[float], None] | None = None) -> AddResult:
+                 log: Callable[[str], None] | None = None) -> AddResult:
         """Train task ``spec``'s expert and head, evaluate on its test split, store both atomically.
 
         ``share_a`` puts a LoRA task in a shared-A group (``"auto"`` picks the most similar group or
         starts one). Everything is validated before training; on any failure the bank is unchanged.
-        ``before`` receives the test accuracy of the untrained task (fresh head, zero expert).
         """
         say = log or (lambda _msg: None)
         method = method or LoRAConfig()
@@ -188,9 +186,6 @@ class AdapterBank:
             model.import_shared(group, self.store.read_shared(group, "A"), method)  # type: ignore[arg-type]
         model.add_task(name, method, data.labels, shared_group=group, seed=train.seed)
         try:
-            if before is not None:
-                before(evaluate(model, name, [e.text for e in data.test], [e.label for e in data.test],
-                                max_length=train.max_length))
             result = train_task(model, name, [e.text for e in data.train], [e.label for e in data.train], train,
                                 on_step=(lambda s, loss: on_step(s, 0, loss)) if on_step else None,
                                 features=pooled)

@@ -6,7 +6,6 @@ traceback, and a failed command leaves the bank as it was.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -14,35 +13,18 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
-F = TypeVar("F", bound=Callable[..., Any])
+from ._clierrors import friendly
+from .continual.commands import register
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def _friendly(fn: F) -> F:
-    """Map the library's expected errors to ``click.ClickException`` (exit 1, one line)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from .store import BankError
-
-        try:
-            return fn(*args, **kwargs)
-        except click.ClickException:
-            raise
-        except KeyboardInterrupt:
-            click.echo("Interrupted: nothing was written; the bank is unchanged.", err=True)
-            sys.exit(130)
-        except (BankError, ValueError, KeyError, TypeError, FileNotFoundError, RuntimeError, OSError) as err:
-            message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-            raise click.ClickException(str(message)) from None
-
-    return wrapper  # type: ignore[return-value]
+_friendly = friendly()
 
 
 def _emit(data: Any, as_json: bool, text: Callable[[], None]) -> None:
@@ -389,23 +371,42 @@ def graph(bank: str, output: str | None) -> None:
 # ------------------------------------------------------------------------------------------- demo
 @main.command()
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Working folder [a new temp folder].")
-@click.option("--task", default="weather", show_default=True, help="Built-in task to train.")
+@click.option("--spec", default=None, help="Run spec [tasks/runs/builtin.toml: the built-in tasks].")
 @_friendly
-def demo(out: str | None, task: str) -> None:
-    """The main job on the embedded default: bundled MiniLM and a built-in task, no data needed."""
-    from .bank import AdapterBank
-    from .config import LoRAConfig, TrainConfig
+def demo(out: str | None, spec: str | None) -> None:
+    """The main job on the embedded default, no data needed: the bundled MiniLM and the built-in tasks
+    added one by one to a bank, the router fitted, every task evaluated after each addition (with and
+    without task ids), and a report written."""
+    from .continual.loop import run_sequence
+    from .continual.runspec import load_run_spec
+    from .metrics import AccuracyMatrix
+    from .report import write_report
+    from .specs import tasks_dir
 
     work = Path(out or tempfile.mkdtemp(prefix="adaptbank-demo-"))
     start = time.perf_counter()
-    b = AdapterBank.init(work / "bank")
-    click.echo(f"bank: {b.path} (base {b.base['name']})")
-    train = TrainConfig(epochs=2, max_train=300, max_test=200, max_length=48, probe_init=False)
-    r = b.add_task(task, LoRAConfig(), train, log=click.echo, before=lambda acc: click.echo(
-        f"{task}: accuracy before training (fresh head, zero expert): {_pct(acc)}"))
-    click.echo(f"{task}: accuracy after training a LoRA q+v expert: {_pct(r.test_accuracy)} "
-               f"({r.trainable_params:,} trainable parameters, {_human(r.bytes_on_disk)} on disk)")
+    run_spec = load_run_spec(spec or tasks_dir() / "runs" / "builtin.toml")
+    click.echo(f"demo: {len(run_spec.tasks)} tasks into a bank on {run_spec.backbone}, in {work}")
+    result = run_sequence(run_spec, work / "run", log=click.echo)
+    tasks = result["tasks"]
+    oracle = AccuracyMatrix(tuple(tasks), result["oracle"]["matrix"], result["oracle"]["baseline"])
+    routed = AccuracyMatrix(tuple(tasks), result["routed"]["matrix"]) if result["routed"] else None
+    click.echo("\naccuracy per task: untrained -> after its expert was added -> at the end (oracle | routed)")
+    final = oracle.rows[-1]
+    for j, t in enumerate(tasks):
+        end = f" | {_pct(routed.rows[-1][j])}" if routed else ""
+        click.echo(f"  {t:<10} {_pct(oracle.baseline[j]):>6} -> {_pct(oracle.rows[j][j]):>6} -> {_pct(final[j]):>6}{end}")
+    s = oracle.summary()
+    click.echo(f"ACC {_pct(s['acc'])}, BWT {_pct(s['bwt'])}, forgetting {_pct(s['forgetting'])}"
+               + (f"; routed ACC {_pct(routed.summary()['acc'])} with no task ids" if routed else ""))
+    html, md = work / "report.html", work / "report.md"
+    write_report([work / "run"], "html", html)
+    write_report([work / "run"], "md", md)
+    click.echo(f"bank: {work / 'run' / 'bank'}\nreport: {html} (and {md})")
     click.echo(f"done in {time.perf_counter() - start:.0f}s")
+
+
+register(main)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,7 +9,8 @@ from click.testing import CliRunner
 
 from adaptbank.cli import main
 
-COMMANDS = ["init", "add-task", "list", "show", "remove", "eval", "verify", "graph", "predict", "router", "demo"]
+COMMANDS = ["init", "add-task", "list", "show", "remove", "eval", "verify", "graph", "predict", "router", "demo",
+            "run", "report"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -72,10 +73,15 @@ def test_errors_are_one_clean_line(tiny_bert_dir, tmp_path, args, message):
 
 
 @pytest.mark.slow
-def test_demo_runs_on_the_embedded_default(tmp_path):
+def test_demo_runs_the_whole_pipeline_on_the_embedded_default(tmp_path):
+    """Built-in tasks into a bank one by one, router, continual evaluation, report: no data needed."""
     res = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "demo")])
     assert res.exit_code == 0, res.output
-    assert "accuracy before training" in res.output and "accuracy after training" in res.output
-    before = float(res.output.split("zero expert): ")[1].split("%")[0])
-    after = float(res.output.split("q+v expert: ")[1].split("%")[0])
-    assert after > before + 20
+    assert (tmp_path / "demo" / "report.html").read_text().count("data:image/png;base64,") >= 2
+    assert "BWT 0.0%" in res.output  # frozen, isolated experts: nothing is forgotten
+    result = json.loads((tmp_path / "demo" / "run" / "result.json").read_text())
+    baseline, final = result["oracle"]["baseline"], result["oracle"]["matrix"][-1]
+    assert result["finished"] and len(final) == 4
+    assert all(f > b + 0.3 for f, b in zip(final, baseline))  # every task learned well above its untrained head
+    routed = result["routed"]["matrix"][-1]
+    assert sum(routed) / 4 > 0.9 * sum(final) / 4  # no task ids, still close to oracle

@@ -7,42 +7,16 @@ Ctrl-C keeps every finished task, and the same command resumes the run.
 
 from __future__ import annotations
 
-import functools
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 import click
 
+from .._clierrors import friendly
 from .runspec import STRATEGIES
 
 __all__ = ["run", "report", "register"]
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _friendly(resume_hint: bool) -> Callable[[F], F]:
-    def wrap(fn: F) -> F:
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            from ..store import BankError
-
-            try:
-                return fn(*args, **kwargs)
-            except click.ClickException:
-                raise
-            except KeyboardInterrupt:
-                hint = " Finished tasks are kept; run the same command again to resume." if resume_hint else ""
-                click.echo(f"Interrupted.{hint}", err=True)
-                sys.exit(130)
-            except (BankError, ValueError, KeyError, TypeError, FileNotFoundError, RuntimeError, OSError) as err:
-                message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-                raise click.ClickException(str(message)) from None
-
-        return wrapper  # type: ignore[return-value]
-
-    return wrap
+_RESUME = "Interrupted. Finished tasks are kept; run the same command again to resume."
 
 
 def _pct(x: float | None) -> str:
@@ -57,8 +31,8 @@ def _pct(x: float | None) -> str:
 @click.option("--max-train", type=int, default=None, help="Override [train] max_train (examples per task).")
 @click.option("--max-test", type=int, default=None, help="Override [train] max_test (test examples per task).")
 @click.option("--epochs", type=float, default=None, help="Override [train] epochs.")
-@click.option("--seed", type=int, default=None, help="Override [run] seed; task i trains with seed + i.")
-@_friendly(resume_hint=True)
+@click.option("--seed", type=int, default=None, help="Override [run] seed (data subsets and training).")
+@friendly(_RESUME)
 def run(spec: str, out: str, strategy: str | None, max_train: int | None, max_test: int | None,
         epochs: float | None, seed: int | None) -> None:
     """Learn the tasks of run spec SPEC in order and write OUT/result.json after every task."""
@@ -86,7 +60,7 @@ def run(spec: str, out: str, strategy: str | None, max_train: int | None, max_te
 @click.option("--format", "fmt", type=click.Choice(["md", "html", "json"]), default="md", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Write the report to this file instead of standard output.")
-@_friendly(resume_hint=False)
+@friendly("Interrupted.")
 def report(run_dirs: tuple[str, ...], fmt: str, output: str | None) -> None:
     """Report on one or more run directories (reads only their result.json; runs no model)."""
     from ..report import write_report

@@ -25,7 +25,9 @@ from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
 from .._atomic import atomic_write_bytes
+from ..adapted import AdaptedLinear
 from ..backbone import load_backbone
+from ..experts import LoRAExpert
 from ..model import AdaptBankModel, ClassificationHead
 from ..training import _collate, _device, _pad_id, tokenize
 from .base import Context, Learned, OnStep, Strategy
@@ -130,17 +132,17 @@ class SeqLoRA(Strategy):
         return self._train(i, [i], self.rows(i), on_step)
 
     def _train(self, i: int, new: list[int], rows: list[Row], on_step: OnStep) -> Learned:
-        cfg = self.spec.task_train(i)
+        cfg = self.spec.train_config()
         if cfg.probe_init:
             for j in new:
                 feats = encode(self.model, [r.ids for r in self.rows(j)], self._features)  # (N, D)
-                probe_head(self.model.heads[self.tasks[j]], feats, [r.label for r in self.rows(j)], seed=cfg.seed)
+                probe_head(self._head(self.tasks[j]), feats, [r.label for r in self.rows(j)], seed=cfg.seed)
         groups = self._groups(i)
         self.model.requires_grad_(False)
         for p in (p for g in groups for p in g["params"]):
             p.requires_grad_(True)
-        res = fit_rows(self.model, rows, cfg, groups, self._features, seed=cfg.seed, what=f"task {self.tasks[i]!r}",
-                       extra=self._extra(i), more_rows=self._more_rows(i), on_step=on_step)
+        res = fit_rows(self.model, rows, cfg, groups, self._features, seed=self.spec.seed + i,
+                       what=f"task {self.tasks[i]!r}", extra=self._extra(i), more_rows=self._more_rows(i), on_step=on_step)
         self._after(i)
         n_params = sum(p.numel() for g in groups for p in g["params"])
         self.infos[i] = Learned(n_params, res.steps, res.losses[-1] if res.losses else None)
@@ -210,7 +212,7 @@ class EWC(SeqLoRA):
         def penalty() -> Tensor:
             terms = ((f * (p - s) ** 2).sum() for t in done
                      for p, f, s in zip(params, self.fisher[t], self.star[t], strict=True))
-            total = sum(terms, torch.zeros(()))
+            total = sum(terms, torch.zeros((), device=params[0].device))
             return lam / 2 * total
 
         return penalty
@@ -236,7 +238,7 @@ class EWC(SeqLoRA):
         self.star[task] = [p.detach().clone() for p in params]
 
     def _state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        out = {}
+        out: dict[str, Tensor] = {}
         for t in self.fisher:
             out |= {f"fisher.{t}.{k}": f for k, f in enumerate(self.fisher[t])}
             out |= {f"star.{t}.{k}": s for k, s in enumerate(self.star[t])}
@@ -327,16 +329,24 @@ class OLoRA(SeqLoRA):
         task, old = self.tasks[i], self.tasks[:i]
         if (not old or lam1 == 0) and lam2 == 0:
             return None
-        pairs = [(layer.experts[task].A, layer.experts[t].A)  # (r, I) each
+        pairs = [(_lora_A(layer, task), _lora_A(layer, t))  # (r, I) each
                  for layer in self.model.layers_of(task).values() for t in old]
         new = self.model.expert_parameters(task)
 
         def term() -> Tensor:
-            orth = sum((((a @ b.T) ** 2).sum() for a, b in pairs), torch.zeros(()))  # ||(r, r)||_F^2 per pair
-            l2 = sum((p.pow(2).sum() for p in new), torch.zeros(()))
+            zero = torch.zeros((), device=new[0].device)
+            orth = sum((((a @ b.T) ** 2).sum() for a, b in pairs), zero)  # ||(r, r)||_F^2 per pair
+            l2 = sum((p.pow(2).sum() for p in new), zero)
             return lam1 * orth + lam2 * l2
 
         return term
+
+
+def _lora_A(layer: AdaptedLinear, name: str) -> Tensor:
+    expert = layer.experts[name]
+    if not isinstance(expert, LoRAExpert):
+        raise TypeError(f"olora needs LoRA experts; task {name!r} has {type(expert).__name__}")
+    return expert.A  # (r, I)
 
 
 class Joint(SeqLoRA):

@@ -10,8 +10,8 @@ A plain loop (avalanche ``Agent``'s pre/post-adapt shape, minGPT's trainer), not
 
 Resumable: a run killed at any point and restarted with the same spec continues after the last
 task whose row is in ``result.json`` (a task learned but not yet evaluated is evaluated, not
-relearned). Every task trains with ``seed + i`` and starts from the checkpointed tensors alone
-(fresh optimiser, fresh RNG seed), so a resumed run gives the same matrix as an unbroken one.
+relearned). Every task starts from the checkpointed tensors alone, with a fresh optimiser and RNG
+seeds derived from the run seed and i, so a resumed run gives the same matrix as an unbroken one.
 
 Files in ``RUN_DIR``: ``run.json`` (the config, written first, and the baseline row),
 ``result.json`` (schema in :mod:`adaptbank.report`), and ``bank/`` or ``checkpoint/``.
@@ -190,8 +190,8 @@ def run_sequence(spec: RunSpec, out_dir: str | Path, *, callbacks: Sequence[Call
     Every task's data is loaded before anything trains, so a missing file or a bad label fails first.
     """
     run_dir = Path(out_dir)
-    data = tuple(load_task(t, max_train=spec.train.max_train, max_test=spec.train.max_test, seed=spec.seed + i)
-                 for i, t in enumerate(spec.tasks))
+    data = tuple(load_task(t, max_train=spec.train.max_train, max_test=spec.train.max_test, seed=spec.seed)
+                 for t in spec.tasks)
     existed = run_dir.exists()
     fresh = not (run_dir / "run.json").is_file()
     state = _open_run(spec, run_dir)
@@ -229,8 +229,10 @@ def run_sequence(spec: RunSpec, out_dir: str | Path, *, callbacks: Sequence[Call
         _emit(callbacks, "on_task_start", TaskStart(i, task))
         start = time.perf_counter()
         if i >= learned:
-            info: Learned = strategy.learn(i, lambda s, loss, i=i, task=task: _emit(
-                callbacks, "on_step_end", StepEnd(i, task, s, loss)))
+            def on_step(step: int, loss: float, i: int = i, task: str = task) -> None:
+                _emit(callbacks, "on_step_end", StepEnd(i, task, step, loss))
+
+            info: Learned = strategy.learn(i, on_step)
             strategy.save(i + 1)
         else:
             info = strategy.recall(i)
@@ -252,7 +254,7 @@ def run_sequence(spec: RunSpec, out_dir: str | Path, *, callbacks: Sequence[Call
                                                 info.trainable_params, size, seconds))
 
     result = _result(spec, baseline, oracle, routed, steps)
-    summary = AccuracyMatrix(spec.task_names, oracle, baseline).summary()
+    summary = AccuracyMatrix(spec.task_names, tuple(map(tuple, oracle)), tuple(baseline)).summary()
     if done == len(spec.tasks):
         log(f"{spec.name} was already finished in {run_dir}; nothing to do")
     _emit(callbacks, "on_run_end", RunEnd(str(run_dir), result["finished"], summary["acc"], summary["bwt"]))  # type: ignore[arg-type]

@@ -7,7 +7,7 @@ A run spec (``tasks/runs/*.toml``) is data only; nothing in it is executed::
     backbone = "sentence-transformers/all-MiniLM-L6-v2"
     tasks = ["weather", "reviews", "intent"]   # task spec names (tasks/<name>.toml) or .toml paths
     strategy = "bank"                      # see STRATEGIES
-    seed = 0                               # task i trains with seed + i
+    seed = 0                               # data subsets use it; the learners reseed with seed + i per task
     eval = ["oracle", "routed"]            # oracle is always computed; routed needs a router (bank, shared-a)
 
     [method]                               # LoRAConfig / AdapterConfig fields; kind defaults to "lora"
@@ -111,13 +111,15 @@ class RunSpec:
     strategy: str = "bank"
     """One of :data:`STRATEGIES` (--strategy)."""
     seed: int = 0
-    """Run seed; task i trains (and subsamples its data) with ``seed + i`` (--seed)."""
+    """Run seed (--seed). Every task's data subset (max_train/max_test) is drawn with it, so a task has
+    the same examples at any position in the sequence and runs of different orders compare; training
+    of task i is seeded from it (``train_config``; the learner strategies reseed with ``seed + i``)."""
     eval: tuple[str, ...] = ("oracle", "routed")
     """Evaluation modes; oracle is always computed, routed only for strategies with a router."""
     method: MethodConfig = field(default_factory=LoRAConfig)
     """The expert kind and its settings (``[method]``)."""
     train: TrainConfig = field(default_factory=TrainConfig)
-    """Training settings (``[train]``); its seed is replaced per task by ``seed + i``."""
+    """Training settings (``[train]``); their seed is the run seed (see :meth:`train_config`)."""
     options: StrategyOptions = field(default_factory=StrategyOptions)
     """Strategy-specific settings (``[options]``)."""
     changed: tuple[tuple[str, Any, Any], ...] = ()
@@ -162,9 +164,10 @@ class RunSpec:
         """True when this run evaluates with the learned router."""
         return "routed" in self.eval and self.strategy in ROUTED_STRATEGIES
 
-    def task_train(self, i: int) -> TrainConfig:
-        """The training settings of task ``i``: the run's, with seed ``seed + i``."""
-        return dataclasses.replace(self.train, seed=self.seed + i)
+    def train_config(self) -> TrainConfig:
+        """The settings every task trains with: ``[train]`` with the run seed. The seed stays the same
+        for every task because ``AdapterBank.add_task`` also subsamples the data with it."""
+        return dataclasses.replace(self.train, seed=self.seed)
 
     def to_config(self) -> dict[str, Any]:
         """Everything that determines the run's numbers, JSON-ready (``config`` in ``result.json``)."""
@@ -181,9 +184,9 @@ class RunSpec:
     def with_overrides(self, *, strategy: str | None = None, max_train: int | None = None,
                        max_test: int | None = None, epochs: float | None = None, seed: int | None = None) -> RunSpec:
         """A copy with the given CLI flags applied (None leaves a setting as it is); validated again."""
-        train_kw = {k: v for k, v in (("max_train", max_train), ("max_test", max_test), ("epochs", epochs))
+        train_kw: dict[str, Any] = {k: v for k, v in (("max_train", max_train), ("max_test", max_test), ("epochs", epochs))
                     if v is not None}
-        run_kw = {k: v for k, v in (("strategy", strategy), ("seed", seed)) if v is not None}
+        run_kw: dict[str, Any] = {k: v for k, v in (("strategy", strategy), ("seed", seed)) if v is not None}
         changed = dict((k, (old, new)) for k, old, new in self.changed)
         for key, value in [*train_kw.items(), *run_kw.items()]:
             old = getattr(self.train, key) if key in train_kw else getattr(self, key)
@@ -231,7 +234,7 @@ def run_spec_from_dict(doc: dict[str, Any], *, source: str = "<string>", base_di
         raise ValueError(f"{source}: the task sequence is empty; [run] tasks needs at least one task")
     if "seed" in tables["train"]:
         raise ValueError(f"{source}: put the seed in [run] (seed = {tables['train']['seed']!r}), not in [train]; "
-                         "task i trains with the run seed + i")
+                         "it seeds the data subsets and the training of every task")
     base = Path(base_dir) if base_dir is not None else None
     try:
         method = method_from_dict({"kind": "lora", **tables["method"]})

@@ -1,7 +1,5 @@
 """Continual-learning strategies over one frozen backbone: the bank and the baselines it is compared to.
 
-Letters in shape comments: B batch, D hidden size, E experts, r LoRA rank, I layer input features.
-
 Every strategy learns the tasks of a :class:`RunSpec` in order, with the same backbone, method and
 :class:`TrainConfig`, and a head per task. Each is a small class with ``open`` (build or resume),
 ``learn(i)``, ``save`` (checkpoint), ``oracle_row(i)`` (accuracy on every task of the sequence with
@@ -12,7 +10,8 @@ the true task id) and, for the two strategies with a router, ``routed_row(i)``:
 - ``shared-a``: the bank with every task in one shared-A group (HydraLoRA's asymmetric LoRA, Tian
   et al. 2024, arXiv:2404.19245): A is trained by the first task and frozen, later tasks train B.
 - ``seq-lora``: ONE LoRA expert fine-tuned task after task (the naive sequential baseline).
-- ``seq-full``: full fine-tuning of the backbone, task after task.
+- ``seq-full``: full fine-tuning of the backbone, task after task, at ``[train] lr`` (the LoRA default
+  5e-4 is high for full fine-tuning; 1e-5 .. 5e-5 is usual).
 - ``ewc``: seq-lora plus Elastic Weight Consolidation (Kirkpatrick et al. 2017, arXiv:1612.00796) on
   the LoRA parameters: ``loss + lambda/2 * sum_{t finished} sum_i F_t,i (theta_i - theta*_t,i)^2``,
   with ``F_t`` the diagonal empirical Fisher (mean squared per-example gradient of log p(y|x), true
@@ -67,7 +66,7 @@ class BankStrategy(Strategy):
         return len(held)
 
     def learn(self, i: int, on_step: OnStep) -> Learned:
-        self.bank.add_task(self.ctx.data[i].spec, self.spec.method, self.spec.task_train(i), share_a=self.share_a,
+        self.bank.add_task(self.ctx.data[i].spec, self.spec.method, self.spec.train_config(), share_a=self.share_a,
                            on_step=lambda step, _e, loss: on_step(step, loss))
         return self.recall(i)
 

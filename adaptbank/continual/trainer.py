@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..config import TrainConfig
-from ..model import AdaptBankModel
+from ..model import AdaptBankModel, ClassificationHead
 from ..training import TrainingError, _collate, _device, _pad_id, batches, fit_probe
 
 __all__ = ["Row", "FitResult", "fit_rows", "encode", "probe_head", "head_accuracy"]
@@ -132,7 +132,7 @@ def encode(model: AdaptBankModel, ids: Sequence[list[int]], features: Features, 
     return out
 
 
-def probe_head(head: nn.Module, feats: Tensor, labels: Sequence[int], *, seed: int) -> None:
+def probe_head(head: ClassificationHead, feats: Tensor, labels: Sequence[int], *, seed: int) -> None:
     """Initialise ``head`` as a logistic-regression probe on ``feats`` (N, D) (LP-FT, see ``training``)."""
     W, b = fit_probe(feats, labels, head.linear.out_features, seed=seed)  # (C, D), (C,)
     with torch.no_grad():
@@ -141,7 +141,7 @@ def probe_head(head: nn.Module, feats: Tensor, labels: Sequence[int], *, seed: i
 
 
 @torch.no_grad()
-def head_accuracy(head: nn.Module, feats: Tensor, labels: Sequence[int]) -> float:
+def head_accuracy(head: ClassificationHead, feats: Tensor, labels: Sequence[int]) -> float:
     """Accuracy of ``head`` (in eval mode) on pooled features ``feats`` (N, D)."""
     was_training = head.training
     head.eval()
