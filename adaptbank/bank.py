@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from ._version import __version__
 from .backbone import DEFAULT_BACKBONE, load_backbone
 from .config import LoRAConfig, MethodConfig, TrainConfig, method_from_dict
 from .data import TaskData, load_task

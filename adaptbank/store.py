@@ -37,7 +37,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -53,6 +52,7 @@ from adaptbank._atomic import (
     hold_marker,
     marker_live,
 )
+from adaptbank._version import __version__
 
 __all__ = [
     "SCHEMA_VERSION", "BankCorruptError", "BankError", "BankLockedError", "BankStore", "Problem",
@@ -75,19 +75,8 @@ _AREAS = ("tasks", "shared", "router")
 _WARNING_KINDS = frozenset({"temporary", "orphan", "stale"})
 
 
-@lru_cache(maxsize=1)
 def _version() -> str:
-    try:  # lazy: adaptbank/__init__ may import this module, and may not define __version__ yet
-        from adaptbank import __version__
-
-        return str(__version__)
-    except Exception:  # noqa: BLE001 - any failure just means "no version attribute"
-        try:
-            from importlib.metadata import version
-
-            return version("adaptbank")
-        except Exception:  # noqa: BLE001 - not installed (e.g. run from a checkout)
-            return "0.1.0"
+    return __version__
 
 
 class BankError(Exception):
