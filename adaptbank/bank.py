@@ -153,7 +153,7 @@ class AdapterBank:
     def add_task(self, spec: TaskSpec | str | Path, method: MethodConfig | None = None,
                  train: TrainConfig | None = None, *, name: str | None = None, share_a: str | None = None,
                  replace: bool = False, parent: str | None = None,
-                 on_step: Callable[[int, int, float], None] | None = None,
+                 on_step: Callable[[int, float], None] | None = None,
                  log: Callable[[str], None] | None = None) -> AddResult:
         """Train task ``spec``'s expert and head, evaluate on its test split, store both atomically.
 
@@ -184,11 +184,10 @@ class AdapterBank:
         owns = group is not None and group not in self.store.manifest["shared"]
         if group is not None and not owns:
             model.import_shared(group, self.store.read_shared(group, "A"), method)  # type: ignore[arg-type]
-        model.add_task(name, method, data.labels, shared_group=group, seed=train.seed)
         try:
+            model.add_task(name, method, data.labels, shared_group=group, seed=train.seed)
             result = train_task(model, name, [e.text for e in data.train], [e.label for e in data.train], train,
-                                on_step=(lambda s, loss: on_step(s, 0, loss)) if on_step else None,
-                                features=pooled)
+                                on_step=on_step, features=pooled)
             say(f"{name}: trained {result.steps} steps in {result.seconds:.1f}s")
             acc = evaluate(model, name, [e.text for e in data.test], [e.label for e in data.test],
                            max_length=train.max_length)
@@ -204,8 +203,9 @@ class AdapterBank:
             shared_files = {"A": model.export_shared(group)} if owns and group else None
             self.store.write_task(name, files, config, shared=group, shared_files=shared_files, replace=replace,
                                   router=self._router_update(add=(name, mean, len(data.train), scatter)))
-        finally:
-            model.remove_task(name)
+        finally:  # the cached model goes back to the bare base, whatever happened
+            if name in model.tasks:
+                model.remove_task(name)
             if group is not None:
                 model.drop_shared(group)
         self.store.reload()

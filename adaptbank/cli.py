@@ -130,7 +130,7 @@ def add_task(bank: str, spec: str, method: str, rank: int | None, alpha: float |
     b = AdapterBank.open(bank)
     bar = tqdm(desc=f"training {name or spec}", unit="step", disable=as_json or None, file=sys.stderr)
 
-    def on_step(step: int, _total: int, loss: float) -> None:
+    def on_step(step: int, loss: float) -> None:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
 

@@ -146,7 +146,7 @@ class AdaptBankModel(nn.Module):
 
     # ----------------------------------------------------------------------------- router
     def attach_router(self, router: LDARouter, *, top_k: int = 1, temperature: float = 1.0) -> None:
-        """Install ``router`` for routed forwards (``route(routed=True)``); its features come from
+        """Install ``router`` for routed forwards (:meth:`routed_features`); its features come from
         taps on layers ``0 .. router.layers - 1``, which must hold no experts."""
         if router.layers < 1:
             raise ValueError(f"router layers must be >= 1, got {router.layers}")

@@ -67,7 +67,7 @@ class BankStrategy(Strategy):
 
     def learn(self, i: int, on_step: OnStep) -> Learned:
         self.bank.add_task(self.ctx.data[i].spec, self.spec.method, self.spec.train_config(), share_a=self.share_a,
-                           on_step=lambda step, _e, loss: on_step(step, loss))
+                           on_step=on_step)
         return self.recall(i)
 
     def recall(self, i: int) -> Learned:
