@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The standard five (O-LoRA order 1 + yelp), MiniLM, LoRA q+v r=8, one run per strategy, then one report.
 #   bench/continual_standard5.sh [RUNS_DIR] [extra `adaptbank run` flags]
-# Defaults: 1,000 train / 200 test examples per task, 1 epoch, strategies run two at a time (1 thread each).
+# Defaults: 1,000 train / 100 test examples per task, 1 epoch, 64 tokens, strategies two at a time (1 thread each).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-/tmp/adaptbank-standard5}; shift || true
-flags=(--max-train 1000 --max-test 200 --epochs 1 "$@")
+flags=(--max-train 1000 --max-test 100 --epochs 1 --max-length 64 "$@")
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
 mkdir -p "$runs" bench/results
 pairs=("bank seq-lora" "shared-a ewc" "replay olora" "joint")

@@ -32,9 +32,10 @@ def _pct(x: float | None) -> str:
 @click.option("--max-test", type=int, default=None, help="Override [train] max_test (test examples per task).")
 @click.option("--epochs", type=float, default=None, help="Override [train] epochs.")
 @click.option("--seed", type=int, default=None, help="Override [run] seed (data subsets and training).")
+@click.option("--max-length", type=int, default=None, help="Override [train] max_length (tokens per example).")
 @friendly(_RESUME)
 def run(spec: str, out: str, strategy: str | None, max_train: int | None, max_test: int | None,
-        epochs: float | None, seed: int | None) -> None:
+        epochs: float | None, seed: int | None, max_length: int | None) -> None:
     """Learn the tasks of run spec SPEC in order and write OUT/result.json after every task."""
     from ..metrics import AccuracyMatrix
     from .loop import run_sequence
@@ -43,7 +44,7 @@ def run(spec: str, out: str, strategy: str | None, max_train: int | None, max_te
     if epochs is not None and float(epochs).is_integer():
         epochs = int(epochs)  # "epochs = 1", not "1.0", in config_changed and reports
     run_spec = load_run_spec(spec).with_overrides(strategy=strategy, max_train=max_train, max_test=max_test,
-                                                  epochs=epochs, seed=seed)
+                                                  epochs=epochs, seed=seed, max_length=max_length)
     result = run_sequence(run_spec, out, log=click.echo)
     oracle = AccuracyMatrix(tuple(result["tasks"]), result["oracle"]["matrix"], result["oracle"]["baseline"]).summary()
     line = (f"{result['name']} ({result['strategy']}): ACC {_pct(oracle['acc'])}, BWT {_pct(oracle['bwt'])}, "
