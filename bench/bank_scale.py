@@ -223,7 +223,7 @@ def main() -> None:
         _, open_files, _ = _watched(lambda: AdapterBank.open(bank_dir).tasks(), bank_dir)
         opened = AdapterBank.open(bank_dir)
         target, other = names[len(names) // 2], names[-1]
-        import adaptbank.store as store_mod
+        import safetensors.torch as store_mod  # the store imports load_file from here at each read
 
         real_load_file = store_mod.load_file
         loaded: list[str] = []
