@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import FAMILIES, tiny_backbone
-from safetensors.torch import load_file, save_file
 
 from adaptbank import AdaptBankModel, AdapterConfig, LoRAConfig, ParallelAdapterConfig
 from adaptbank.adapted import AdaptedLinear
@@ -182,24 +183,31 @@ def test_only_active_expert_and_head_get_gradients(family, inputs):
     assert all(torch.equal(a, b) for a, b in zip(before, model.expert_parameters("old")))
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", [*METHODS, "shared-a"])
 def test_save_load_is_bit_exact(method, inputs, tmp_path):
+    from adaptbank.expert_io import load_expert, save_expert
+
     model = AdaptBankModel(tiny_backbone("bert"))
-    model.add_task("a", METHODS[method], ["x", "y"])
+    group = "g" if method == "shared-a" else None
+    cfg = METHODS["lora"] if method == "shared-a" else METHODS[method]
+    model.add_task("a", cfg, ["x", "y"], shared_group=group)
     randomize(model, "a")
+    save_expert(model, "a", tmp_path / "a")
     files = model.export_task("a")
     assert not any("a" == part for k in files["adapter"] for part in k.split(".")), "keys must not hold the task name"
-    for part, tensors in files.items():
-        save_file(tensors, tmp_path / f"{part}.safetensors")
-    loaded = {part: load_file(tmp_path / f"{part}.safetensors") for part in files}
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["adaptbank_version"] and config["method"]["kind"] == cfg.kind
     other = AdaptBankModel(tiny_backbone("bert"))
-    other.import_task("renamed", METHODS[method], ["x", "y"], loaded)
+    load_expert(other, tmp_path / "a", name="renamed")
     for part in files:
         exported = other.export_task("renamed")[part]
         assert exported.keys() == files[part].keys()
         assert all(torch.equal(exported[k], files[part][k]) for k in exported)
     model.eval(), other.eval()
     assert torch.equal(model(**inputs, task="a"), other(**inputs, task="renamed"))
+    changed = AdaptBankModel(tiny_backbone("bert", seed=5))
+    with pytest.raises(ValueError, match="fingerprint"):
+        load_expert(changed, tmp_path / "a")
 
 
 def test_load_into_other_shapes_names_layer_and_shapes():
