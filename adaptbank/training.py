@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .config import TrainConfig
 from .model import AdaptBankModel
 from .router import pool
 
 __all__ = ["TrainingError", "TrainResult", "tokenize", "batches", "pooled_features", "frozen_pass", "fit_probe",
+           "make_optimizer", "optimizer_step",
            "train_task", "predict_task", "evaluate"]
 
 
@@ -149,6 +150,37 @@ def fit_probe(features: Tensor, labels: Sequence[int], n_classes: int, *, seed: 
     return W, b
 
 
+def make_optimizer(groups: list[dict], cfg: TrainConfig, n_examples: int
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, int]:
+    """AdamW over ``groups`` (each with ``name``, ``lr``, ``params``) and the linear warm-up/decay
+    schedule for ``cfg.epochs`` passes over ``n_examples``; returns (optimizer, scheduler, total steps)."""
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
+    total = max(1, round(cfg.epochs * math.ceil(n_examples / cfg.batch_size)))
+    warm = int(cfg.warmup * total)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / max(1, warm) if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+    return opt, sched, total
+
+
+def optimizer_step(loss: Tensor, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR,
+                   params: list[nn.Parameter], cfg: TrainConfig, *, what: str, step: int) -> None:
+    """Backward, clip and step, stopping with a :class:`TrainingError` that names ``what``, the step
+    and the parameter group on a non-finite loss or gradient (before anything is updated)."""
+    if not torch.isfinite(loss):
+        raise TrainingError(f"{what}: loss became {loss.item()} at step {step}; {_bad_group(opt)}; "
+                            "nothing was saved (try a lower --lr)")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for g in opt.param_groups:
+        if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in g["params"]):
+            raise TrainingError(f"{what}: non-finite gradient in parameter group {g['name']!r} at step {step}; "
+                                "nothing was saved (try a lower --lr)")
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+    sched.step()
+
+
 def train_task(model: AdaptBankModel, name: str, texts: Sequence[str], labels: Sequence[int], cfg: TrainConfig,
                *, on_step: Callable[[int, float], None] | None = None,
                features: Tensor | None = None) -> TrainResult:
@@ -178,36 +210,19 @@ def train_task(model: AdaptBankModel, name: str, texts: Sequence[str], labels: S
     expert_params, head_params = model.train_only(name)
     groups = [{"params": expert_params, "lr": cfg.lr, "name": "expert"},
               {"params": head_params, "lr": cfg.head_lr, "name": "head"}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
-    epochs = math.ceil(cfg.epochs)
-    per_epoch = math.ceil(len(ids) / cfg.batch_size)
-    total = max(1, round(cfg.epochs * per_epoch))
-    warm = int(cfg.warmup * total)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / max(1, warm) if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+    opt, sched, total = make_optimizer(groups, cfg, len(ids))
     y_all = torch.tensor(labels, dtype=torch.long)
     model.train()
     seen = 0
-    for epoch in range(epochs):
+    for epoch in range(math.ceil(cfg.epochs)):
         for chunk in batches(ids, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch):
             if result.steps >= total:
                 break
             batch = _collate([ids[i] for i in chunk], _pad_id(model), _device(model))
             logits = model(**batch, task=name)  # (B, C)
             loss = F.cross_entropy(logits.float(), y_all[chunk].to(logits.device))
-            if not torch.isfinite(loss):
-                raise TrainingError(f"task {name!r}: loss became {loss.item()} at step {result.steps + 1}; "
-                                    f"{_bad_group(opt)}; nothing was saved (try a lower --lr)")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for g in opt.param_groups:
-                if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in g["params"]):
-                    raise TrainingError(f"task {name!r}: non-finite gradient in parameter group {g['name']!r} at "
-                                        f"step {result.steps + 1}; nothing was saved (try a lower --lr)")
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(expert_params + head_params, cfg.grad_clip)
-            opt.step()
-            sched.step()
+            optimizer_step(loss, opt, sched, expert_params + head_params, cfg, what=f"task {name!r}",
+                           step=result.steps + 1)
             result.steps += 1
             seen += len(chunk)
             result.losses.append(loss.item())

@@ -101,3 +101,21 @@ def write_json(path: str | None, data: dict[str, Any]) -> None:
 
 NOISE_NOTE = ("note: wall-clock figures from a shared machine are noisy; compare the ratios measured side by side "
               "in this run, and re-run on a quiet machine before quoting absolute numbers.")
+
+
+def interleaved(fns: dict, repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds per variant, timing them round-robin after ``warmup`` rounds, so machine noise
+    hits every variant alike."""
+    import statistics
+    import time
+
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}

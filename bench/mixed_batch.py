@@ -29,7 +29,7 @@ import statistics
 import time
 import zlib
 
-from _common import NOISE_NOTE, environment, ratio, setup_torch, table, write_json
+from _common import NOISE_NOTE, environment, interleaved, ratio, setup_torch, table, write_json
 
 
 def parse() -> argparse.Namespace:
@@ -47,20 +47,6 @@ def parse() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None)
     return p.parse_args()
-
-
-def interleaved(fns: dict, repeats: int, warmup: int) -> dict[str, float]:
-    """Median seconds per variant, timing them round-robin after ``warmup`` rounds."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:

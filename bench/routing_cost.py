@@ -36,12 +36,11 @@ from __future__ import annotations
 import argparse
 import copy
 import random
-import statistics
 import tempfile
 import time
 import traceback
 
-from _common import NOISE_NOTE, environment, ratio, setup_torch, table, write_json
+from _common import NOISE_NOTE, environment, interleaved, ratio, setup_torch, table, write_json
 
 
 def parse() -> argparse.Namespace:
@@ -69,19 +68,6 @@ def parse() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None)
     return p.parse_args()
-
-
-def interleaved(fns: dict, repeats: int, warmup: int) -> dict[str, float]:
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def randomise_B(model, name: str, seed: int, scale: float = 0.05) -> None:

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..config import TrainConfig
 from ..model import AdaptBankModel, ClassificationHead
-from ..training import TrainingError, _collate, _device, _pad_id, batches, fit_probe
+from ..training import _collate, _device, _pad_id, batches, fit_probe, make_optimizer, optimizer_step
 
 __all__ = ["Row", "FitResult", "fit_rows", "encode", "probe_head", "head_accuracy"]
 
@@ -65,12 +65,7 @@ def fit_rows(model: AdaptBankModel, rows: Sequence[Row], cfg: TrainConfig, group
         raise ValueError(f"{what}: no training examples")
     groups = [g for g in groups if g["params"]]
     params = [p for g in groups for p in g["params"]]
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    per_epoch = math.ceil(len(rows) / cfg.batch_size)
-    total = max(1, round(cfg.epochs * per_epoch))
-    warm = int(cfg.warmup * total)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / max(1, warm) if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+    opt, sched, total = make_optimizer(groups, cfg, len(rows))
     ids = [r.ids for r in rows]
     result = FitResult()
     start = time.perf_counter()
@@ -85,18 +80,7 @@ def fit_rows(model: AdaptBankModel, rows: Sequence[Row], cfg: TrainConfig, group
             if extra is not None:
                 loss = loss + extra()
             step = result.steps + 1
-            if not torch.isfinite(loss):
-                raise TrainingError(f"{what}: loss became {loss.item()} at step {step}; try a lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for g in opt.param_groups:
-                if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in g["params"]):
-                    raise TrainingError(f"{what}: non-finite gradient in parameter group {g['name']!r} at step "
-                                        f"{step}; try a lower --lr")
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            sched.step()
+            optimizer_step(loss, opt, sched, params, cfg, what=what, step=step)
             result.steps = step
             result.losses.append(loss.item())
             if on_step is not None:
