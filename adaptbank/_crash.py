@@ -64,7 +64,24 @@ def crash_trial(bank: Path, task: str, name: str, extra: list[str], delay: float
     return TrialResult(delay, "complete")
 
 
-def run_trials(bank: Path, task: str, extra: list[str], trials: int, max_delay: float, seed: int = 0) -> list[TrialResult]:
+def calibrate(bank: Path, task: str, extra: list[str]) -> float:
+    """Seconds one uninterrupted add-task takes here (the task is removed again)."""
+    from .bank import AdapterBank
+
+    start = time.perf_counter()
+    subprocess.run(add_task_cmd(bank, task, "calibration", extra), check=True, capture_output=True,
+                   env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    took = time.perf_counter() - start
+    AdapterBank.open(bank).remove("calibration")
+    return took
+
+
+def run_trials(bank: Path, task: str, extra: list[str], trials: int, max_delay: float | None = None,
+               seed: int = 0) -> list[TrialResult]:
+    """``trials`` kills at delays drawn uniformly from [0.5 s, max_delay]; by default max_delay is 1.1x
+    a calibrated uninterrupted run, so kills land in start-up, training, the write and the commit."""
+    if max_delay is None:
+        max_delay = 1.1 * calibrate(bank, task, extra)
     rng = random.Random(seed)
     before = snapshot_tensors(bank)
     return [crash_trial(bank, task, f"crash{i}", extra, rng.uniform(0.5, max_delay), before) for i in range(trials)]
