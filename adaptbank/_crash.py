@@ -69,8 +69,10 @@ def calibrate(bank: Path, task: str, extra: list[str]) -> float:
     from .bank import AdapterBank
 
     start = time.perf_counter()
-    subprocess.run(add_task_cmd(bank, task, "calibration", extra), check=True, capture_output=True,
-                   env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    done = subprocess.run(add_task_cmd(bank, task, "calibration", extra), capture_output=True, text=True,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    if done.returncode != 0:  # a trial that fails by itself proves nothing about kills
+        raise RuntimeError(f"the uninterrupted add-task fails: {done.stderr.strip()[-500:]}")
     took = time.perf_counter() - start
     AdapterBank.open(bank).remove("calibration")
     return took

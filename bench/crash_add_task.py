@@ -38,7 +38,8 @@ def main() -> int:
     short = TrainConfig(epochs=1, max_train=60, max_test=30, max_length=32)
     bank.add_task("weather", LoRAConfig(rank=4), short)
     bank.add_task("topic", LoRAConfig(rank=4), short, share_a="g")
-    extra = ["--epochs", "2", "--max-train", "200", "--max-test", "60", "--max-length", "32", "--share-a", "g"]
+    extra = ["--epochs", "2", "--max-train", "200", "--max-test", "60", "--max-length", "32", "--share-a", "g",
+             "--rank", "4"]
     results = run_trials(work / "bank", "intent", extra, args.trials, args.max_delay, args.seed)
     counts = Counter(r.outcome if not r.outcome.startswith("corrupt") else "corrupt" for r in results)
     for r in results:

@@ -29,7 +29,7 @@ def bank(tiny_bert_dir, tmp_path) -> Path:
 def test_sigkilled_add_task_leaves_task_complete_or_absent(bank):
     # delays up to 1.1x a calibrated uninterrupted run: start-up, training, writing, commit; 30 trials in
     # bench/crash_add_task.py
-    results = run_trials(bank, "intent", [*FLAGS, "--share-a", "g"], trials=4, seed=1)
+    results = run_trials(bank, "intent", [*FLAGS, "--share-a", "g", "--rank", "4"], trials=4, seed=1)
     assert all(r.outcome in ("complete", "absent") for r in results), [r.outcome for r in results]
 
 
