@@ -186,6 +186,7 @@ class AdapterBank:
             model.import_shared(group, self.store.read_shared(group, "A"), method)  # type: ignore[arg-type]
         try:
             model.add_task(name, method, data.labels, shared_group=group, seed=train.seed)
+            say(f"{name}: training on {len(data.train)} examples, testing on {len(data.test)}")
             result = train_task(model, name, [e.text for e in data.train], [e.label for e in data.train], train,
                                 on_step=on_step, features=pooled)
             say(f"{name}: trained {result.steps} steps in {result.seconds:.1f}s")

@@ -135,7 +135,8 @@ def add_task(bank: str, spec: str, method: str, rank: int | None, alpha: float |
         bar.set_postfix(loss=f"{loss:.3f}")
 
     try:
-        r = b.add_task(spec, cfg, train, name=name, share_a=share_a, replace=replace, parent=parent, on_step=on_step)
+        r = b.add_task(spec, cfg, train, name=name, share_a=share_a, replace=replace, parent=parent, on_step=on_step,
+                       log=lambda msg: click.echo(msg, err=True))
     finally:
         bar.close()
     summary = {"task": r.name, "test_accuracy": r.test_accuracy, "probe_accuracy": r.probe_accuracy,
