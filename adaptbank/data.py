@@ -19,7 +19,7 @@ import os
 import random
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,8 +242,7 @@ def read_jsonl(
     skip_bad_lines: bool = False,
 ) -> list[Example]:
     """Read a JSONL file of ``{text_field: str, label_field: int | label name}`` objects."""
-    check = _Checker(Path(path), labels, text_field, label_field, skip_bad_lines)
-    return check.finish(_jsonl(Path(path), check))
+    return _read_checked(_jsonl, path, labels, text_field, label_field, skip_bad_lines)
 
 
 def read_csv(
@@ -255,8 +254,13 @@ def read_csv(
     skip_bad_lines: bool = False,
 ) -> list[Example]:
     """Read a CSV file whose header row names the fields; labels may be indices or label names."""
+    return _read_checked(_csv, path, labels, text_field, label_field, skip_bad_lines)
+
+
+def _read_checked(parse: Callable[[Path, _Checker], list[Example]], path: str | os.PathLike[str],
+                  labels: tuple[str, ...], text_field: str, label_field: str, skip_bad_lines: bool) -> list[Example]:
     check = _Checker(Path(path), labels, text_field, label_field, skip_bad_lines)
-    return check.finish(_csv(Path(path), check))
+    return check.finish(parse(Path(path), check))
 
 
 def _hf(path: Path, role: str, spec: TaskSpec, check: _Checker) -> list[Example]:
