@@ -23,8 +23,6 @@ Merge folds one LoRA expert into the base weight, computed in fp32, and is recor
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 from torch import Tensor, nn
 
@@ -218,9 +216,6 @@ class AdaptedLinear(nn.Module):
         if isinstance(expert, LoRAExpert) and any(expert.A is A for A in self.shared_A.values()):
             out.pop("A")
         return out
-
-    def iter_experts(self) -> Iterator[tuple[str, Expert]]:
-        yield from self.experts.items()  # type: ignore[misc]
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_out={self.d_out}, experts={list(self.experts)}, merged={self.merged!r}"

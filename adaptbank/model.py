@@ -21,7 +21,7 @@ from .adapted import AdaptedLinear
 from .backbone import Backbone, fingerprint
 from .config import LoRAConfig, MethodConfig
 from .experts import LoRAExpert
-from .inject import family_of, inject, iter_adapted, resolve_targets
+from .inject import inject, iter_adapted, resolve_targets
 from .router import LDARouter, RouterTap, layer_list
 from .routing import RoutingState
 
@@ -429,6 +429,3 @@ def _load_checked(expected: dict[str, Tensor], given: dict[str, Tensor], what: s
     for key, value in given.items():
         setter(key, value.to(expected[key].dtype))  # type: ignore[operator]
 
-
-def family(model: AdaptBankModel) -> str | None:
-    return family_of(model.backbone)
