@@ -62,7 +62,7 @@ def parse() -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------- probes
 def _probe(op: str, bank: str, task: str | None) -> None:
     """The operation alone, for a traced child process."""
-    from adaptbank.bank import AdapterBank
+    from adaptbank.bank.facade import AdapterBank
 
     if op == "tasks":
         print(len(AdapterBank.open(bank).tasks()))
@@ -125,7 +125,7 @@ def build(args: argparse.Namespace, bank_dir: Path, work: Path) -> tuple[dict, l
     import torch
 
     from adaptbank import LoRAConfig, TrainConfig, __version__
-    from adaptbank.bank import AdapterBank
+    from adaptbank.bank.facade import AdapterBank
 
     if args.base == "tiny":
         sys.path.insert(0, str(REPO / "tests"))
@@ -183,7 +183,7 @@ def main() -> None:
         return
     setup_torch(args.threads)
     sys.addaudithook(_audit)
-    from adaptbank.bank import AdapterBank
+    from adaptbank.bank.facade import AdapterBank
 
     work = Path(tempfile.mkdtemp(prefix="adaptbank-bank-scale-"))
     bank_dir = Path(args.bank) if args.bank else work / "bank"
@@ -192,10 +192,10 @@ def main() -> None:
         info, names = build(args, bank_dir, work)
         out["build"] = info
         cli = shutil.which("adaptbank")
-        list_cmd = [cli] if cli else [sys.executable, "-c", "import sys; from adaptbank.cli import main; main()"]
+        list_cmd = [cli] if cli else [sys.executable, "-c", "import sys; from adaptbank.cli.main import main; main()"]
         list_cmd = [*list_cmd, "list", str(bank_dir), "--json"]
-        startup_cmd = [sys.executable, "-c", "import adaptbank.cli"]
-        imports_cmd = [sys.executable, "-c", "import adaptbank.cli, adaptbank.bank"]  # what `list` imports
+        startup_cmd = [sys.executable, "-c", "import adaptbank.cli.main"]
+        imports_cmd = [sys.executable, "-c", "import adaptbank.cli.main, adaptbank.bank"]  # what `list` imports
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
         def run(cmd: list[str]) -> str:
@@ -279,8 +279,8 @@ def main() -> None:
     print()
     print(table(["operation", "seconds (median)", "bank files read (strace)"], [
         [f"adaptbank list --json ({args.tasks} tasks, subprocess)", med["list_cli"], files(st.get("list_cli"))],
-        ["python -c 'import adaptbank.cli' (startup only)", med["startup_import_cli"], "-"],
-        ["python -c 'import adaptbank.cli, adaptbank.bank' (list's imports)", med["startup_import_bank"], "-"],
+        ["python -c 'import adaptbank.cli.main' (startup only)", med["startup_import_cli"], "-"],
+        ["python -c 'import adaptbank.cli.main, adaptbank.bank' (list's imports)", med["startup_import_bank"], "-"],
         ["AdapterBank.open(path).tasks() (in-process)", med["open_tasks"], files(st.get("open_tasks"))],
         [f"load([{ip['load_cold']['task']}]) on a fresh open (in-process, incl. backbone load)", ip["load_cold"]["seconds"],
          files(st.get("load_one"))],

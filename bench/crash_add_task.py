@@ -26,11 +26,11 @@ def main() -> int:
                     help="kill within this many seconds of the start [1.1x a calibrated uninterrupted add-task]")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    from _crash import run_trials
     from conftest import _write_tiny_bert
 
-    from adaptbank._crash import run_trials
-    from adaptbank.bank import AdapterBank
-    from adaptbank.config import LoRAConfig, TrainConfig
+    from adaptbank.bank.facade import AdapterBank
+    from adaptbank.core.config import LoRAConfig, TrainConfig
 
     work = Path(tempfile.mkdtemp(prefix="adaptbank-crash-"))
     model = _write_tiny_bert(work / "model")

@@ -1,4 +1,4 @@
-"""Crash-safety trials for ``adaptbank.store``: SIGKILL a writer at a random moment, then audit.
+"""Crash-safety trials for ``adaptbank.bank.store``: SIGKILL a writer at a random moment, then audit.
 
 Each trial forks a child that runs an endless cycle of bank operations (write a task that creates
 or joins a shared group, replace a "hot" task, rewrite the router, remove an older task), logging
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from adaptbank.store import BankError, BankStore  # noqa: E402
+from adaptbank.bank.store import BankError, BankStore  # noqa: E402
 
 BASE = {"name": "crash-test-base", "fingerprint": "0" * 16}
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)

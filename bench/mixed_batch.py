@@ -58,7 +58,7 @@ def main() -> None:
     from transformers import AutoModel
 
     from adaptbank import AdaptBankModel, LoRAConfig, load_backbone
-    from adaptbank.data import load_task
+    from adaptbank.data.load import load_task
 
     ns = sorted(set(args.n))
     texts = sorted((e.text for e in load_task(args.texts_from).test), key=len, reverse=True)[: args.batch]

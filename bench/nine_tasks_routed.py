@@ -35,10 +35,10 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from adaptbank.bank import AdapterBank
-    from adaptbank.config import LoRAConfig, TrainConfig
-    from adaptbank.data import load_task
-    from adaptbank.training import frozen_pass, tokenize
+    from adaptbank.bank.facade import AdapterBank
+    from adaptbank.core.config import LoRAConfig, TrainConfig
+    from adaptbank.data.load import load_task
+    from adaptbank.training.loop import frozen_pass, tokenize
 
     path = Path(args.bank or tempfile.mkdtemp(prefix="adaptbank-nine-")) / "bank"
     bank = AdapterBank.init(path)

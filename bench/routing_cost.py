@@ -85,10 +85,10 @@ def minilm_part(args: argparse.Namespace) -> dict:
     import torch
 
     from adaptbank import AdaptBankModel, LoRAConfig, load_backbone
-    from adaptbank.bank import ROUTER_SHRINKAGE
-    from adaptbank.data import load_task
-    from adaptbank.router import LDARouter, RouterStats
-    from adaptbank.training import frozen_pass, tokenize
+    from adaptbank.bank.facade import ROUTER_SHRINKAGE
+    from adaptbank.data.load import load_task
+    from adaptbank.routing.lda import LDARouter, RouterStats
+    from adaptbank.training.loop import frozen_pass, tokenize
 
     model = AdaptBankModel(load_backbone())
     model.reserved_layers = args.router_layers
@@ -172,9 +172,9 @@ def llama_part(args: argparse.Namespace) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from adaptbank import AdaptBankModel, LoRAConfig
-    from adaptbank.backbone import Backbone
-    from adaptbank.router import LDARouter, RouterStats
-    from adaptbank.training import frozen_pass
+    from adaptbank.core.backbone import Backbone
+    from adaptbank.routing.lda import LDARouter, RouterStats
+    from adaptbank.training.loop import frozen_pass
 
     vocab = 512
     cfg = LlamaConfig(hidden_size=64, num_hidden_layers=args.llama_layers, num_attention_heads=4,

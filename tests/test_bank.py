@@ -13,10 +13,10 @@ import networkx as nx
 import pytest
 import torch
 
-from adaptbank.bank import AdapterBank
-from adaptbank.config import LoRAConfig, ParallelAdapterConfig, TrainConfig
-from adaptbank.store import BankError, TaskExistsError
-from adaptbank.training import TrainingError
+from adaptbank.bank.facade import AdapterBank
+from adaptbank.bank.store import BankError, TaskExistsError
+from adaptbank.core.config import LoRAConfig, ParallelAdapterConfig, TrainConfig
+from adaptbank.training.loop import TrainingError
 
 FAST = TrainConfig(epochs=1, max_train=120, max_test=60, max_length=32)
 
@@ -146,7 +146,7 @@ def test_graph_has_tasks_groups_lineage_and_similarity(bank, tmp_path):
     bank.add_task("weather", cfg, FAST, share_a="g")
     bank.add_task("topic", cfg, FAST, share_a="g")
     bank.add_task("intent", cfg, FAST, parent="weather")
-    from adaptbank.graph import bank_graph, lora_similarity, write_graph
+    from adaptbank.bank.graph import bank_graph, lora_similarity, write_graph
 
     g = bank_graph(bank)
     kinds = {d["kind"] for _, _, d in g.edges(data=True)}

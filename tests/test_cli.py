@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from adaptbank.cli import main
+from adaptbank.cli.main import main
 
 COMMANDS = ["init", "add-task", "list", "show", "remove", "eval", "verify", "graph", "predict", "router", "demo",
             "run", "report"]

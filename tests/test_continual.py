@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from adaptbank import metrics
-from adaptbank.continual.commands import register, report, run
+from adaptbank.cli.continual import register, report, run
 from adaptbank.continual.loop import RunEnd, StepEnd, TaskEnd, run_sequence
 from adaptbank.continual.runspec import (
     STRATEGIES,
@@ -21,7 +21,7 @@ from adaptbank.continual.runspec import (
     run_spec_from_dict,
     run_spec_from_toml,
 )
-from adaptbank.report import load_run
+from adaptbank.report.build import load_run
 
 TASKS = ["weather", "topic", "intent"]
 # Tiny but fast; the high learning rate makes the tiny random BERT's features move visibly.
@@ -77,8 +77,8 @@ def test_shipped_run_specs_load() -> None:
 
 
 def test_default_backbone_matches_backbone_module() -> None:
-    from adaptbank.backbone import DEFAULT_BACKBONE
     from adaptbank.continual import runspec
+    from adaptbank.core.backbone import DEFAULT_BACKBONE
 
     assert runspec.DEFAULT_BACKBONE == DEFAULT_BACKBONE
 

@@ -9,8 +9,8 @@ import torch
 from conftest import FAMILIES, tiny_backbone
 
 from adaptbank import AdaptBankModel, AdapterConfig, LoRAConfig, ParallelAdapterConfig
-from adaptbank.adapted import AdaptedLinear
-from adaptbank.inject import iter_adapted, resolve_targets
+from adaptbank.core.adapted import AdaptedLinear
+from adaptbank.core.inject import iter_adapted, resolve_targets
 
 METHODS = {
     "lora": LoRAConfig(rank=4, alpha=8, dropout=0.0, targets="all-linear"),
@@ -70,7 +70,7 @@ def test_mixed_batch_rows_equal_single_task_runs(family, method, inputs):
 def test_gathered_topk_and_token_gates_match_weighted_sum(kind):
     """At layer level a mixture is linear in the experts for LoRA; for bottlenecks each expert's
     delta is weighted. Both must equal the hand-computed weighted sum of single-expert deltas."""
-    from adaptbank.routing import RoutingState
+    from adaptbank.routing.state import RoutingState
 
     torch.manual_seed(0)
     state = RoutingState()
@@ -185,7 +185,7 @@ def test_only_active_expert_and_head_get_gradients(family, inputs):
 
 @pytest.mark.parametrize("method", [*METHODS, "shared-a"])
 def test_save_load_is_bit_exact(method, inputs, tmp_path):
-    from adaptbank.expert_io import load_expert, save_expert
+    from adaptbank.bank.expert_io import load_expert, save_expert
 
     model = AdaptBankModel(tiny_backbone("bert"))
     group = "g" if method == "shared-a" else None

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adaptbank.builtin_tasks import BUILTIN_TASKS, DEFAULT_SIZES, generate
-from adaptbank.data import (
+from adaptbank.data.builtin import BUILTIN_TASKS, DEFAULT_SIZES, generate
+from adaptbank.data.load import (
     DataError,
     DataFileNotFoundError,
     DataWarning,
@@ -25,7 +25,7 @@ from adaptbank.data import (
     read_labels_json,
     subsample,
 )
-from adaptbank.specs import TaskSpec, data_dir
+from adaptbank.data.specs import TaskSpec, data_dir
 
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 LABELS = ("neg", "pos", "meh")
@@ -161,7 +161,7 @@ def test_skip_bad_lines_skips_counts_and_warns(tmp_path: Path) -> None:
     assert data.skipped == {"train": len(BAD_JSONL) + 1, "test": len(BAD_JSONL) + 1}
 
 
-@pytest.mark.filterwarnings("ignore::adaptbank.data.DataWarning")
+@pytest.mark.filterwarnings("ignore::adaptbank.data.load.DataWarning")
 @pytest.mark.parametrize("content", ["", "\n\n  \n", _jsonl('{"text": "", "label": 0}')])
 def test_empty_split(tmp_path: Path, content: str) -> None:
     path = _write(tmp_path, "d.jsonl", content)

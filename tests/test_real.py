@@ -12,9 +12,9 @@ import torch
 from conftest import minilm, require_data
 
 from adaptbank import AdaptBankModel, LoRAConfig
-from adaptbank.config import TrainConfig
-from adaptbank.data import load_task
-from adaptbank.training import evaluate, tokenize, train_task
+from adaptbank.core.config import TrainConfig
+from adaptbank.data.load import load_task
+from adaptbank.training.loop import evaluate, tokenize, train_task
 
 pytestmark = pytest.mark.slow
 

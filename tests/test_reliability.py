@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
+from _crash import add_task_cmd, run_trials, snapshot_tensors
 
-from adaptbank._crash import add_task_cmd, run_trials, snapshot_tensors
-from adaptbank.bank import AdapterBank
-from adaptbank.config import LoRAConfig, TrainConfig
+from adaptbank.bank.facade import AdapterBank
+from adaptbank.core.config import LoRAConfig, TrainConfig
 
 SHORT = TrainConfig(epochs=1, max_train=60, max_test=30, max_length=32)
 FLAGS = ["--epochs", "1", "--max-train", "120", "--max-test", "30", "--max-length", "32"]

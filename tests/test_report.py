@@ -10,7 +10,14 @@ from typing import Any
 import pytest
 
 from adaptbank import metrics
-from adaptbank.report import build_report, load_run, render_html, render_markdown, summarize_run, write_report
+from adaptbank.report.build import (
+    build_report,
+    load_run,
+    render_html,
+    render_markdown,
+    summarize_run,
+    write_report,
+)
 
 TASKS = ["dbpedia", "amazon", "yahoo"]
 ORACLE = [[0.95, 0.21, 0.1], [0.94, 0.5, 0.12], [0.9, 0.55, 0.7]]

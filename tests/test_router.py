@@ -11,10 +11,10 @@ from click.testing import CliRunner
 from conftest import tiny_backbone
 
 from adaptbank import AdaptBankModel, LoRAConfig
-from adaptbank.bank import AdapterBank
-from adaptbank.cli import main
-from adaptbank.config import TrainConfig
-from adaptbank.router import LDARouter, RouterStats, topk_gates
+from adaptbank.bank.facade import AdapterBank
+from adaptbank.cli.main import main
+from adaptbank.core.config import TrainConfig
+from adaptbank.routing.lda import LDARouter, RouterStats, topk_gates
 
 FAST = TrainConfig(epochs=1, max_train=120, max_test=60, max_length=32)
 
@@ -168,7 +168,7 @@ def test_predict_cli_json_and_bad_input(bank, tmp_path):
 
 
 def test_token_router_trains_gates_only_and_balances(bank):
-    from adaptbank.token_router import gate_mass, load_balance
+    from adaptbank.routing.token import gate_mass, load_balance
 
     # the load-balancing loss is 1 for a perfectly even router and E for total collapse
     E = 4

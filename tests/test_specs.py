@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adaptbank.builtin_tasks import BUILTIN_TASKS
-from adaptbank.specs import (
+from adaptbank.data.builtin import BUILTIN_TASKS
+from adaptbank.data.specs import (
     SpecNotFoundError,
     TaskSpec,
     expand_source,

@@ -1,4 +1,4 @@
-"""Tests for adaptbank.store: round trips, atomic commits, locking, integrity checks, crash safety."""
+"""Tests for adaptbank.bank.store: round trips, atomic commits, locking, integrity checks, crash safety."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 from adaptbank import _atomic
-from adaptbank.store import (
+from adaptbank.bank.store import (
     SCHEMA_VERSION,
     BankCorruptError,
     BankError,

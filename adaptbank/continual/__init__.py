@@ -39,15 +39,15 @@ __all__ = ["Callback", "RunEnd", "RunSpec", "RunStart", "STRATEGIES", "StepEnd",
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        value = getattr(importlib.import_module(f"adaptbank.continual.{_EXPORTS[name]}"), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'adaptbank.continual' has no attribute {name!r}")
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .loop import Callback, RunEnd, RunStart, StepEnd, TaskEnd, TaskStart, run_sequence
-    from .runspec import (
+    from adaptbank.continual.loop import Callback, RunEnd, RunStart, StepEnd, TaskEnd, TaskStart, run_sequence
+    from adaptbank.continual.runspec import (
         STRATEGIES,
         RunSpec,
         StrategyOptions,
@@ -55,4 +55,4 @@ if TYPE_CHECKING:  # pragma: no cover
         run_spec_from_dict,
         run_spec_from_toml,
     )
-    from .strategies import Strategy, make_strategy
+    from adaptbank.continual.strategies import Strategy, make_strategy

@@ -26,11 +26,11 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..data import TaskData
-from ..model import AdaptBankModel, ClassificationHead
-from ..training import tokenize
-from .runspec import RunSpec
-from .trainer import encode, head_accuracy
+from adaptbank.continual.runspec import RunSpec
+from adaptbank.continual.trainer import encode, head_accuracy
+from adaptbank.core.model import AdaptBankModel, ClassificationHead
+from adaptbank.data.load import TaskData
+from adaptbank.training.loop import tokenize
 
 __all__ = ["Context", "Learned", "Strategy", "initial_heads", "OnStep"]
 

@@ -24,14 +24,14 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
-from .._atomic import atomic_write_bytes
-from ..adapted import AdaptedLinear
-from ..backbone import load_backbone
-from ..experts import LoRAExpert
-from ..model import AdaptBankModel, ClassificationHead
-from ..training import _collate, _device, _pad_id, tokenize
-from .base import Context, Learned, OnStep, Strategy
-from .trainer import Row, encode, fit_rows, head_accuracy, probe_head
+from adaptbank._atomic import atomic_write_bytes
+from adaptbank.continual.base import Context, Learned, OnStep, Strategy
+from adaptbank.continual.trainer import Row, encode, fit_rows, head_accuracy, probe_head
+from adaptbank.core.adapted import AdaptedLinear
+from adaptbank.core.backbone import load_backbone
+from adaptbank.core.experts import LoRAExpert
+from adaptbank.core.model import AdaptBankModel, ClassificationHead
+from adaptbank.training.loop import _collate, _device, _pad_id, tokenize
 
 __all__ = ["LEARNER", "SeqLoRA", "SeqFull", "EWC", "Replay", "OLoRA", "Joint"]
 

@@ -29,12 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .._atomic import atomic_write_bytes
-from ..data import load_task
-from ..metrics import AccuracyMatrix
-from ..report import SCHEMA_VERSION, load_run
-from .runspec import RunSpec
-from .strategies import Context, Learned, Strategy, make_strategy
+from adaptbank._atomic import atomic_write_bytes
+from adaptbank.continual.runspec import RunSpec
+from adaptbank.continual.strategies import Context, Learned, Strategy, make_strategy
+from adaptbank.data.load import load_task
+from adaptbank.metrics import AccuracyMatrix
+from adaptbank.report.build import SCHEMA_VERSION, load_run
 
 __all__ = ["Callback", "RunStart", "TaskStart", "StepEnd", "TaskEnd", "RunEnd", "run_sequence", "NOTES"]
 

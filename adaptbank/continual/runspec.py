@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import LoRAConfig, MethodConfig, TrainConfig, check_keys, method_from_dict
-from ..specs import TaskSpec, load_task_spec
+from adaptbank.core.config import LoRAConfig, MethodConfig, TrainConfig, check_keys, method_from_dict
+from adaptbank.data.specs import TaskSpec, find_spec_file, list_task_specs, load_task_spec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -271,10 +271,18 @@ def run_spec_from_toml(text: str, *, source: str = "<string>", base_dir: str | P
 
 
 def load_run_spec(path: str | os.PathLike[str]) -> RunSpec:
-    """Load and validate a run spec file."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ValueError(f"run spec {os.fspath(path)!r} not found (expected a .toml file such as tasks/runs/builtin.toml)")
+    """Load and validate a run spec: a ``.toml`` file, or the name of a shipped one (``builtin``,
+    ``runs/builtin``, ``standard5-order1``...) looked up in the ``runs/`` folder of each spec directory
+    (``ADAPTBANK_TASKS``, then the specs inside the package)."""
+    raw = os.fspath(path)
+    file: Path | None = Path(raw).expanduser()
+    if not file.is_file():  # type: ignore[union-attr]
+        name = raw[: -len(".toml")] if raw.endswith(".toml") else raw
+        name = name[len("runs/"):] if name.startswith("runs/") else name
+        file = find_spec_file(name, "runs") if "/" not in name and os.sep not in name else None
+    if file is None or not file.is_file():
+        raise ValueError(f"run spec {raw!r} not found: not a file, nor a shipped run spec; available: "
+                         f"{', '.join(list_task_specs('runs')) or '(none)'}")
     try:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:

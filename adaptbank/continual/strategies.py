@@ -39,11 +39,11 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from ..bank import AdapterBank
-from ..predict import predict
-from ..training import evaluate
-from .base import Context, Learned, OnStep, Strategy
-from .learners import EWC, Joint, OLoRA, Replay, SeqFull, SeqLoRA
+from adaptbank.bank.facade import AdapterBank
+from adaptbank.continual.base import Context, Learned, OnStep, Strategy
+from adaptbank.continual.learners import EWC, Joint, OLoRA, Replay, SeqFull, SeqLoRA
+from adaptbank.routing.predict import predict
+from adaptbank.training.loop import evaluate
 
 __all__ = ["BankStrategy", "SharedAStrategy", "STRATEGY_CLASSES", "make_strategy"]
 

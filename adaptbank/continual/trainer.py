@@ -28,9 +28,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import TrainConfig
-from ..model import AdaptBankModel, ClassificationHead
-from ..training import _collate, _device, _pad_id, batches, fit_probe, make_optimizer, optimizer_step
+from adaptbank.core.config import TrainConfig
+from adaptbank.core.model import AdaptBankModel, ClassificationHead
+from adaptbank.training.loop import (
+    _collate,
+    _device,
+    _pad_id,
+    batches,
+    fit_probe,
+    make_optimizer,
+    optimizer_step,
+)
 
 __all__ = ["Row", "FitResult", "fit_rows", "encode", "probe_head", "head_accuracy"]
 

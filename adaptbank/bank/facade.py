@@ -24,16 +24,16 @@ from typing import Any
 
 import torch
 
-from ._version import __version__
-from .backbone import DEFAULT_BACKBONE, load_backbone
-from .config import LoRAConfig, MethodConfig, TrainConfig, method_from_dict
-from .data import TaskData, load_task
-from .inject import iter_adapted
-from .model import AdaptBankModel
-from .router import LDARouter, RouterStats, layer_list
-from .specs import TaskSpec, load_task_spec, validate_task_name
-from .store import BankError, BankStore, Problem, TaskExistsError
-from .training import evaluate, frozen_pass, tokenize, train_task
+from adaptbank._version import __version__
+from adaptbank.bank.store import BankError, BankStore, Problem, TaskExistsError
+from adaptbank.core.backbone import DEFAULT_BACKBONE, load_backbone
+from adaptbank.core.config import LoRAConfig, MethodConfig, TrainConfig, method_from_dict
+from adaptbank.core.inject import iter_adapted
+from adaptbank.core.model import AdaptBankModel
+from adaptbank.data.load import TaskData, load_task
+from adaptbank.data.specs import TaskSpec, load_task_spec, validate_task_name
+from adaptbank.routing.lda import LDARouter, RouterStats, layer_list
+from adaptbank.training.loop import evaluate, frozen_pass, tokenize, train_task
 
 __all__ = ["AdapterBank", "AddResult", "BankError"]
 
@@ -332,7 +332,7 @@ class AdapterBank:
         """All tasks loaded and the router attached (or, with ``token_level``, the token gates
         installed): ready for task-agnostic prediction."""
         if token_level:
-            from .token_router import load_token_gates
+            from adaptbank.routing.token import load_token_gates
 
             stored = self.store.read_router()
             if stored is None or "token" not in stored[0]:
@@ -352,7 +352,7 @@ class AdapterBank:
                          balance: float = 0.01, seed: int = 0) -> list[float]:
         """Train token-level gates over all the bank's experts (frozen) on up to ``max_train``
         training examples per task, reloaded from each task's stored spec; store them with the router."""
-        from .token_router import fit_token_router, token_gate_tensors
+        from adaptbank.routing.token import fit_token_router, token_gate_tensors
 
         model = self.load()
         data = {}
@@ -393,7 +393,7 @@ class AdapterBank:
 
         A routed prediction is correct when its label is the true label and it came from the true
         task, or from a task with the identical label list (amazon vs yelp)."""
-        from .predict import predict
+        from adaptbank.routing.predict import predict
 
         names = list(self.tasks() if names is None else names)
         model = self.load_routed(top_k=top_k, token_level=token_level)

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .routing import RoutingState
+from adaptbank.routing.state import RoutingState
 
 __all__ = ["RouterStats", "LDARouter", "RouterTap", "topk_gates", "layer_list", "pool"]
 

@@ -23,7 +23,7 @@ class TrialResult:
 
 
 def snapshot_tensors(bank_path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    from .bank import AdapterBank
+    from adaptbank.bank import AdapterBank
 
     bank = AdapterBank.open(bank_path)
     return {f"{t}/{s}": bank.store.read_tensors(t, s, check="full") for t in bank.tasks() for s in ("adapter", "head")}
@@ -37,7 +37,7 @@ def crash_trial(bank: Path, task: str, name: str, extra: list[str], delay: float
                 before: dict[str, dict[str, torch.Tensor]]) -> TrialResult:
     """Start add-task, SIGKILL it after ``delay`` seconds, then check: verify passes, earlier tasks
     load identical tensors, and the new task is complete or absent."""
-    from .bank import AdapterBank
+    from adaptbank.bank import AdapterBank
 
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(add_task_cmd(bank, task, name, extra), stdout=subprocess.DEVNULL,
@@ -66,7 +66,7 @@ def crash_trial(bank: Path, task: str, name: str, extra: list[str], delay: float
 
 def calibrate(bank: Path, task: str, extra: list[str]) -> float:
     """Seconds one uninterrupted add-task takes here (the task is removed again)."""
-    from .bank import AdapterBank
+    from adaptbank.bank import AdapterBank
 
     start = time.perf_counter()
     done = subprocess.run(add_task_cmd(bank, task, "calibration", extra), capture_output=True, text=True,

@@ -19,7 +19,7 @@ def friendly(interrupted: str = "Interrupted: nothing was written; the bank is u
     def wrap(fn: F) -> F:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            from .store import BankError
+            from adaptbank.bank.store import BankError
 
             try:
                 return fn(*args, **kwargs)

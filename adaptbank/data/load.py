@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .builtin_tasks import BUILTIN_TASKS, generate
-from .specs import TaskSpec, expand_source, load_task_spec, parse_builtin_source
+from adaptbank.data.builtin import BUILTIN_TASKS, generate
+from adaptbank.data.specs import TaskSpec, expand_source, load_task_spec, parse_builtin_source
 
 __all__ = [
     "DataError",

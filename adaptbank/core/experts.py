@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import AdapterConfig, LoRAConfig, ParallelAdapterConfig
+from adaptbank.core.config import AdapterConfig, LoRAConfig, ParallelAdapterConfig
 
 __all__ = ["Expert", "LoRAExpert", "ParallelAdapterExpert", "SerialAdapterExpert", "Stack"]
 

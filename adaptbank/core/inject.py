@@ -16,8 +16,8 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from .adapted import AdaptedLinear, is_adaptable
-from .routing import RoutingState
+from adaptbank.core.adapted import AdaptedLinear, is_adaptable
+from adaptbank.routing.state import RoutingState
 
 __all__ = ["PRESET_ROLES", "FAMILY_ROLES", "resolve_targets", "inject", "iter_adapted", "family_of"]
 

@@ -15,10 +15,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ._atomic import atomic_write_bytes
-from ._version import __version__
-from .config import method_from_dict
-from .model import AdaptBankModel, TaskInfo
+from adaptbank._atomic import atomic_write_bytes
+from adaptbank._version import __version__
+from adaptbank.core.config import method_from_dict
+from adaptbank.core.model import AdaptBankModel, TaskInfo
 
 __all__ = ["save_expert", "load_expert"]
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import click
 
-from .._clierrors import friendly
-from .runspec import STRATEGIES
+from adaptbank.cli.errors import friendly
+from adaptbank.continual.runspec import STRATEGIES
 
 __all__ = ["run", "report", "register"]
 
@@ -37,9 +37,9 @@ def _pct(x: float | None) -> str:
 def run(spec: str, out: str, strategy: str | None, max_train: int | None, max_test: int | None,
         epochs: float | None, seed: int | None, max_length: int | None) -> None:
     """Learn the tasks of run spec SPEC in order and write OUT/result.json after every task."""
-    from ..metrics import AccuracyMatrix
-    from .loop import run_sequence
-    from .runspec import load_run_spec
+    from adaptbank.continual.loop import run_sequence
+    from adaptbank.continual.runspec import load_run_spec
+    from adaptbank.metrics import AccuracyMatrix
 
     if epochs is not None and float(epochs).is_integer():
         epochs = int(epochs)  # "epochs = 1", not "1.0", in config_changed and reports
@@ -64,7 +64,7 @@ def run(spec: str, out: str, strategy: str | None, max_train: int | None, max_te
 @friendly("Interrupted.")
 def report(run_dirs: tuple[str, ...], fmt: str, output: str | None) -> None:
     """Report on one or more run directories (reads only their result.json; runs no model)."""
-    from ..report import write_report
+    from adaptbank.report.build import write_report
 
     text = write_report(list(run_dirs), fmt, Path(output) if output else None)  # type: ignore[arg-type]
     if output:

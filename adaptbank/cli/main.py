@@ -17,8 +17,8 @@ from typing import Any
 
 import click
 
-from ._clierrors import friendly
-from .continual.commands import register
+from adaptbank.cli.continual import register
+from adaptbank.cli.errors import friendly
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -62,8 +62,8 @@ def main() -> None:
 @_friendly
 def init(bank: str, base: str | None, router_layers: int) -> None:
     """Create an empty bank BANK for one frozen base model."""
-    from .backbone import DEFAULT_BACKBONE
-    from .bank import AdapterBank
+    from adaptbank.bank.facade import AdapterBank
+    from adaptbank.core.backbone import DEFAULT_BACKBONE
 
     b = AdapterBank.init(bank, base=base or DEFAULT_BACKBONE, router_layers=router_layers)
     click.echo(f"created bank {b.path} for base {b.base['name']} (fingerprint {b.base['fingerprint'][:12]})")
@@ -71,7 +71,7 @@ def init(bank: str, base: str | None, router_layers: int) -> None:
 
 # ------------------------------------------------------------------------------------------- add-task
 def _method(method: str, rank: int | None, alpha: float | None, targets: str | None, dropout: float | None) -> Any:
-    from .config import AdapterConfig, LoRAConfig, ParallelAdapterConfig
+    from adaptbank.core.config import AdapterConfig, LoRAConfig, ParallelAdapterConfig
 
     kw: dict[str, Any] = {}
     if targets is not None:
@@ -85,7 +85,7 @@ def _method(method: str, rank: int | None, alpha: float | None, targets: str | N
 
 
 def _presets() -> tuple[str, ...]:
-    from .config import TARGET_PRESETS
+    from adaptbank.core.config import TARGET_PRESETS
 
     return TARGET_PRESETS
 
@@ -122,8 +122,8 @@ def add_task(bank: str, spec: str, method: str, rank: int | None, alpha: float |
     """
     from tqdm.auto import tqdm
 
-    from .bank import AdapterBank
-    from .config import TrainConfig
+    from adaptbank.bank.facade import AdapterBank
+    from adaptbank.core.config import TrainConfig
 
     cfg = _method(method, rank, alpha, targets, dropout)
     train = TrainConfig(**{k: v for k, v in train_kw.items() if v is not None})
@@ -156,7 +156,7 @@ def add_task(bank: str, spec: str, method: str, rank: int | None, alpha: float |
 @_friendly
 def list_(bank: str, as_json: bool) -> None:
     """List the tasks in BANK with method, accuracy and size."""
-    from .store import BankStore  # the store alone: listing never imports torch
+    from adaptbank.bank.store import BankStore  # the store alone: listing never imports torch
 
     b = BankStore.open(bank)
     manifest = b.manifest
@@ -181,7 +181,7 @@ def list_(bank: str, as_json: bool) -> None:
 @_friendly
 def show(bank: str, task: str, as_json: bool) -> None:
     """Show everything BANK stores about TASK."""
-    from .bank import AdapterBank
+    from adaptbank.bank.facade import AdapterBank
 
     info = AdapterBank.open(bank).info(task)
     _emit(info, as_json, lambda: click.echo(json.dumps(info, indent=2, default=str)))
@@ -193,7 +193,7 @@ def show(bank: str, task: str, as_json: bool) -> None:
 @_friendly
 def remove(bank: str, task: str) -> None:
     """Remove TASK from BANK."""
-    from .bank import AdapterBank
+    from adaptbank.bank.facade import AdapterBank
 
     AdapterBank.open(bank).remove(task)
     click.echo(f"removed {task}")
@@ -212,7 +212,7 @@ def remove(bank: str, task: str) -> None:
 def eval_(bank: str, tasks: tuple[str, ...], routed: bool, top_k: int, router_kind: str, as_json: bool) -> None:
     """Evaluate TASKS (all by default) on their test splits: with the true task id (oracle), and with
     --routed also through the router (task-identification, routed and oracle accuracy per task)."""
-    from .bank import AdapterBank
+    from adaptbank.bank.facade import AdapterBank
 
     b = AdapterBank.open(bank)
     if not routed:
@@ -256,8 +256,8 @@ def eval_(bank: str, tasks: tuple[str, ...], routed: bool, top_k: int, router_ki
 def predict(bank: str, texts: tuple[str, ...], input_file: str | None, task: str | None, top_k: int,
             max_length: int, router_kind: str, as_json: bool) -> None:
     """Predict TEXTS (or --input FILE) with BANK: the router picks the task, its head the label."""
-    from .bank import AdapterBank
-    from .predict import predict as run
+    from adaptbank.bank.facade import AdapterBank
+    from adaptbank.routing.predict import predict as run
 
     items = list(texts) + (_read_inputs(Path(input_file)) if input_file else [])
     if not items:
@@ -314,7 +314,7 @@ def router() -> None:
 def router_fit(bank: str, token_level: bool, epochs: float, max_train: int, balance: float) -> None:
     """Refit the sequence router from the bank's memory (no raw text needed), or train the token-level
     router with --token-level."""
-    from .bank import AdapterBank
+    from adaptbank.bank.facade import AdapterBank
 
     b = AdapterBank.open(bank)
     if token_level:
@@ -333,7 +333,7 @@ def router_fit(bank: str, token_level: bool, epochs: float, max_train: int, bala
 @_friendly
 def verify(bank: str, repair: bool, fast: bool, as_json: bool) -> None:
     """Check BANK: checksums, manifest against files, and the base model's fingerprint."""
-    from .bank import AdapterBank
+    from adaptbank.bank.facade import AdapterBank
 
     b = AdapterBank.open(bank)
     removed = b.store.repair() if repair else []
@@ -356,8 +356,8 @@ def verify(bank: str, repair: bool, fast: bool, as_json: bool) -> None:
 @_friendly
 def graph(bank: str, output: str | None) -> None:
     """The bank as a graph: tasks, shared-A groups, lineage and expert-similarity edges."""
-    from .bank import AdapterBank
-    from .graph import bank_graph, write_graph
+    from adaptbank.bank.facade import AdapterBank
+    from adaptbank.bank.graph import bank_graph, write_graph
 
     g = bank_graph(AdapterBank.open(bank))
     if output is None:
@@ -372,21 +372,20 @@ def graph(bank: str, output: str | None) -> None:
 # ------------------------------------------------------------------------------------------- demo
 @main.command()
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Working folder [a new temp folder].")
-@click.option("--spec", default=None, help="Run spec [tasks/runs/builtin.toml: the built-in tasks].")
+@click.option("--spec", default=None, help="Run spec file or shipped name [builtin: the built-in tasks].")
 @_friendly
 def demo(out: str | None, spec: str | None) -> None:
     """The main job on the embedded default, no data needed: the bundled MiniLM and the built-in tasks
     added one by one to a bank, the router fitted, every task evaluated after each addition (with and
     without task ids), and a report written."""
-    from .continual.loop import run_sequence
-    from .continual.runspec import load_run_spec
-    from .metrics import AccuracyMatrix
-    from .report import write_report
-    from .specs import tasks_dir
+    from adaptbank.continual.loop import run_sequence
+    from adaptbank.continual.runspec import load_run_spec
+    from adaptbank.metrics import AccuracyMatrix
+    from adaptbank.report.build import write_report
 
     work = Path(out or tempfile.mkdtemp(prefix="adaptbank-demo-"))
     start = time.perf_counter()
-    run_spec = load_run_spec(spec or tasks_dir() / "runs" / "builtin.toml")
+    run_spec = load_run_spec(spec or "builtin")
     click.echo(f"demo: {len(run_spec.tasks)} tasks into a bank on {run_spec.backbone}, in {work}")
     result = run_sequence(run_spec, work / "run", log=click.echo)
     tasks = result["tasks"]

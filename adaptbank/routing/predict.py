@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .model import AdaptBankModel
-from .training import _collate, _device, _pad_id, batches
+from adaptbank.core.model import AdaptBankModel
+from adaptbank.training.loop import _collate, _device, _pad_id, batches
 
 __all__ = ["Prediction", "predict", "tokenize_checked"]
 
@@ -76,7 +76,7 @@ def predict(model: AdaptBankModel, texts: Sequence[str], *, task: str | None = N
             index = torch.full((len(chunk), 1), names.index(task))  # (B, 1)
             weight = torch.ones(len(chunk), 1)  # (B, 1)
         elif token_level:
-            from .token_router import token_routed_features
+            from adaptbank.routing.token import token_routed_features
 
             pooled, mass = token_routed_features(model, batch["input_ids"], batch["attention_mask"])  # (B, D), (B, E)
             weight, index = mass.float().cpu().topk(min(top_k, mass.shape[-1]), dim=-1)  # (B, k)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from .bank import AdapterBank
+    from adaptbank.bank.facade import AdapterBank
 
 __all__ = ["lora_similarity", "bank_graph", "write_graph", "SIMILARITY_NEIGHBOURS"]
 

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .inject import iter_adapted
-from .model import AdaptBankModel
-from .training import TrainingError, _collate, _device, _pad_id, tokenize
+from adaptbank.core.inject import iter_adapted
+from adaptbank.core.model import AdaptBankModel
+from adaptbank.training.loop import TrainingError, _collate, _device, _pad_id, tokenize
 
 __all__ = ["install_token_gates", "token_gate_tensors", "load_token_gates", "load_balance", "gate_mass",
            "fit_token_router", "token_routed_features"]

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import TrainConfig
-from .model import AdaptBankModel
-from .router import pool
+from adaptbank.core.config import TrainConfig
+from adaptbank.core.model import AdaptBankModel
+from adaptbank.routing.lda import pool
 
 __all__ = ["TrainingError", "TrainResult", "tokenize", "batches", "pooled_features", "frozen_pass", "fit_probe",
            "make_optimizer", "optimizer_step",

@@ -21,8 +21,9 @@ A *source string* (``train`` / ``test``) is one of
   ``ADAPTBANK_DATA`` or, if unset, ``<repo>/../shared/data`` (see :func:`data_dir`);
 - ``builtin:<generator>:<split>``, a deterministic generated task from :mod:`adaptbank.builtin_tasks`.
 
-Bare names given to :func:`load_task_spec` resolve to ``<tasks dir>/<name>.toml``; the tasks dir is the
-environment variable ``ADAPTBANK_TASKS`` or the ``tasks/`` folder beside the package.
+Bare names given to :func:`load_task_spec` resolve to ``<dir>/<name>.toml`` in the folders of the
+environment variable ``ADAPTBANK_TASKS`` first, then in the specs shipped inside the package
+(``adaptbank.tasks``, read with ``importlib.resources``; in the repository it is the ``tasks/`` folder).
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ import os
 import re
 import sys
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from .builtin_tasks import BUILTIN_SPLITS, BUILTIN_TASKS
+from adaptbank.data.builtin import BUILTIN_SPLITS, BUILTIN_TASKS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -49,10 +51,12 @@ __all__ = [
     "TaskSpec",
     "data_dir",
     "expand_source",
+    "find_spec_file",
     "list_task_specs",
     "load_task_spec",
     "parse_builtin_source",
     "spec_from_toml",
+    "spec_dirs",
     "tasks_dir",
     "validate_task_name",
 ]
@@ -92,25 +96,42 @@ def validate_task_name(name: object) -> str:
 
 
 def data_dir() -> Path:
-    """The directory ``${ADAPTBANK_DATA}`` expands to: env ``ADAPTBANK_DATA`` or ``<repo>/../shared/data``."""
+    """The directory ``${ADAPTBANK_DATA}`` expands to: env ``ADAPTBANK_DATA``, else ``../shared/data``
+    beside a source checkout of adaptbank (``<repo>/../shared/data``), else ``../shared/data`` from the
+    working directory (a wheel install run from the repository root finds the same folder)."""
     env = os.environ.get("ADAPTBANK_DATA")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+    package = Path(__file__).resolve().parent.parent  # adaptbank/
+    if (package.parent / "pyproject.toml").is_file():  # running from a source checkout
+        return package.parent.parent / "shared" / "data"
+    return Path.cwd().parent / "shared" / "data"
 
 
 def tasks_dir() -> Path:
-    """The directory bare spec names resolve in: env ``ADAPTBANK_TASKS`` or ``<repo>/tasks``."""
-    env = os.environ.get("ADAPTBANK_TASKS")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent / "tasks"
+    """The specs shipped inside the package (``adaptbank.tasks``: the repository's ``tasks/`` folder)."""
+    return Path(str(resources.files("adaptbank.tasks")))
 
 
-def list_task_specs() -> list[str]:
-    """Names of the specs available in :func:`tasks_dir` (sorted file stems of ``*.toml``)."""
-    root = tasks_dir()
-    return sorted(p.stem for p in root.glob("*.toml")) if root.is_dir() else []
+def spec_dirs() -> list[Path]:
+    """Where bare spec names are looked up, in order: the folders of env ``ADAPTBANK_TASKS`` (several
+    separated by ``os.pathsep``), then the shipped specs of :func:`tasks_dir`."""
+    extra = [Path(p).expanduser() for p in os.environ.get("ADAPTBANK_TASKS", "").split(os.pathsep) if p]
+    return [*extra, tasks_dir()]
+
+
+def list_task_specs(sub: str = "") -> list[str]:
+    """Names of the specs available in :func:`spec_dirs` (``sub="runs"``: the run specs)."""
+    return sorted({p.stem for d in spec_dirs() if (d / sub).is_dir() for p in (d / sub).glob("*.toml")})
+
+
+def find_spec_file(name: str, sub: str = "") -> Path | None:
+    """``<dir>/<sub>/<name>.toml`` in the first of :func:`spec_dirs` that has it, or None."""
+    for d in spec_dirs():
+        path = d / sub / f"{name}.toml"
+        if path.is_file():
+            return path
+    return None
 
 
 def parse_builtin_source(source: str) -> tuple[str, str] | None:
@@ -306,17 +327,17 @@ def load_task_spec(path_or_name: str | os.PathLike[str]) -> TaskSpec:
         raise ValueError(f"task spec must be a str path or name, got {raw!r}")
     looks_like_path = raw.endswith(".toml") or "/" in raw or os.sep in raw or isinstance(path_or_name, Path)
     if looks_like_path:
-        path = Path(raw).expanduser()
+        path: Path | None = Path(raw).expanduser()
     else:
         validate_task_name(raw)
-        path = tasks_dir() / f"{raw}.toml"
-    if not path.is_file():
+        path = find_spec_file(raw)
+    if path is None or not path.is_file():
         available = list_task_specs()
         close = difflib.get_close_matches(Path(raw).stem, available, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
+        where = path if path is not None else " or ".join(str(d) for d in spec_dirs())
         raise SpecNotFoundError(
-            f"task spec {raw!r} not found (looked for {path}){hint} available in {tasks_dir()}: "
-            f"{', '.join(available) or '(none)'}"
+            f"task spec {raw!r} not found (looked in {where}){hint} available: {', '.join(available) or '(none)'}"
         )
     try:
         text = path.read_text(encoding="utf-8")

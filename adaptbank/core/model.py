@@ -17,13 +17,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .adapted import AdaptedLinear
-from .backbone import Backbone, fingerprint
-from .config import LoRAConfig, MethodConfig
-from .experts import LoRAExpert
-from .inject import inject, iter_adapted, resolve_targets
-from .router import LDARouter, RouterTap, layer_list
-from .routing import RoutingState
+from adaptbank.core.adapted import AdaptedLinear
+from adaptbank.core.backbone import Backbone, fingerprint
+from adaptbank.core.config import LoRAConfig, MethodConfig
+from adaptbank.core.experts import LoRAExpert
+from adaptbank.core.inject import inject, iter_adapted, resolve_targets
+from adaptbank.routing.lda import LDARouter, RouterTap, layer_list
+from adaptbank.routing.state import RoutingState
 
 __all__ = ["AdaptBankModel", "TaskInfo", "ClassificationHead"]
 

@@ -26,9 +26,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .config import AdapterConfig, LoRAConfig, ParallelAdapterConfig
-from .experts import Expert, LoRAExpert, Stack, make_expert
-from .routing import RoutingState
+from adaptbank.core.config import AdapterConfig, LoRAConfig, ParallelAdapterConfig
+from adaptbank.core.experts import Expert, LoRAExpert, Stack, make_expert
+from adaptbank.routing.state import RoutingState
 
 __all__ = ["AdaptedLinear", "is_adaptable", "linear_shape"]
 

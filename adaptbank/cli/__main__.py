@@ -1,0 +1,3 @@
+from adaptbank.cli.main import main
+
+main()

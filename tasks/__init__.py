@@ -1,0 +1,1 @@
+"""Task specs (TOML, data only): shipped inside the wheel as ``adaptbank.tasks``. Nothing here runs."""

@@ -1,0 +1,1 @@
+"""Run specs (TOML, data only) for ``adaptbank run``."""
