@@ -135,7 +135,7 @@ def build(args: argparse.Namespace, bank_dir: Path, work: Path) -> tuple[dict, l
     else:
         base = "sentence-transformers/all-MiniLM-L6-v2"
     t0 = time.perf_counter()
-    bank = AdapterBank.init(bank_dir, base=base, router_layers=2)
+    bank = AdapterBank.init(bank_dir, base=base)
     init_s = time.perf_counter() - t0
     model = bank.base_model()
     labels = [f"class{j}" for j in range(args.labels)]

@@ -85,7 +85,7 @@ def minilm_part(args: argparse.Namespace) -> dict:
     import torch
 
     from adaptbank import AdaptBankModel, LoRAConfig, load_backbone
-    from adaptbank.bank.facade import ROUTER_SHRINKAGE
+    from adaptbank.core.config import RouterConfig
     from adaptbank.data.load import load_task
     from adaptbank.routing.lda import LDARouter, RouterStats
     from adaptbank.training.loop import frozen_pass, tokenize
@@ -105,7 +105,7 @@ def minilm_part(args: argparse.Namespace) -> dict:
         mean, scatter = RouterStats.task_stats(feats)
         stats.add(task, mean, len(ids), scatter)
         held_out[task] = [e.text for e in data.test]
-    router = LDARouter.fit(stats, layers=args.router_layers, shrinkage=ROUTER_SHRINKAGE)
+    router = LDARouter.fit(stats, layers=args.router_layers, shrinkage=RouterConfig().shrinkage)
     fit_s = time.perf_counter() - t0
     print(f"router fitted on {args.router_texts} texts x {len(args.tasks)} tasks in {fit_s:.1f}s "
           f"(features + fit)", flush=True)

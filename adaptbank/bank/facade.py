@@ -27,7 +27,7 @@ import torch
 from adaptbank._version import __version__
 from adaptbank.bank.store import BankError, BankStore, Problem, TaskExistsError
 from adaptbank.core.backbone import DEFAULT_BACKBONE, load_backbone
-from adaptbank.core.config import LoRAConfig, MethodConfig, TrainConfig, method_from_dict
+from adaptbank.core.config import LoRAConfig, MethodConfig, RouterConfig, TrainConfig, method_from_dict
 from adaptbank.core.inject import iter_adapted
 from adaptbank.core.model import AdaptBankModel
 from adaptbank.data.load import TaskData, load_task
@@ -63,22 +63,24 @@ class AdapterBank:
 
     # ----------------------------------------------------------------------------- open / init
     @classmethod
-    def init(cls, path: str | Path, *, base: str = DEFAULT_BACKBONE, router_layers: int = 2) -> AdapterBank:
+    def init(cls, path: str | Path, *, base: str = DEFAULT_BACKBONE, router: RouterConfig | None = None) -> AdapterBank:
         """Create an empty bank for backbone ``base`` (a path, a .gguf file or the bundled default).
 
-        ``router_layers`` L: the router reads the embeddings and layers 0..L-1, which therefore
-        hold no experts (see ``router.py``)."""
+        ``router.layers`` L: the router reads the embeddings and layers 0..L-1, which therefore
+        hold no experts (see ``routing.lda``); the rest of ``router`` sets its defaults."""
+        router = router or RouterConfig()
         backbone = load_backbone(base)
         model = AdaptBankModel(backbone)
         n_layers = len(layer_list(model.encoder))
-        if not isinstance(router_layers, int) or not 1 <= router_layers < n_layers:
+        if not router.layers < n_layers:
             raise ValueError(f"router layers must be in [1, {n_layers - 1}] for this {n_layers}-layer backbone "
-                             f"(--router-layers), got {router_layers!r}")
+                             f"(--router-layers), got {router.layers!r}")
         cfg = backbone.model.config
         info = {"name": base, "fingerprint": model.base_fingerprint(), "model_type": cfg.model_type,
-                "hidden_size": model.hidden_size, "layers": n_layers, "router_layers": router_layers}
+                "hidden_size": model.hidden_size, "layers": n_layers, "router_layers": router.layers,
+                "router": router.to_dict()}
         bank = cls(BankStore.create(path, base=info))
-        model.reserved_layers = router_layers
+        model.reserved_layers = router.layers
         bank._model = model
         return bank
 
@@ -121,8 +123,13 @@ class AdapterBank:
         return self._model
 
     @property
+    def router_config(self) -> RouterConfig:
+        """The router settings chosen at ``init`` (banks made before RouterConfig: defaults, their layers)."""
+        return RouterConfig.from_dict(self.base.get("router", {"layers": self.base.get("router_layers", 2)}))
+
+    @property
     def router_layers(self) -> int:
-        return int(self.base.get("router_layers", 2))
+        return self.router_config.layers
 
     def load(self, names: Sequence[str] | None = None) -> AdaptBankModel:
         """The base model with tasks ``names`` (all when None) loaded; reads only those tasks' files."""
@@ -228,7 +235,7 @@ class AdapterBank:
         """The shared-A group for a new task: ``share_a`` itself, or for ``auto`` the group holding the
         task nearest to the new one in the router's feature space (Mahalanobis distance under the
         pooled within-task covariance), when the router could barely tell the two apart
-        (distance <= ``AUTO_SHARE_MAX_DISTANCE``): tasks with overlapping inputs share A."""
+        (distance <= ``self.router_config.share_distance``): tasks with overlapping inputs share A."""
         groups = self.store.manifest["shared"]
         if share_a != "auto":
             validate_task_name(share_a)
@@ -239,8 +246,8 @@ class AdapterBank:
         stats.add("\0new", mean, count, scatter)
         dof = max(1, stats.scatter_count - len(stats.names))
         cov = stats.scatter / dof
-        cov = (1 - ROUTER_SHRINKAGE) * cov + ROUTER_SHRINKAGE * torch.trace(cov) / stats.dim * torch.eye(stats.dim,
-                                                                                                      dtype=cov.dtype)
+        shrink = self.router_config.shrinkage
+        cov = (1 - shrink) * cov + shrink * torch.trace(cov) / stats.dim * torch.eye(stats.dim, dtype=cov.dtype)
         best, best_d = None, float("inf")
         for group, entry in groups.items():
             first = self.store.read_config(entry["tasks"][0])["method"]
@@ -251,12 +258,12 @@ class AdapterBank:
                 d = float(diff @ torch.linalg.solve(cov, diff)) ** 0.5
                 if d < best_d:
                     best, best_d = group, d
-        if best is not None and best_d <= AUTO_SHARE_MAX_DISTANCE:
+        if best is not None and best_d <= self.router_config.share_distance:
             return best, (f"joined group {best!r}: its nearest task is at distance {best_d:.2f} <= "
-                          f"{AUTO_SHARE_MAX_DISTANCE} in the router's feature space")
+                          f"{self.router_config.share_distance} in the router's feature space")
         new = next(f"group{i}" for i in range(1, len(groups) + 2) if f"group{i}" not in groups)
         why = (f"started group {new!r}: the nearest compatible group {best!r} is at distance {best_d:.2f} > "
-               f"{AUTO_SHARE_MAX_DISTANCE}" if best is not None else f"started group {new!r}: no compatible group yet")
+               f"{self.router_config.share_distance}" if best is not None else f"started group {new!r}: no compatible group yet")
         return new, why
 
     def remove(self, name: str) -> None:
@@ -294,10 +301,11 @@ class AdapterBank:
 
     def _router_files(self, stats: RouterStats, layers: int) -> tuple[dict, dict, list[str]]:
         files = {"stats": stats.to_tensors()}
+        shrinkage = self.router_config.shrinkage
         if stats.names:
-            lda = LDARouter.fit(stats, layers=layers, shrinkage=ROUTER_SHRINKAGE)
+            lda = LDARouter.fit(stats, layers=layers, shrinkage=shrinkage)
             files["lda"] = {"weight": lda.weight.clone(), "bias": lda.bias.clone()}
-        meta = {"kind": "lda", "layers": layers, "shrinkage": ROUTER_SHRINKAGE, "expert_order": list(stats.names),
+        meta = {"kind": "lda", "layers": layers, "shrinkage": shrinkage, "expert_order": list(stats.names),
                 "adaptbank_version": __version__}
         return files, meta, list(stats.names)
 
@@ -328,9 +336,14 @@ class AdapterBank:
                             f"{self.tasks()}; run `adaptbank router fit`")
         return LDARouter(meta["expert_order"], files["lda"]["weight"], files["lda"]["bias"], layers=meta["layers"])
 
-    def load_routed(self, *, top_k: int = 1, temperature: float = 1.0, token_level: bool = False) -> AdaptBankModel:
+    def load_routed(self, *, top_k: int | None = None, temperature: float | None = None,
+                    token_level: bool = False) -> AdaptBankModel:
         """All tasks loaded and the router attached (or, with ``token_level``, the token gates
-        installed): ready for task-agnostic prediction."""
+        installed): ready for task-agnostic prediction. ``top_k`` and ``temperature`` default to the
+        bank's :class:`RouterConfig`."""
+        cfg = self.router_config
+        top_k = cfg.top_k if top_k is None else top_k
+        temperature = cfg.temperature if temperature is None else temperature
         if token_level:
             from adaptbank.routing.token import load_token_gates
 
@@ -386,7 +399,7 @@ class AdapterBank:
                                  max_length=train.max_length)
         return out
 
-    def evaluate_routed(self, names: Sequence[str] | None = None, *, top_k: int = 1,
+    def evaluate_routed(self, names: Sequence[str] | None = None, *, top_k: int | None = None,
                         token_level: bool = False) -> dict[str, Any]:
         """Per task: the router's task-identification accuracy, the routed accuracy (no task id) and
         the oracle accuracy (true task id), their averages, and which task the router chose how often.
@@ -396,6 +409,7 @@ class AdapterBank:
         from adaptbank.routing.predict import predict
 
         names = list(self.tasks() if names is None else names)
+        top_k = self.router_config.top_k if top_k is None else top_k
         model = self.load_routed(top_k=top_k, token_level=token_level)
         rows: dict[str, dict[str, float]] = {}
         confusion: dict[str, dict[str, int]] = {}
@@ -427,12 +441,4 @@ class AdapterBank:
         """Checksums, manifest against files, and (when the backbone loads) the base fingerprint."""
         return self.store.verify(full=full)
 
-
-ROUTER_SHRINKAGE = 0.1
-"""Shrinkage of the router's pooled covariance towards a scaled identity (measured: 0.03-0.1 match
-scikit-learn's Ledoit-Wolf 'auto' on the nine shared tasks)."""
-
-AUTO_SHARE_MAX_DISTANCE = 3.0
-"""``--share-a auto`` joins a group when a member task is within this Mahalanobis distance of the new
-task's mean router feature (about where two tasks' inputs start to overlap for the router)."""
 

@@ -64,8 +64,9 @@ def init(bank: str, base: str | None, router_layers: int) -> None:
     """Create an empty bank BANK for one frozen base model."""
     from adaptbank.bank.facade import AdapterBank
     from adaptbank.core.backbone import DEFAULT_BACKBONE
+    from adaptbank.core.config import RouterConfig
 
-    b = AdapterBank.init(bank, base=base or DEFAULT_BACKBONE, router_layers=router_layers)
+    b = AdapterBank.init(bank, base=base or DEFAULT_BACKBONE, router=RouterConfig(layers=router_layers))
     click.echo(f"created bank {b.path} for base {b.base['name']} (fingerprint {b.base['fingerprint'][:12]})")
 
 

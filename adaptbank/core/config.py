@@ -11,10 +11,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar, get_args
 
 __all__ = [
+    "NAME_RULE",
+    "RouterConfig",
+    "validate_name",
     "LoRAConfig",
     "AdapterConfig",
     "ParallelAdapterConfig",
@@ -31,6 +35,20 @@ TARGET_PRESETS: tuple[str, ...] = ("qv", "attn", "all-linear", "v", "houlsby", "
 Activation = Literal["relu", "gelu", "silu", "tanh"]
 
 C = TypeVar("C", bound="_Config")
+
+NAME_RULE = "1-100 characters from [A-Za-z0-9_-], starting with a letter or digit"
+"""Task, group and file-stem names: safe path components, and no '.' (names key torch ModuleDicts and
+appear inside dotted module paths)."""
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def validate_name(value: object, what: str = "task name") -> str:
+    """Return ``value`` if it is a valid name (:data:`NAME_RULE`), else raise ``ValueError`` naming it."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {type(value).__name__} {value!r}; rule: {NAME_RULE}")
+    if not 1 <= len(value) <= 100 or _NAME_RE.fullmatch(value) is None:
+        raise ValueError(f"invalid {what} {value!r}; rule: {NAME_RULE}")
+    return value
 
 
 def check_keys(given: dict[str, Any], allowed: list[str] | tuple[str, ...], where: str) -> None:
@@ -205,3 +223,29 @@ class TrainConfig(_Config):
             raise ValueError(f"weight_decay and grad_clip must be >= 0, got {self.weight_decay!r}, {self.grad_clip!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer (--seed), got {self.seed!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouterConfig(_Config):
+    """The sequence router of a bank: LDA over pooled lower-layer features (see ``routing.lda``)."""
+
+    layers: int = 2
+    """The router reads the embeddings and layers 0 .. layers-1, which hold no experts (--router-layers)."""
+    top_k: int = 1
+    """Experts mixed per input at routed inference (--top-k)."""
+    temperature: float = 1.0
+    """Softmax temperature of the router's scores before top-k (--temperature)."""
+    shrinkage: float = 0.1
+    """Shrinkage of the pooled covariance towards a scaled identity (--router-shrinkage; measured: 0.03-0.1
+    match scikit-learn's Ledoit-Wolf 'auto' on the nine shared tasks)."""
+    share_distance: float = 3.0
+    """``--share-a auto`` joins a group whose task lies within this Mahalanobis distance of the new task's
+    mean router feature (--share-distance; about where two tasks' inputs start to overlap for the router)."""
+
+    def __post_init__(self) -> None:
+        _positive("layers", "--router-layers", self.layers, integer=True)
+        _positive("top_k", "--top-k", self.top_k, integer=True)
+        _positive("temperature", "--temperature", self.temperature)
+        _positive("share_distance", "--share-distance", self.share_distance)
+        if not (isinstance(self.shrinkage, (int, float)) and 0.0 <= self.shrinkage <= 1.0):
+            raise ValueError(f"shrinkage must be in [0, 1] (--router-shrinkage), got {self.shrinkage!r}")
