@@ -38,7 +38,8 @@ def main() -> int:
     from adaptbank.bank.facade import AdapterBank
     from adaptbank.core.config import LoRAConfig, TrainConfig
     from adaptbank.data.load import load_task
-    from adaptbank.training.loop import frozen_pass, tokenize
+    from adaptbank.data.tokens import tokenize
+    from adaptbank.training.features import frozen_pass
 
     path = Path(args.bank or tempfile.mkdtemp(prefix="adaptbank-nine-")) / "bank"
     bank = AdapterBank.init(path)

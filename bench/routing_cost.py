@@ -87,8 +87,9 @@ def minilm_part(args: argparse.Namespace) -> dict:
     from adaptbank import AdaptBankModel, LoRAConfig, load_backbone
     from adaptbank.core.config import RouterConfig
     from adaptbank.data.load import load_task
+    from adaptbank.data.tokens import tokenize
     from adaptbank.routing.lda import LDARouter, RouterStats
-    from adaptbank.training.loop import frozen_pass, tokenize
+    from adaptbank.training.features import frozen_pass
 
     model = AdaptBankModel(load_backbone())
     model.reserved_layers = args.router_layers
@@ -152,8 +153,8 @@ def minilm_part(args: argparse.Namespace) -> dict:
                 model.route()
                 return model.features(**batch)
 
-            routed()
-            batch_acc = float((model.state.scores.argmax(1) == torch.tensor(truth)).float().mean())
+            scores = model.routed_features(**batch)[3]  # (B, E)
+            batch_acc = float((scores.argmax(1) == torch.tensor(truth)).float().mean())
             t = interleaved({"routed": routed, "single": single, "base": base}, args.repeats, args.warmup)
             rec = {"median_s": t, "ex_per_s": {k2: args.batch / s for k2, s in t.items()},
                    "routed_time_over_single": t["routed"] / t["single"],
@@ -174,7 +175,7 @@ def llama_part(args: argparse.Namespace) -> dict:
     from adaptbank import AdaptBankModel, LoRAConfig
     from adaptbank.core.backbone import Backbone
     from adaptbank.routing.lda import LDARouter, RouterStats
-    from adaptbank.training.loop import frozen_pass
+    from adaptbank.training.features import frozen_pass
 
     vocab = 512
     cfg = LlamaConfig(hidden_size=64, num_hidden_layers=args.llama_layers, num_attention_heads=4,

@@ -9,7 +9,7 @@ query+value, r=8, alpha 16, dropout 0.1:
   expert and head (``--lr``), ``probe_init=False``;
 * ``peft``: ``get_peft_model(AutoModel, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1,
   target_modules=["query", "value"]))`` + mean-pool -> dropout 0.1 -> linear head, AdamW, with the
-  very same batches (adaptbank's ``tokenize``/``batches``/``_collate``: dynamic padding, same shuffle
+  very same batches (adaptbank's ``tokenize``/``batches``/``collate``: dynamic padding, same shuffle
   seed), learning rate, warm-up/decay schedule, gradient clipping, weight decay and epochs as the
   like-for-like run, so only the implementation differs;
 * ``frozen LogReg``: scikit-learn ``LogisticRegression(max_iter=2000)`` on the frozen backbone's
@@ -60,7 +60,8 @@ def run_adaptbank(task: str, data, cfg, reserved: int = 0) -> dict:
     import torch
 
     from adaptbank import AdaptBankModel, LoRAConfig, load_backbone
-    from adaptbank.training.loop import evaluate, train_task
+    from adaptbank.training.evaluate import evaluate
+    from adaptbank.training.loop import train_task
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -89,7 +90,7 @@ def run_peft(task: str, data, cfg) -> dict:
     from transformers import AutoModel, AutoTokenizer
 
     from adaptbank.core.backbone import DEFAULT_BACKBONE, resolve_backbone
-    from adaptbank.training.loop import _collate, batches, tokenize
+    from adaptbank.data.tokens import batches, collate, tokenize
 
     where, _ = resolve_backbone(DEFAULT_BACKBONE)
     tokenizer = AutoTokenizer.from_pretrained(where)
@@ -127,7 +128,7 @@ def run_peft(task: str, data, cfg) -> dict:
         for chunk in batches(ids, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch):
             if steps >= total:
                 break
-            batch = _collate([ids[i] for i in chunk], pad, dev)
+            batch = collate([ids[i] for i in chunk], pad, dev)
             loss = F.cross_entropy(head(pooled(batch)), y_all[chunk])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -147,7 +148,7 @@ def run_peft(task: str, data, cfg) -> dict:
     t0 = time.perf_counter()
     with torch.no_grad():
         for chunk in batches(test_ids, 64, shuffle=False):
-            pred[chunk] = head(pooled(_collate([test_ids[i] for i in chunk], pad, dev))).argmax(1)
+            pred[chunk] = head(pooled(collate([test_ids[i] for i in chunk], pad, dev))).argmax(1)
     eval_s = time.perf_counter() - t0
     return {"accuracy": int((pred == y_test).sum()) / len(y_test), "train_ex_per_s": seen / seconds,
             "train_seconds": seconds, "steps": steps, "final_loss": losses[-1],
@@ -161,7 +162,7 @@ def run_logreg(task: str, data, max_length: int, seed: int) -> dict:
     from transformers import AutoModel, AutoTokenizer
 
     from adaptbank.core.backbone import DEFAULT_BACKBONE, resolve_backbone
-    from adaptbank.training.loop import _collate, batches, tokenize
+    from adaptbank.data.tokens import batches, collate, tokenize
 
     where, _ = resolve_backbone(DEFAULT_BACKBONE)
     tokenizer = AutoTokenizer.from_pretrained(where)
@@ -173,7 +174,7 @@ def run_logreg(task: str, data, max_length: int, seed: int) -> dict:
         ids = tokenize(tokenizer, texts, max_length)
         out = torch.empty(len(ids), model.config.hidden_size)
         for chunk in batches(ids, 64, shuffle=False):
-            b = _collate([ids[i] for i in chunk], pad, torch.device("cpu"))
+            b = collate([ids[i] for i in chunk], pad, torch.device("cpu"))
             h = model(**b).last_hidden_state
             m = b["attention_mask"].to(h.dtype)[..., None]
             out[chunk] = (h * m).sum(1) / m.sum(1).clamp(min=1.0)

@@ -171,7 +171,7 @@ def test_only_active_expert_and_head_get_gradients(family, inputs):
     randomize(model, "old")
     model.add_task("new", LoRAConfig(rank=2), ["x", "y"])
     expert, head = model.train_only("new")
-    logits = model(**inputs, task="new")
+    logits = model(**inputs, task="new").logits
     torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 0, 1])).backward()
     assert all(p.grad is not None for p in expert + head)
     assert all(p.grad is None for p in model.expert_parameters("old"))
@@ -204,7 +204,7 @@ def test_save_load_is_bit_exact(method, inputs, tmp_path):
         assert exported.keys() == files[part].keys()
         assert all(torch.equal(exported[k], files[part][k]) for k in exported)
     model.eval(), other.eval()
-    assert torch.equal(model(**inputs, task="a"), other(**inputs, task="renamed"))
+    assert torch.equal(model(**inputs, task="a").logits, other(**inputs, task="renamed").logits)
     changed = AdaptBankModel(tiny_backbone("bert", seed=5))
     with pytest.raises(ValueError, match="fingerprint"):
         load_expert(changed, tmp_path / "a")
@@ -244,14 +244,14 @@ def test_decoder_and_seq2seq_families_inject_train_one_step_and_merge(family, in
     expert, head = model.train_only("a")
     opt = torch.optim.AdamW(expert + head, lr=1e-2)
     model.train()
-    loss = torch.nn.functional.cross_entropy(model(**inputs, task="a"), torch.tensor([0, 1, 0, 1]))
+    loss = torch.nn.functional.cross_entropy(model(**inputs, task="a").logits, torch.tensor([0, 1, 0, 1]))
     loss.backward()
     opt.step()
     model.eval()
     assert any(p.abs().sum() > 0 for p in model.expert_parameters("a") if p.shape[0] != 4)  # B moved off zero
-    unmerged = model(**inputs, task="a")
+    unmerged = model(**inputs, task="a").logits
     model.merge("a")
-    torch.testing.assert_close(model(**inputs, task="a"), unmerged, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model(**inputs, task="a").logits, unmerged, atol=1e-5, rtol=0)
 
 
 def test_shared_a_experts_share_one_parameter_and_train_only_b(inputs):

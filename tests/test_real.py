@@ -14,7 +14,9 @@ from conftest import minilm, require_data
 from adaptbank import AdaptBankModel, LoRAConfig
 from adaptbank.core.config import TrainConfig
 from adaptbank.data.load import load_task
-from adaptbank.training.loop import evaluate, tokenize, train_task
+from adaptbank.data.tokens import tokenize
+from adaptbank.training.evaluate import evaluate
+from adaptbank.training.loop import train_task
 
 pytestmark = pytest.mark.slow
 

@@ -84,25 +84,31 @@ def routed_model(top_k: int = 2) -> tuple[AdaptBankModel, dict[str, torch.Tensor
 
 def test_routed_forward_runs_the_backbone_once_and_rows_match_single_runs():
     model, batch = routed_model(top_k=2)
+    model.eval()  # the heads' dropout off: logits are compared below
     calls = []
     emb = model.backbone.embeddings
     original = emb.forward
     emb.forward = lambda *a, **k: calls.append(1) or original(*a, **k)  # count passes (test only)
-    mixed = model.routed_features(**batch)
+    out = model(**batch, routed=True)
     assert len(calls) == 1, "the router must not run a second backbone pass"
-    index, weight = model.state.index.clone(), model.state.weight.clone()
+    mixed, index, weight = out.pooled, out.index.clone(), out.weight.clone()
     assert index.shape == (6, 2) and len(set(index[:, 0].tolist())) > 1, "rows should use different experts"
+    assert out.scores.shape == (6, len(model.tasks))
     for i in range(6):
         model.route(index=index[i: i + 1], weight=weight[i: i + 1])
         single = model.features(**{k: v[i: i + 1, : int(batch["attention_mask"][i].sum())] for k, v in batch.items()})
         torch.testing.assert_close(mixed[i: i + 1], single, atol=1e-5, rtol=1e-5)
+        top = out.tasks[i]
+        assert top == model.state.experts[int(index[i, weight[i].argmax()])]
+        n = len(model.tasks[top].labels)
+        torch.testing.assert_close(out.logits[i, :n], model.heads[top](single)[0], atol=1e-5, rtol=1e-5)
+        assert torch.isinf(out.logits[i, n:]).all()
     # top-1 routing is exactly the chosen task's expert
     model.attach_router(model.router, top_k=1)
-    top1 = model.routed_features(**batch)
-    chosen = model.state.index[:, 0].tolist()
-    for i, e in enumerate(chosen):
+    top1 = model(**batch, routed=True)
+    for i, e in enumerate(top1.index[:, 0].tolist()):
         model.route(task=model.state.experts[e])
-        torch.testing.assert_close(top1[i: i + 1], model.features(**{k: v[i: i + 1] for k, v in batch.items()}),
+        torch.testing.assert_close(top1.pooled[i: i + 1], model.features(**{k: v[i: i + 1] for k, v in batch.items()}),
                                    atol=1e-5, rtol=1e-5)
 
 

@@ -26,14 +26,19 @@ import torch
 
 from adaptbank._version import __version__
 from adaptbank.bank.store import BankError, BankStore, Problem, TaskExistsError
-from adaptbank.core.backbone import DEFAULT_BACKBONE, load_backbone
+from adaptbank.core.backbone import DEFAULT_BACKBONE, Backbone, load_backbone
 from adaptbank.core.config import LoRAConfig, MethodConfig, RouterConfig, TrainConfig, method_from_dict
-from adaptbank.core.inject import iter_adapted
-from adaptbank.core.model import AdaptBankModel
+from adaptbank.core.model import AdaptBankModel, share_frozen
 from adaptbank.data.load import TaskData, load_task
 from adaptbank.data.specs import TaskSpec, load_task_spec, validate_task_name
-from adaptbank.routing.lda import LDARouter, RouterStats, layer_list
-from adaptbank.training.loop import evaluate, frozen_pass, tokenize, train_task
+from adaptbank.data.tokens import tokenize
+from adaptbank.routing.lda import LDARouter, RouterStats, shrunk_covariance
+from adaptbank.routing.predict import predict, routed_hit
+from adaptbank.routing.taps import layer_list
+from adaptbank.routing.token import fit_token_router, load_token_gates, token_gate_tensors
+from adaptbank.training.evaluate import evaluate
+from adaptbank.training.features import frozen_pass
+from adaptbank.training.loop import train_task
 
 __all__ = ["AdapterBank", "AddResult", "BankError"]
 
@@ -59,7 +64,10 @@ class AdapterBank:
 
     def __init__(self, store: BankStore) -> None:
         self.store = store
-        self._model: AdaptBankModel | None = None
+        self._base: Backbone | None = None
+        """The frozen backbone, loaded and fingerprint-checked once; every model gets its own module
+        tree over these (shared, read-only) weights, see :meth:`new_model`."""
+        self._fingerprint: str | None = None
 
     # ----------------------------------------------------------------------------- open / init
     @classmethod
@@ -80,8 +88,7 @@ class AdapterBank:
                 "hidden_size": model.hidden_size, "layers": n_layers, "router_layers": router.layers,
                 "router": router.to_dict()}
         bank = cls(BankStore.create(path, base=info))
-        model.reserved_layers = router.layers
-        bank._model = model
+        bank._base, bank._fingerprint = backbone, info["fingerprint"]
         return bank
 
     @classmethod
@@ -110,17 +117,25 @@ class AdapterBank:
         return config
 
     # ----------------------------------------------------------------------------- model
-    def base_model(self) -> AdaptBankModel:
-        """The backbone with no tasks loaded, checked against the bank's fingerprint (cached)."""
-        if self._model is None:
-            model = AdaptBankModel(load_backbone(self.base["name"]))
-            if model.base_fingerprint() != self.base["fingerprint"]:
+    def new_model(self) -> AdaptBankModel:
+        """A new model over the bank's frozen backbone, with no tasks loaded, owned by the caller.
+
+        The backbone is loaded and checked against the bank's fingerprint once per bank object; each model
+        gets its own module tree sharing the frozen weights (``core.model.share_frozen``), so experts,
+        heads, routers and merges of one model never show in another."""
+        if self._base is None:
+            backbone = load_backbone(self.base["name"])
+            found = AdaptBankModel(backbone).base_fingerprint()
+            if found != self.base["fingerprint"]:
                 raise BankError(f"{self.path}: the bank was made for base {self.base['name']!r} with fingerprint "
                                 f"{self.base['fingerprint']}, but the backbone loaded now has fingerprint "
-                                f"{model.base_fingerprint()}; refusing to mix experts of another base model")
-            model.reserved_layers = self.router_layers
-            self._model = model
-        return self._model
+                                f"{found}; refusing to mix experts of another base model")
+            self._base, self._fingerprint = backbone, found
+        b = self._base
+        model = AdaptBankModel(Backbone(name=b.name, model=share_frozen(b.model), tokenizer=b.tokenizer, path=b.path),
+                               fingerprint=self._fingerprint)
+        model.reserved_layers = self.router_layers
+        return model
 
     @property
     def router_config(self) -> RouterConfig:
@@ -132,18 +147,15 @@ class AdapterBank:
         return self.router_config.layers
 
     def load(self, names: Sequence[str] | None = None) -> AdaptBankModel:
-        """The base model with tasks ``names`` (all when None) loaded; reads only those tasks' files."""
-        model = self.base_model()
+        """A new model with tasks ``names`` (all when None) loaded, owned by the caller; reads only those
+        tasks' files."""
         wanted = list(self.tasks() if names is None else names)
         unknown = [n for n in wanted if n not in self.tasks()]
         if unknown:
             raise KeyError(f"unknown task(s) {unknown} in bank {self.path}; it holds: {', '.join(self.tasks()) or 'none'}")
-        for name in list(model.tasks):
-            if name not in wanted:
-                model.remove_task(name)
+        model = self.new_model()
         for name in wanted:
-            if name not in model.tasks:
-                self._import(model, name)
+            self._import(model, name)
         return model
 
     def _import(self, model: AdaptBankModel, name: str) -> None:
@@ -180,9 +192,7 @@ class AdapterBank:
             raise ValueError(f"--share-a works with --method lora only, not {method.kind!r}")
         data = load_task(spec, max_train=train.max_train, max_test=train.max_test, seed=train.seed)
         start = time.perf_counter()
-        model = self.base_model()
-        for other in list(model.tasks):  # train alone: other experts are frozen anyway
-            model.remove_task(other)
+        model = self.new_model()  # the task trains alone: other experts would be frozen anyway
         train_ids = tokenize(model.tokenizer, [e.text for e in data.train], train.max_length)
         pooled, router_feats = frozen_pass(model, train_ids, router_layers=self.router_layers)  # (N, D), (N, F)
         mean, scatter = RouterStats.task_stats(router_feats)  # (F,), (F, F)
@@ -191,31 +201,25 @@ class AdapterBank:
         owns = group is not None and group not in self.store.manifest["shared"]
         if group is not None and not owns:
             model.import_shared(group, self.store.read_shared(group, "A"), method)  # type: ignore[arg-type]
-        try:
-            model.add_task(name, method, data.labels, shared_group=group, seed=train.seed)
-            say(f"{name}: training on {len(data.train)} examples, testing on {len(data.test)}")
-            result = train_task(model, name, [e.text for e in data.train], [e.label for e in data.train], train,
-                                on_step=on_step, features=pooled)
-            say(f"{name}: trained {result.steps} steps in {result.seconds:.1f}s")
-            acc = evaluate(model, name, [e.text for e in data.test], [e.label for e in data.test],
-                           max_length=train.max_length)
-            files = model.export_task(name)
-            files["memory"] = {"mean": mean.float(), "count": torch.tensor([len(data.train)])}
-            config = self._task_config(name, spec, method, train, data, group, owns, parent, reason, metrics={
-                "test_accuracy": acc, "n_train": len(data.train), "n_test": len(data.test),
-                "probe_accuracy": result.probe_accuracy, "train_seconds": result.seconds,
-                "examples_per_second": result.examples_per_second, "steps": result.steps,
-                "trainable_params": sum(p.numel() for p in model.expert_parameters(name)),
-                "head_params": sum(p.numel() for p in model.heads[name].parameters()),
-                "final_loss": result.losses[-1] if result.losses else None})
-            shared_files = {"A": model.export_shared(group)} if owns and group else None
-            self.store.write_task(name, files, config, shared=group, shared_files=shared_files, replace=replace,
-                                  router=self._router_update(add=(name, mean, len(data.train), scatter)))
-        finally:  # the cached model goes back to the bare base, whatever happened
-            if name in model.tasks:
-                model.remove_task(name)
-            if group is not None:
-                model.drop_shared(group)
+        model.add_task(name, method, data.labels, shared_group=group, seed=train.seed)
+        say(f"{name}: training on {len(data.train)} examples, testing on {len(data.test)}")
+        result = train_task(model, name, [e.text for e in data.train], [e.label for e in data.train], train,
+                            on_step=on_step, features=pooled)
+        say(f"{name}: trained {result.steps} steps in {result.seconds:.1f}s")
+        acc = evaluate(model, name, [e.text for e in data.test], [e.label for e in data.test],
+                       max_length=train.max_length)
+        files = model.export_task(name)
+        files["memory"] = {"mean": mean.float(), "count": torch.tensor([len(data.train)])}
+        config = self._task_config(name, spec, method, train, data, group, owns, parent, reason, metrics={
+            "test_accuracy": acc, "n_train": len(data.train), "n_test": len(data.test),
+            "probe_accuracy": result.probe_accuracy, "train_seconds": result.seconds,
+            "examples_per_second": result.examples_per_second, "steps": result.steps,
+            "trainable_params": sum(p.numel() for p in model.expert_parameters(name)),
+            "head_params": sum(p.numel() for p in model.heads[name].parameters()),
+            "final_loss": result.losses[-1] if result.losses else None})
+        shared_files = {"A": model.export_shared(group)} if owns and group else None
+        self.store.write_task(name, files, config, shared=group, shared_files=shared_files, replace=replace,
+                              router=self._router_update(add=(name, mean, len(data.train), scatter)))
         self.store.reload()
         return AddResult(name=name, test_accuracy=acc, probe_accuracy=result.probe_accuracy,
                          trainable_params=config["metrics"]["trainable_params"],
@@ -244,10 +248,7 @@ class AdapterBank:
             return share_a, f"started the named group {share_a!r}"
         stats = self._stats_from(self.store.read_router(), self.router_layers)
         stats.add("\0new", mean, count, scatter)
-        dof = max(1, stats.scatter_count - len(stats.names))
-        cov = stats.scatter / dof
-        shrink = self.router_config.shrinkage
-        cov = (1 - shrink) * cov + shrink * torch.trace(cov) / stats.dim * torch.eye(stats.dim, dtype=cov.dtype)
+        cov = shrunk_covariance(stats, self.router_config.shrinkage)  # (F, F)
         best, best_d = None, float("inf")
         for group, entry in groups.items():
             first = self.store.read_config(entry["tasks"][0])["method"]
@@ -345,8 +346,6 @@ class AdapterBank:
         top_k = cfg.top_k if top_k is None else top_k
         temperature = cfg.temperature if temperature is None else temperature
         if token_level:
-            from adaptbank.routing.token import load_token_gates
-
             stored = self.store.read_router()
             if stored is None or "token" not in stored[0]:
                 raise BankError(f"bank {self.path} has no token-level router; run `adaptbank router fit --token-level`")
@@ -365,8 +364,6 @@ class AdapterBank:
                          balance: float = 0.01, seed: int = 0) -> list[float]:
         """Train token-level gates over all the bank's experts (frozen) on up to ``max_train``
         training examples per task, reloaded from each task's stored spec; store them with the router."""
-        from adaptbank.routing.token import fit_token_router, token_gate_tensors
-
         model = self.load()
         data = {}
         for name in self.tasks():
@@ -381,8 +378,6 @@ class AdapterBank:
         files = dict(files) | {"token": token_gate_tensors(model)}
         meta = dict(meta) | {"token_expert_order": self.tasks(), "token_balance": balance, "token_epochs": epochs}
         self.store.write_router(files, meta, list(meta.get("expert_order", [])))
-        for _, layer in iter_adapted(model.backbone):
-            layer.token_gate = None
         return losses
 
     # ----------------------------------------------------------------------------- evaluation
@@ -406,8 +401,6 @@ class AdapterBank:
 
         A routed prediction is correct when its label is the true label and it came from the true
         task, or from a task with the identical label list (amazon vs yelp)."""
-        from adaptbank.routing.predict import predict
-
         names = list(self.tasks() if names is None else names)
         top_k = self.router_config.top_k if top_k is None else top_k
         model = self.load_routed(top_k=top_k, token_level=token_level)
@@ -421,8 +414,8 @@ class AdapterBank:
             preds = predict(model, texts, max_length=train.max_length, token_level=token_level, top_k=max(top_k, 2))
             names_of = model.tasks[name].labels
             hit_task = sum(p.task == name for p in preds)
-            hit = sum(p.label == names_of[y] and (p.task == name or model.tasks[p.task].labels == names_of)
-                      for p, y in zip(preds, labels))
+            labels_of = {t: info.labels for t, info in model.tasks.items()}
+            hit = sum(routed_hit(p.task, p.label, name, names_of[y], labels_of) for p, y in zip(preds, labels))
             oracle = evaluate(model, name, texts, labels, max_length=train.max_length)
             rows[name] = {"router_accuracy": hit_task / len(preds), "routed_accuracy": hit / len(preds),
                           "oracle_accuracy": oracle, "n": len(preds)}
@@ -431,9 +424,6 @@ class AdapterBank:
                                                                           "oracle_accuracy")} if rows else {}
         if avg:
             avg["routed_over_oracle"] = avg["routed_accuracy"] / avg["oracle_accuracy"] if avg["oracle_accuracy"] else 0.0
-        if token_level:
-            for _, layer in iter_adapted(model.backbone):
-                layer.token_gate = None
         return {"tasks": rows, "average": avg, "confusion": confusion, "top_k": top_k,
                 "router": "token" if token_level else "sequence"}
 

@@ -23,14 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-import torch
 from torch import Tensor
 
 from adaptbank.continual.runspec import RunSpec
-from adaptbank.continual.trainer import encode, head_accuracy
-from adaptbank.core.model import AdaptBankModel, ClassificationHead
+from adaptbank.core.heads import ClassificationHead
+from adaptbank.core.model import AdaptBankModel
+from adaptbank.core.seeding import seeded
 from adaptbank.data.load import TaskData
-from adaptbank.training.loop import tokenize
+from adaptbank.data.tokens import tokenize
+from adaptbank.training.evaluate import head_accuracy
+from adaptbank.training.features import encode
 
 __all__ = ["Context", "Learned", "Strategy", "initial_heads", "OnStep"]
 
@@ -60,9 +62,8 @@ def initial_heads(model: AdaptBankModel, data: tuple[TaskData, ...], seed: int) 
     """One fresh random head per task, seeded by ``seed`` and the task's position only (global RNG untouched)."""
     heads = {}
     device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[]):
-        for j, d in enumerate(data):
-            torch.manual_seed(seed * 1_000_003 + 17 + j)
+    for j, d in enumerate(data):
+        with seeded(seed * 1_000_003 + 17 + j):
             heads[d.spec.name] = ClassificationHead(model.hidden_size, len(d.labels)).to(device).eval()
     return heads
 

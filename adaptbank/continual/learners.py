@@ -3,11 +3,12 @@
 Letters in shape comments: B batch, D hidden size, E experts, r LoRA rank, I layer input features.
 
 Methods, references and equations are in the docstring of :mod:`adaptbank.continual.strategies`.
-All of them share :class:`SeqLoRA`'s machinery: heads start from the task's initial head and become
-a probe on the current features (``probe_init``), training is ``trainer.fit_rows`` with the
-subclass's parameter groups, extra loss terms and extra rows, and the checkpoint is one safetensors
-file (``RUN_DIR/checkpoint/state.safetensors``: the persisted parameters, the strategy's state,
-and what each step trained) rewritten atomically after every task.
+Each is a small composition over :class:`SeqLoRA`'s machinery: heads start from the task's initial
+head and become a probe on the current features (``probe_init``); training is the one loop
+(``training.loop.fit``) with the strategy's parameter groups, its loss terms (EWC's penalty, O-LoRA's
+orthogonality: ``training.regularizers``) and its data wrapper (replay's buffer rows); the checkpoint
+is one safetensors file (``RUN_DIR/checkpoint/state.safetensors``: the persisted parameters, the
+strategy's state, and what each step trained) rewritten atomically after every task.
 """
 
 from __future__ import annotations
@@ -15,23 +16,33 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
 from adaptbank._atomic import atomic_write_bytes
 from adaptbank.continual.base import Context, Learned, OnStep, Strategy
-from adaptbank.continual.trainer import Row, encode, fit_rows, head_accuracy, probe_head
 from adaptbank.core.adapted import AdaptedLinear
 from adaptbank.core.backbone import load_backbone
 from adaptbank.core.experts import LoRAExpert
-from adaptbank.core.model import AdaptBankModel, ClassificationHead
-from adaptbank.training.loop import _collate, _device, _pad_id, tokenize
+from adaptbank.core.heads import ClassificationHead
+from adaptbank.core.model import AdaptBankModel
+from adaptbank.core.seeding import seeded
+from adaptbank.data.tokens import tokenize
+from adaptbank.training.evaluate import head_accuracy
+from adaptbank.training.features import encode, probe_head
+from adaptbank.training.loop import LossTerm, Row, epoch_batches, fit, total_steps
+from adaptbank.training.regularizers import (
+    EWCPenalty,
+    OrthogonalityPenalty,
+    class_balanced,
+    fisher_diagonal,
+    with_replay,
+)
 
 __all__ = ["LEARNER", "SeqLoRA", "SeqFull", "EWC", "Replay", "OLoRA", "Joint"]
 
@@ -53,8 +64,7 @@ class SeqLoRA(Strategy):
     # -- what the subclasses change
     def _build(self) -> AdaptBankModel:
         model = AdaptBankModel(load_backbone(self.spec.backbone))
-        torch.manual_seed(self.spec.seed)
-        model.add_task(LEARNER, self.spec.method, ("_a", "_b"))
+        model.add_task(LEARNER, self.spec.method, ("_a", "_b"), seed=self.spec.seed)
         return model
 
     def _features(self, batch: dict[str, Tensor]) -> Tensor:
@@ -71,11 +81,13 @@ class SeqLoRA(Strategy):
                 {"params": list(self.model.heads[self.tasks[i]].parameters()), "lr": self.spec.train.head_lr,
                  "name": "head"}]
 
-    def _extra(self, i: int) -> Callable[[], Tensor] | None:
-        return None
+    def _loss_terms(self, i: int) -> list[LossTerm]:
+        """Extra loss terms while task ``i`` trains (EWC, O-LoRA)."""
+        return []
 
-    def _more_rows(self, i: int) -> Callable[[int], list[Row]] | None:
-        return None
+    def _plan(self, i: int, plan: Iterable[list[Row]]) -> Iterable[list[Row]]:
+        """The batches task ``i`` trains on (replay adds buffer rows to each)."""
+        return plan
 
     def _after(self, i: int) -> None:
         """Runs after task ``i`` is trained (EWC: Fisher; replay: fill the buffer)."""
@@ -127,8 +139,8 @@ class SeqLoRA(Strategy):
         return self.tasks[:learned]
 
     def learn(self, i: int, on_step: OnStep) -> Learned:
-        torch.manual_seed(self.spec.seed + i)
-        self._new_task(self.tasks[i])
+        with seeded(self.spec.seed + i):
+            self._new_task(self.tasks[i])
         return self._train(i, [i], self.rows(i), on_step)
 
     def _train(self, i: int, new: list[int], rows: list[Row], on_step: OnStep) -> Learned:
@@ -137,12 +149,10 @@ class SeqLoRA(Strategy):
             for j in new:
                 feats = encode(self.model, [r.ids for r in self.rows(j)], self._features)  # (N, D)
                 probe_head(self._head(self.tasks[j]), feats, [r.label for r in self.rows(j)], seed=cfg.seed)
-        groups = self._groups(i)
-        self.model.requires_grad_(False)
-        for p in (p for g in groups for p in g["params"]):
-            p.requires_grad_(True)
-        res = fit_rows(self.model, rows, cfg, groups, self._features, seed=self.spec.seed + i,
-                       what=f"task {self.tasks[i]!r}", extra=self._extra(i), more_rows=self._more_rows(i), on_step=on_step)
+        groups, seed = self._groups(i), self.spec.seed + i
+        plan = self._plan(i, epoch_batches(rows, cfg, seed))
+        res = fit(self.model, plan, steps=total_steps(len(rows), cfg), groups=groups, cfg=cfg, features=self._features,
+                  seed=seed, what=f"task {self.tasks[i]!r}", loss_terms=self._loss_terms(i), on_step=on_step)
         self._after(i)
         n_params = sum(p.numel() for g in groups for p in g["params"])
         self.infos[i] = Learned(n_params, res.steps, res.losses[-1] if res.losses else None)
@@ -202,39 +212,19 @@ class EWC(SeqLoRA):
         self.fisher: dict[str, list[Tensor]] = {}
         self.star: dict[str, list[Tensor]] = {}
 
-    def _extra(self, i: int) -> Callable[[], Tensor] | None:
+    def _loss_terms(self, i: int) -> list[LossTerm]:
         done = [t for t in self.tasks[:i] if t in self.fisher]  # sequence order: a fixed summation order
         if not done:
-            return None
-        params = self.model.expert_parameters(LEARNER)
-        lam = self.spec.options.ewc_lambda
-
-        def penalty() -> Tensor:
-            terms = ((f * (p - s) ** 2).sum() for t in done
-                     for p, f, s in zip(params, self.fisher[t], self.star[t], strict=True))
-            total = sum(terms, torch.zeros((), device=params[0].device))
-            return lam / 2 * total
-
-        return penalty
+            return []
+        return [EWCPenalty(self.model.expert_parameters(LEARNER), [self.fisher[t] for t in done],
+                           [self.star[t] for t in done], self.spec.options.ewc_lambda)]
 
     def _after(self, i: int) -> None:
         task, rows = self.tasks[i], self.rows(i)
         picked = sorted(random.Random(self.spec.seed + i).sample(range(len(rows)), min(len(rows),
                                                                                        self.spec.options.ewc_samples)))
         params = self.model.expert_parameters(LEARNER)
-        fisher = [torch.zeros_like(p) for p in params]
-        self.model.eval()
-        for p in params:
-            p.requires_grad_(True)
-        for k in picked:
-            batch = _collate([rows[k].ids], _pad_id(self.model), _device(self.model))
-            logp = F.log_softmax(self.model.heads[task](self._features(batch)).float(), -1)[0, rows[k].label]
-            grads = torch.autograd.grad(logp, params, allow_unused=True)
-            for f, g in zip(fisher, grads, strict=True):
-                if g is not None:
-                    f += g.detach() ** 2
-        self.model.requires_grad_(False)
-        self.fisher[task] = [f / len(picked) for f in fisher]
+        self.fisher[task] = fisher_diagonal(self.model, [rows[k] for k in picked], params, self._features)
         self.star[task] = [p.detach().clone() for p in params]
 
     def _state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -268,27 +258,15 @@ class Replay(SeqLoRA):
         groups[1]["params"] += [p for j in self._buffered(i) for p in self.model.heads[self.tasks[j]].parameters()]
         return groups
 
-    def _more_rows(self, i: int) -> Callable[[int], list[Row]] | None:
+    def _plan(self, i: int, plan: Iterable[list[Row]]) -> Iterable[list[Row]]:
         pool = [self.rows(j)[k] for j in self._buffered(i) for k in self.buffer[self.tasks[j]]]
         if not pool:
-            return None
-        rng = random.Random((self.spec.seed + i) * 7919)
-        n = min(self.spec.train.batch_size, len(pool))
-        return lambda _step: rng.sample(pool, n)
+            return plan
+        return with_replay(plan, pool, min(self.spec.train.batch_size, len(pool)), (self.spec.seed + i) * 7919)
 
     def _after(self, i: int) -> None:
-        """Class-balanced sample: classes take turns, each in a seeded random order."""
-        by_class: dict[int, list[int]] = {}
-        for k, row in enumerate(self.rows(i)):
-            by_class.setdefault(row.label, []).append(k)
-        rng = random.Random(self.spec.seed + i)
-        queues = [rng.sample(v, len(v)) for _, v in sorted(by_class.items())]
-        picked: list[int] = []
-        while len(picked) < self.spec.options.replay_per_task and any(queues):
-            for q in queues:
-                if q and len(picked) < self.spec.options.replay_per_task:
-                    picked.append(q.pop())
-        self.buffer[self.tasks[i]] = sorted(picked)
+        """A class-balanced buffer of the task's training rows."""
+        self.buffer[self.tasks[i]] = class_balanced(self.rows(i), self.spec.options.replay_per_task, self.spec.seed + i)
 
     def _state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         return {}, {"buffer": self.buffer}
@@ -324,22 +302,14 @@ class OLoRA(SeqLoRA):
         return [{"params": self.model.expert_parameters(task), "lr": self.spec.train.lr, "name": "expert"},
                 {"params": list(self.model.heads[task].parameters()), "lr": self.spec.train.head_lr, "name": "head"}]
 
-    def _extra(self, i: int) -> Callable[[], Tensor] | None:
+    def _loss_terms(self, i: int) -> list[LossTerm]:
         lam1, lam2 = self.spec.options.olora_lambda, self.spec.options.olora_l2
         task, old = self.tasks[i], self.tasks[:i]
         if (not old or lam1 == 0) and lam2 == 0:
-            return None
+            return []
         pairs = [(_lora_A(layer, task), _lora_A(layer, t))  # (r, I) each
                  for layer in self.model.layers_of(task).values() for t in old]
-        new = self.model.expert_parameters(task)
-
-        def term() -> Tensor:
-            zero = torch.zeros((), device=new[0].device)
-            orth = sum((((a @ b.T) ** 2).sum() for a, b in pairs), zero)  # ||(r, r)||_F^2 per pair
-            l2 = sum((p.pow(2).sum() for p in new), zero)
-            return lam1 * orth + lam2 * l2
-
-        return term
+        return [OrthogonalityPenalty(pairs, self.model.expert_parameters(task), lam1, lam2)]
 
 
 def _lora_A(layer: AdaptedLinear, name: str) -> Tensor:
@@ -366,9 +336,9 @@ class Joint(SeqLoRA):
         if i > 0:  # everything was learned in step 0; the row evaluates the same model again
             self.infos[i] = Learned(0, 0, None)
             return self.infos[i]
-        torch.manual_seed(self.spec.seed)
-        for t in self.tasks:
-            self._new_task(t)
+        with seeded(self.spec.seed):
+            for t in self.tasks:
+                self._new_task(t)
         rows = [r for j in range(len(self.tasks)) for r in self.rows(j)]
         return self._train(0, list(range(len(self.tasks))), rows, on_step)
 

@@ -42,8 +42,8 @@ from typing import ClassVar
 from adaptbank.bank.facade import AdapterBank
 from adaptbank.continual.base import Context, Learned, OnStep, Strategy
 from adaptbank.continual.learners import EWC, Joint, OLoRA, Replay, SeqFull, SeqLoRA
-from adaptbank.routing.predict import predict
-from adaptbank.training.loop import evaluate
+from adaptbank.routing.predict import predict, routed_hit
+from adaptbank.training.evaluate import evaluate
 
 __all__ = ["BankStrategy", "SharedAStrategy", "STRATEGY_CLASSES", "make_strategy"]
 
@@ -62,7 +62,7 @@ class BankStrategy(Strategy):
         if held != list(self.tasks[: len(held)]):
             raise ValueError(f"{path} holds tasks {held}, which are not a prefix of the run's sequence "
                              f"{list(self.tasks)}; use a new --out")
-        self._setup(self.bank.base_model())
+        self._setup(self.bank.new_model())
         return len(held)
 
     def learn(self, i: int, on_step: OnStep) -> Learned:
@@ -94,14 +94,14 @@ class BankStrategy(Strategy):
             texts += [e.text for e in self.ctx.data[j].test]
             owners += [j] * len(self.ctx.data[j].test)
         preds = predict(model, texts, max_length=self.spec.train.max_length)
-        labels = {t: self.ctx.data[j].labels for j, t in enumerate(self.tasks)}
+        labels = {t: tuple(self.ctx.data[j].labels) for j, t in enumerate(self.tasks)}
         gold = [e.label for j in range(i + 1) for e in self.ctx.data[j].test]
         correct, seen, hits = [0] * (i + 1), [0] * (i + 1), 0
         for p, j, y in zip(preds, owners, gold, strict=True):
             true = self.tasks[j]
             hits += p.task == true
             seen[j] += 1
-            correct[j] += p.label == labels[true][y] and (p.task == true or labels[p.task] == labels[true])
+            correct[j] += routed_hit(p.task, p.label, true, labels[true][y], labels)
         row: list[float | None] = [c / n for c, n in zip(correct, seen, strict=True)]
         return row + [None] * (len(self.tasks) - i - 1), hits / len(preds)
 

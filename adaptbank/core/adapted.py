@@ -18,7 +18,9 @@ Forward reads the model's :class:`~adaptbank.routing.RoutingState`:
   or a parameter changes (``Tensor._version`` counts in-place updates).
 
 Merge folds one LoRA expert into the base weight, computed in fp32, and is recorded in
-``self.merged``; a second merge, or a merge while rows mix experts, is refused.
+``self.merged``; a second merge, or a merge while rows mix experts, is refused. The merged weight is a
+new tensor and the original is kept aside, so ``unmerge`` restores it exactly and a merge never
+writes into frozen weights that another model may share (``core.model.share_frozen``).
 """
 
 from __future__ import annotations
@@ -66,8 +68,13 @@ class AdaptedLinear(nn.Module):
         self.shared_A = nn.ParameterDict()
         self.state = state  # a plain object: not registered as a submodule
         self.merged: str | None = None
+        self._unmerged: nn.Parameter | None = None
+        """The base weight as it was before ``merge`` (the merged weight is a new tensor)."""
         self.token_gate: nn.Linear | None = None
-        """Token-level router gate ``(E, I)`` over the model's expert order (see ``token_router``)."""
+        """Token-level router gate ``(E, I)`` over the model's expert order (see ``routing.token``)."""
+        self.gate_probs: Tensor | None = None
+        """``(B, T, E)`` probabilities of the token gate in the last token-gated forward: an output of that
+        forward, read back by ``routing.token`` (None before one)."""
         self._stack_key: tuple[object, ...] | None = None
         self._stacks: list[tuple[type[Expert], Stack]] = []
         self._stack_params: list[nn.Parameter] = []
@@ -134,7 +141,7 @@ class AdaptedLinear(nn.Module):
             return h if expert is None else expert(x, h)
         if st.token and self.token_gate is not None and len(self.experts):
             probs = self.token_gate(x).float().softmax(-1)  # (B, T, E)
-            st.token_probs.append(probs)
+            self.gate_probs = probs
             index = torch.arange(probs.shape[-1], device=x.device).expand(probs.shape[0], -1)  # (B, E)
             for kind, stack in self._current_stacks():
                 h = kind.gathered(x, h, stack, index, probs.to(x.dtype))
@@ -187,17 +194,17 @@ class AdaptedLinear(nn.Module):
             raise RuntimeError("cannot merge while gates mix several experts per example; route one task first")
         if name not in self.experts:
             raise KeyError(f"no expert {name!r} in this layer; it holds: {', '.join(self.experts) or 'none'}")
-        self._apply_delta(name, +1.0)
+        self._merge_weight(name)
         self.merged = name
 
     def unmerge(self) -> None:
-        """Subtract the merged expert's update again; a no-op when nothing is merged."""
+        """Put the original base weight back (exactly); a no-op when nothing is merged."""
         if self.merged is None:
             return
-        self._apply_delta(self.merged, -1.0)
-        self.merged = None
+        self.base.weight = self._unmerged
+        self._unmerged, self.merged = None, None
 
-    def _apply_delta(self, name: str, sign: float) -> None:
+    def _merge_weight(self, name: str) -> None:
         expert = self.experts[name]
         if not isinstance(expert, LoRAExpert):
             raise TypeError(f"only LoRA experts can be merged; {name!r} is {type(expert).__name__}")
@@ -206,7 +213,9 @@ class AdaptedLinear(nn.Module):
         if not isinstance(self.base, nn.Linear):
             delta = delta.T  # Conv1D stores (I, O)
         with torch.no_grad():
-            W.copy_((W.float() + sign * delta).to(W.dtype))
+            merged = (W.float() + delta).to(W.dtype)
+        self._unmerged = W
+        self.base.weight = nn.Parameter(merged, requires_grad=False)
 
     # ----------------------------------------------------------------------------- state
     def expert_state(self, name: str) -> dict[str, Tensor]:

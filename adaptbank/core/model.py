@@ -1,6 +1,14 @@
-"""``AdaptBankModel``: a frozen Hugging Face backbone with per-task experts and classification heads.
+"""``AdaptBankModel``: a frozen Hugging Face backbone with per-task experts and task heads.
 
-Letters in shape comments: B batch, T tokens, D hidden size, C classes of a task, k experts per row.
+Letters in shape comments: B batch, T tokens, D hidden size, C classes of a task, E experts, k experts per row.
+
+One way to call it, returning a :class:`ModelOutput`::
+
+    model(input_ids, attention_mask, task="a")            # every row: task a's expert and head
+    model(input_ids, attention_mask, task_ids=["a", "b"]) # row i: its task's expert and head (one forward)
+    model(input_ids, attention_mask, routed=True)         # the router picks each row's experts and head
+
+``route()`` + ``features()`` stay as the low-level pair (set the gates, then pool features under them).
 
 The backbone is never modified except by wrapping target linears (see ``inject``); it is called
 unchanged, and the gates reach the wrapped layers through one :class:`RoutingState`. Per-task state
@@ -11,21 +19,28 @@ do not contain the task name, so files are portable between banks and names.
 
 from __future__ import annotations
 
+import copy
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, cast
 
 import torch
 from torch import Tensor, nn
 
 from adaptbank.core.adapted import AdaptedLinear
 from adaptbank.core.backbone import Backbone, fingerprint
-from adaptbank.core.config import LoRAConfig, MethodConfig
+from adaptbank.core.config import LoRAConfig, MethodConfig, validate_name
 from adaptbank.core.experts import LoRAExpert
+from adaptbank.core.heads import ClassificationHead
 from adaptbank.core.inject import inject, iter_adapted, resolve_targets
-from adaptbank.routing.lda import LDARouter, RouterTap, layer_list
+from adaptbank.core.pooling import pool
+from adaptbank.core.seeding import seeded
+from adaptbank.routing.lda import LDARouter
 from adaptbank.routing.state import RoutingState
+from adaptbank.routing.taps import RouterTap, RouterTrace, layer_list
 
-__all__ = ["AdaptBankModel", "TaskInfo", "ClassificationHead"]
+__all__ = ["AdaptBankModel", "ModelOutput", "TaskInfo", "ClassificationHead", "share_frozen"]
 
 _DECODERS = {"gpt2", "llama", "mistral", "qwen2", "qwen3"}
 
@@ -43,24 +58,45 @@ class TaskInfo:
     """Shared-A group of a LoRA task-B expert, or None."""
     owns_shared: bool = False
     """True for the group's first task, which trains the shared A."""
+    head: Literal["classification"] = "classification"
+    """The kind of task head (see ``core.heads``; ``generation`` will use the shared LM head)."""
 
 
-class ClassificationHead(nn.Module):
-    """Dropout then a linear map from pooled features (B, D) to class logits (B, C)."""
+@dataclass
+class ModelOutput:
+    """What one forward returns."""
 
-    def __init__(self, d: int, n_classes: int, dropout: float = 0.1) -> None:
-        super().__init__()
-        self.dropout = nn.Dropout(dropout)
-        self.linear = nn.Linear(d, n_classes)
+    logits: Tensor
+    """(B, C): each row scored by its task's head; rows of tasks with fewer classes than the widest are
+    padded with -inf (so argmax and cross-entropy work on the padded tensor)."""
+    tasks: tuple[str, ...]
+    """The task whose head scored each row."""
+    pooled: Tensor
+    """(B, D) pooled features under the forward's gates."""
+    index: Tensor | None = None
+    """(B, k) the experts each row used, in the model's expert order (routed forwards)."""
+    weight: Tensor | None = None
+    """(B, k) their weights (routed forwards)."""
+    scores: Tensor | None = None
+    """(B, E) router scores in the router's expert order (routed forwards)."""
 
-    def forward(self, pooled: Tensor) -> Tensor:
-        return self.linear(self.dropout(pooled))  # (B, C)
+
+def share_frozen(module: nn.Module) -> nn.Module:
+    """A new module tree whose parameters and buffers are the same tensor objects as ``module``'s.
+
+    Injection rewrites the module tree (wrapping layers), so every model needs its own tree; the frozen
+    weights, the bulk of the memory, need not be copied. Merging replaces a wrapped layer's weight with a
+    new tensor (see ``AdaptedLinear.merge``), so a merge in one tree never shows in another."""
+    memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    return copy.deepcopy(module, memo)
 
 
 class AdaptBankModel(nn.Module):
     """A frozen backbone plus name-keyed task experts and heads, routed per forward."""
 
-    def __init__(self, backbone: Backbone) -> None:
+    def __init__(self, backbone: Backbone, *, fingerprint: str | None = None) -> None:
+        """Wrap ``backbone`` (its module tree becomes this model's; see :func:`share_frozen` for a second
+        model over the same weights). ``fingerprint``: the base fingerprint when the caller knows it."""
         super().__init__()
         self.backbone = backbone.model
         self.backbone.requires_grad_(False)
@@ -75,11 +111,13 @@ class AdaptBankModel(nn.Module):
         self.reserved_layers = 0
         """Transformer layers 0 .. n-1 get no experts: the router reads its features there."""
         self.router: LDARouter | None = None
+        self.trace = RouterTrace()
+        """The router taps' per-forward record (see ``routing.taps``); read back by :meth:`forward`."""
         config = self.backbone.config
-        self.pooling = "last" if config.model_type in _DECODERS else "mean"
+        self.pooling: Literal["mean", "last"] = "last" if config.model_type in _DECODERS else "mean"
         self.encoder = self.backbone.get_encoder() if getattr(config, "is_encoder_decoder", False) else self.backbone
         self.hidden_size = int(getattr(config, "hidden_size", None) or config.d_model)
-        self._fingerprint: str | None = None
+        self._fingerprint: str | None = fingerprint
 
     # ----------------------------------------------------------------------------- tasks
     def base_fingerprint(self) -> str:
@@ -95,13 +133,12 @@ class AdaptBankModel(nn.Module):
         """Create task ``name``: its expert in every target layer and a fresh head for ``labels``.
         With ``seed``, initialisation draws from that seed (the global RNG is left untouched)."""
         if seed is not None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+            with seeded(seed):
                 return self.add_task(name, method, labels, shared_group=shared_group, head_dropout=head_dropout)
         if name in self.tasks:
             raise KeyError(f"task {name!r} already exists in the model")
-        if "." in name or not name:
-            raise ValueError(f"task name {name!r} must be non-empty and contain no '.'")
+        if not name.startswith("_"):  # "_learner" and the like: internal experts of the continual baselines
+            validate_name(name)
         if len(labels) < 2:
             raise ValueError(f"task {name!r} needs at least 2 labels, got {list(labels)!r}")
         paths = self.target_paths(method)
@@ -163,8 +200,8 @@ class AdaptBankModel(nn.Module):
             raise ValueError(f"top_k must be >= 1 (--top-k), got {top_k}")
         layers = layer_list(self.encoder)
         for i in range(router.layers):
-            tap = layers[i] if isinstance(layers[i], RouterTap) else RouterTap(layers[i], self.state, first=i == 0,
-                                                                                 last=False)
+            tap = layers[i] if isinstance(layers[i], RouterTap) else RouterTap(layers[i], self.state, self.trace,
+                                                                                 first=i == 0, last=False)
             tap.first, tap.last, tap.router = i == 0, i == router.layers - 1, router
             layers[i] = tap
         last = layers[router.layers - 1]
@@ -262,22 +299,6 @@ class AdaptBankModel(nn.Module):
         return expert, head
 
     # ----------------------------------------------------------------------------- forward
-    def routed_features(self, input_ids: Tensor, attention_mask: Tensor, **extra: Tensor) -> Tensor:
-        """Pooled features (B, D) with the router choosing each row's experts inside this one forward;
-        the gates stay readable in ``state.index``/``state.weight``, the scores in ``state.scores``."""
-        if self.router is None:
-            raise RuntimeError("no router attached; fit one (adaptbank router fit) or route by task")
-        if self.merged is not None:
-            raise RuntimeError(f"task {self.merged!r} is merged into the base weights; unmerge() before routing")
-        self.state.off()
-        self.state.mask = attention_mask
-        self.state.features = []
-        try:
-            return self.features(input_ids, attention_mask, **extra)
-        finally:
-            self.state.mask = None
-            self.state.features = []
-
     def route(self, *, task: str | None = None, task_ids: Sequence[str] | None = None,
               index: Tensor | None = None, weight: Tensor | None = None) -> None:
         """Set the gates for the next forward: one task, a task per row, or experts + weights per row.
@@ -308,24 +329,68 @@ class AdaptBankModel(nn.Module):
             self.state.off()
 
     def features(self, input_ids: Tensor, attention_mask: Tensor, **extra: Tensor) -> Tensor:
-        """Pooled features (B, D) under the current routing: masked mean, or last token for decoders."""
+        """Pooled features (B, D) under the current gates: masked mean, or last token for decoders."""
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra)
-        hidden = out.last_hidden_state  # (B, T, D)
-        mask = attention_mask.to(hidden.dtype)  # (B, T)
-        if self.pooling == "mean":
-            return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)  # (B, D)
-        last = attention_mask.long().sum(1).clamp(min=1) - 1  # (B,)
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, D)
+        return pool(out.last_hidden_state, attention_mask, self.pooling)  # (B, D)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, *, task: str, expert: str | None = None,
-                **extra: Tensor) -> Tensor:
-        """Logits (B, C) of head ``task``, with expert ``expert`` (default: the task's own) for every row.
-        ``expert=""`` runs the backbone without experts."""
+    def routed_features(self, input_ids: Tensor, attention_mask: Tensor,
+                        **extra: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One forward with the router choosing each row's experts inside it: pooled features (B, D),
+        the experts used ``index (B, k)`` (model expert order), their ``weight (B, k)``, and the router
+        scores (B, E) in the router's order."""
+        if self.router is None:
+            raise RuntimeError("no router attached; fit one (adaptbank router fit) or route by task")
+        if self.merged is not None:
+            raise RuntimeError(f"task {self.merged!r} is merged into the base weights; unmerge() before routing")
+        self.state.off()
+        self.trace.open(attention_mask)
+        try:
+            pooled = self.features(input_ids, attention_mask, **extra)  # (B, D)
+            scores = self.trace.scores
+        finally:
+            self.trace.close()
+        if scores is None or self.state.index is None or self.state.weight is None:
+            raise RuntimeError("the routed forward did not reach the router's last tap")
+        return pooled, self.state.index, self.state.weight, scores
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, *, task: str | None = None,
+                task_ids: Sequence[str] | None = None, routed: bool = False, expert: str | None = None,
+                **extra: Tensor) -> ModelOutput:
+        """Logits for one task (``task``), a task per row (``task_ids``) or the router's choice per row
+        (``routed``); exactly one of the three. ``expert`` overrides the experts of a ``task`` forward
+        (``""``: the backbone without experts, with ``task``'s head)."""
+        if sum((task is not None, task_ids is not None, routed)) != 1:
+            raise ValueError("pass exactly one of task=, task_ids= or routed=True")
+        if routed:
+            pooled, index, weight, scores = self.routed_features(input_ids, attention_mask, **extra)
+            names = self.state.experts
+            rows = tuple(names[int(i)] for i in index.gather(1, weight.argmax(1, keepdim=True))[:, 0])
+            return ModelOutput(self._logits(pooled, rows), rows, pooled, index, weight, scores)
+        if task_ids is not None:
+            if len(task_ids) != input_ids.shape[0]:
+                raise ValueError(f"task_ids has {len(task_ids)} entries for a batch of {input_ids.shape[0]} rows")
+            self.route(task_ids=task_ids)
+            pooled = self.features(input_ids, attention_mask, **extra)  # (B, D)
+            return ModelOutput(self._logits(pooled, tuple(task_ids)), tuple(task_ids), pooled)
+        task = cast(str, task)  # narrowed by the count check above
+        if task not in self.heads:
+            raise KeyError(f"unknown task {task!r}; the model holds: {', '.join(self.heads) or 'none'}")
         if expert == "":
             self.route()
         else:
             self.route(task=expert or task)
-        return self.heads[task](self.features(input_ids, attention_mask, **extra))  # (B, C)
+        pooled = self.features(input_ids, attention_mask, **extra)  # (B, D)
+        return ModelOutput(self.heads[task](pooled), (task,) * input_ids.shape[0], pooled)  # (B, C)
+
+    def _logits(self, pooled: Tensor, rows: Sequence[str]) -> Tensor:
+        """Row b scored by head ``rows[b]``: (B, C_max), padded with -inf beyond a head's classes."""
+        width = max(self.heads[t].linear.out_features for t in set(rows))
+        out = pooled.new_full((pooled.shape[0], width), float("-inf"))  # (B, C_max)
+        for t in dict.fromkeys(rows):
+            idx = torch.tensor([b for b, r in enumerate(rows) if r == t], device=pooled.device)  # (b,)
+            logits = self.heads[t](pooled[idx])  # (b, C_t)
+            out[idx, : logits.shape[1]] = logits.to(out.dtype)
+        return out
 
     def add_head(self, name: str, labels: Sequence[str], *, head_dropout: float = 0.1) -> None:
         """A classification head with no expert of its own (for baselines that share one learner

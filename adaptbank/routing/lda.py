@@ -29,15 +29,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from adaptbank.routing.state import RoutingState
-
-__all__ = ["RouterStats", "LDARouter", "RouterTap", "topk_gates", "layer_list", "pool"]
-
-
-def pool(hidden: Tensor, mask: Tensor) -> Tensor:
-    """Masked mean over tokens: ``(B, T, D), (B, T) -> (B, D)``."""
-    m = mask.to(hidden.dtype)[..., None]  # (B, T, 1)
-    return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, D)
+__all__ = ["RouterStats", "LDARouter", "topk_gates", "shrunk_covariance"]
 
 
 def topk_gates(scores: Tensor, top_k: int, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
@@ -102,6 +94,17 @@ class RouterStats:
         return stats
 
 
+def shrunk_covariance(stats: RouterStats, shrinkage: float) -> Tensor:
+    """The pooled within-task covariance ``S = scatter / (N - E)`` shrunk towards a scaled identity,
+    ``(1 - a) S + a tr(S)/F I`` (F x F, float64); the scaled identity alone while no scatter is known."""
+    eye = torch.eye(stats.dim, dtype=torch.float64)  # (F, F)
+    if not stats.scatter_count:
+        return eye
+    cov = stats.scatter / max(1, stats.scatter_count - len(stats.names))  # (F, F)
+    scale = torch.trace(cov) / stats.dim
+    return (1 - shrinkage) * cov + shrinkage * scale * eye
+
+
 class LDARouter(nn.Module):
     """Linear task scores ``x W^T + b`` fitted in closed form from :class:`RouterStats`."""
 
@@ -117,57 +120,9 @@ class LDARouter(nn.Module):
         if not stats.names:
             raise ValueError("cannot fit a router with no tasks")
         means = torch.stack(stats.means)  # (E, F)
-        dof = max(1, stats.scatter_count - len(stats.names))
-        cov = stats.scatter / dof  # (F, F)
-        scale = torch.trace(cov) / stats.dim if stats.scatter_count else torch.tensor(1.0, dtype=torch.float64)
-        eye = torch.eye(stats.dim, dtype=torch.float64)
-        cov = (1 - shrinkage) * cov + shrinkage * scale * eye if stats.scatter_count else scale * eye
-        weight = torch.linalg.solve(cov, means.T).T  # (E, F)
+        weight = torch.linalg.solve(shrunk_covariance(stats, shrinkage), means.T).T  # (E, F)
         bias = -0.5 * (weight * means).sum(1)  # (E,)
         return cls(stats.names, weight, bias, layers=layers)
 
     def forward(self, features: Tensor) -> Tensor:
         return features.float() @ self.weight.T + self.bias  # (B, E)
-
-
-def layer_list(model: nn.Module) -> nn.ModuleList:
-    """The backbone's ModuleList of transformer layers (BERT ``encoder.layer``, GPT-2 ``h``, LLaMA
-    ``layers``, T5 ``encoder.block``): the longest ModuleList, the first one found on ties."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    if not lists:
-        raise ValueError(f"cannot find the layer list of {type(model).__name__}")
-    return max(lists, key=len)
-
-
-class RouterTap(nn.Module):
-    """Wraps transformer layer ``i < L``: pools its input (layer 0) and output into the routing
-    state's feature list while a routed forward runs; the last tap runs the router."""
-
-    transparent_child = "layer"
-    """The wrapped module's attribute name; fingerprints look through it."""
-
-    def __init__(self, layer: nn.Module, state: RoutingState, *, first: bool, last: bool) -> None:
-        super().__init__()
-        self.layer = layer
-        self.state = state
-        self.first, self.last = first, last
-        self.router: LDARouter | None = None
-        self.top_k, self.temperature = 1, 1.0
-        self.to_model: Tensor | None = None
-        """Router column e -> column of the model's expert order."""
-
-    def forward(self, hidden: Tensor, *args: object, **kwargs: object) -> object:
-        st = self.state
-        if st.mask is None or self.router is None:
-            return self.layer(hidden, *args, **kwargs)
-        if self.first:
-            st.features = [pool(hidden, st.mask)]  # (B, D)
-        out = self.layer(hidden, *args, **kwargs)
-        h = out[0] if isinstance(out, tuple) else out  # (B, T, D)
-        st.features.append(pool(h, st.mask))  # (B, D)
-        if self.last:
-            scores = self.router(torch.cat(st.features, -1))  # (B, E)
-            st.scores = scores
-            index, weight = topk_gates(scores, self.top_k, self.temperature)  # (B, k), (B, k)
-            st.route(self.to_model[index], weight)  # type: ignore[index]
-        return out

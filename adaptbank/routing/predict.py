@@ -10,7 +10,6 @@ star-rating tasks gets a blend of both heads rather than a coin flip between the
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -18,9 +17,10 @@ import torch
 from torch import Tensor
 
 from adaptbank.core.model import AdaptBankModel
-from adaptbank.training.loop import _collate, _device, _pad_id, batches
+from adaptbank.data.tokens import batches, collate, pad_id, tokenize_checked
+from adaptbank.routing.token import token_routed_features
 
-__all__ = ["Prediction", "predict", "tokenize_checked"]
+__all__ = ["Prediction", "predict", "routed_hit"]
 
 
 @dataclass
@@ -40,17 +40,11 @@ class Prediction:
                 "routing": {k: round(v, 6) for k, v in self.routing.items()}, "truncated": self.truncated}
 
 
-def tokenize_checked(tokenizer: object, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], list[bool]]:
-    """Token ids truncated to ``max_length`` and, per text, whether truncation cut it. An empty
-    text is a ``ValueError`` naming its position."""
-    for i, t in enumerate(texts):
-        if not isinstance(t, str) or not t.strip():
-            raise ValueError(f"input {i + 1} is empty; every input needs some text")
-    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]  # type: ignore[operator]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        full = tokenizer(list(texts), truncation=False, add_special_tokens=True)["input_ids"]  # type: ignore[operator]
-    return ids, [len(f) > len(i) for f, i in zip(full, ids)]
+def routed_hit(pred_task: str, pred_label: str, true_task: str, true_label: str,
+               labels_of: dict[str, tuple[str, ...]]) -> bool:
+    """The one rule for a correct routed prediction: the right label name, from the true task's head or
+    from a head with the identical label list (amazon vs yelp: the label names mean the same there)."""
+    return pred_label == true_label and (pred_task == true_task or labels_of[pred_task] == labels_of[true_task])
 
 
 @torch.no_grad()
@@ -66,27 +60,24 @@ def predict(model: AdaptBankModel, texts: Sequence[str], *, task: str | None = N
         raise KeyError(f"unknown task {task!r}; the bank holds: {', '.join(model.tasks)}")
     ids, truncated = tokenize_checked(model.tokenizer, texts, max_length)
     model.eval()
-    out: list[Prediction | None] = [None] * len(texts)
+    out_list: list[Prediction | None] = [None] * len(texts)
     names = list(model.state.experts)
     for chunk in batches(ids, batch_size, shuffle=False):
-        batch = _collate([ids[i] for i in chunk], _pad_id(model), _device(model))
+        batch = collate([ids[i] for i in chunk], pad_id(model.tokenizer), next(model.parameters()).device)
         if task is not None:
-            model.route(task=task)
-            pooled = model.features(**batch)  # (B, D)
+            pooled = model(**batch, task=task).pooled  # (B, D)
             index = torch.full((len(chunk), 1), names.index(task))  # (B, 1)
             weight = torch.ones(len(chunk), 1)  # (B, 1)
         elif token_level:
-            from adaptbank.routing.token import token_routed_features
-
             pooled, mass = token_routed_features(model, batch["input_ids"], batch["attention_mask"])  # (B, D), (B, E)
             weight, index = mass.float().cpu().topk(min(top_k, mass.shape[-1]), dim=-1)  # (B, k)
             weight = weight / weight.sum(-1, keepdim=True)
         else:
-            pooled = model.routed_features(**batch)  # (B, D)
-            index, weight = model.state.index.cpu(), model.state.weight.float().cpu()  # type: ignore[union-attr]
+            out = model(**batch, routed=True)
+            pooled, index, weight = out.pooled, out.index.cpu(), out.weight.float().cpu()  # type: ignore[union-attr]
         for row, i in enumerate(chunk):
-            out[i] = _answer(model, texts[i], pooled[row], index[row], weight[row], names, mix_heads, truncated[i])
-    return out  # type: ignore[return-value]
+            out_list[i] = _answer(model, texts[i], pooled[row], index[row], weight[row], names, mix_heads, truncated[i])
+    return out_list  # type: ignore[return-value]
 
 
 def _answer(model: AdaptBankModel, text: str, pooled: Tensor, index: Tensor, weight: Tensor, names: list[str],

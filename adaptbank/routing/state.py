@@ -29,7 +29,9 @@ __all__ = ["RoutingState"]
 
 @dataclass(eq=False)
 class RoutingState:
-    """Gates for the current forward, shared by all adapted layers of one model."""
+    """Gates for the current forward, shared by all adapted layers of one model. Gates only: what a
+    routed forward computes besides them (router features, scores, token-gate probabilities) comes
+    back to the caller as return values of the model."""
 
     experts: tuple[str, ...] = ()
     """Expert order: column j of ``index`` names ``experts[j]``."""
@@ -39,32 +41,20 @@ class RoutingState:
     """(B, k) long: the experts each example uses."""
     weight: Tensor | None = None
     """(B, k) or (B, T, k): their weights."""
+    token: bool = False
+    """Token-level gates: each adapted layer's own gate mixes all experts per token."""
     version: int = field(default=0)
     """Bumped whenever the set of experts changes; layers rebuild their stacks on a change."""
-    mask: Tensor | None = None
-    """(B, T) attention mask of a routed forward, set by the model; None outside routed forwards."""
-    features: list[Tensor] = field(default_factory=list)
-    """Router feature pools (B, D) collected by the router taps during a routed forward."""
-    scores: Tensor | None = None
-    """(B, E) router scores of the last routed forward."""
-    token: bool = False
-    """Token-level routing: each adapted layer's own gate mixes all experts per token."""
-    token_mask: Tensor | None = None
-    """(B, T) attention mask of a token-routed forward (padding is left out of gate statistics)."""
-    token_probs: list[Tensor] = field(default_factory=list)
-    """Per adapted layer, the (B, T, E) gate probabilities of the last token-routed forward."""
 
     def off(self) -> None:
         """No expert: the base model's output."""
-        self.active, self.index, self.weight, self.mask = None, None, None, None
-        self.token, self.token_mask, self.token_probs = False, None, []
+        self.active, self.index, self.weight, self.token = None, None, None, False
 
     def use(self, name: str) -> None:
         """Every row of the batch uses expert ``name``."""
         if name not in self.experts:
             raise KeyError(f"unknown expert {name!r}; the model holds: {', '.join(self.experts) or 'none'}")
-        self.active, self.index, self.weight, self.mask = name, None, None, None
-        self.token, self.token_mask, self.token_probs = False, None, []
+        self.active, self.index, self.weight, self.token = name, None, None, False
 
     def route(self, index: Tensor, weight: Tensor | None = None) -> None:
         """Per-example experts ``index (B, k)`` with ``weight (B, k)``/``(B, T, k)`` (ones if None)."""
@@ -76,8 +66,7 @@ class RoutingState:
             raise ValueError(f"weight shape {tuple(weight.shape)} does not match index shape {tuple(index.shape)}")
         if weight.dim() == 3 and (weight.shape[0], weight.shape[2]) != tuple(index.shape):
             raise ValueError(f"token weight shape {tuple(weight.shape)} does not match index {tuple(index.shape)}")
-        self.active, self.index, self.weight = None, index.long(), weight
-        self.token = False
+        self.active, self.index, self.weight, self.token = None, index.long(), weight, False
 
     def dense(self, gates: Tensor) -> None:
         """Dense gates over all experts: ``(B, E)`` per example or ``(B, T, E)`` per token."""
@@ -87,10 +76,10 @@ class RoutingState:
         index = torch.arange(n, device=gates.device).expand(gates.shape[0], n)  # (B, E)
         self.route(index, gates)
 
-    def tokens(self, mask: Tensor) -> None:
-        """Token-level routing for the next forward: every layer's gate decides per token."""
+    def tokens(self) -> None:
+        """Token-level gates for the next forward: every layer's gate decides per token."""
         self.off()
-        self.token, self.token_mask = True, mask
+        self.token = True
 
     @property
     def mixing(self) -> bool:

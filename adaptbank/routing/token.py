@@ -8,30 +8,37 @@ from a uniform mixture; ``softmax(gate(x))`` weights every expert per token (Wu 
 of LoRA Experts", https://arxiv.org/abs/2404.13628; Tian et al. 2024, HydraLoRA's router). Only the
 gates train. The loss, summed visibly in :func:`fit_token_router`, has three terms:
 
-* the classification loss of each row with its own task's head;
+* the classification loss of each row with its own task's head (the loop's task loss);
 * a task-affinity term ``-log m[b, task(b)]``, with ``m (B, E)`` the gate mass per expert averaged over
   layers and real tokens: the head to use at inference is the task with the largest mass, so the
   gates must also say which task an input belongs to;
 * the Switch Transformer load-balancing term (Fedus et al. 2021, https://arxiv.org/abs/2101.03961)
   ``E * sum_e f_e P_e`` per layer (f_e: share of tokens whose top expert is e, P_e: mean gate
   probability of e), weighted by ``balance``, which keeps the gates from collapsing onto a few experts.
+
+The last two are loss terms of the one training loop (``training.loop.fit``); batches are drawn at
+random from all tasks' rows, and training runs in eval mode (no dropout), so the gates see the experts
+as they run at inference. Each gate keeps the probabilities of its last forward (``gate_probs``), the
+output this module reads back.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adaptbank.core.config import TrainConfig
 from adaptbank.core.inject import iter_adapted
 from adaptbank.core.model import AdaptBankModel
-from adaptbank.training.loop import TrainingError, _collate, _device, _pad_id, tokenize
+from adaptbank.data.tokens import tokenize
+from adaptbank.training.loop import Row, Step, fit
 
-__all__ = ["install_token_gates", "token_gate_tensors", "load_token_gates", "load_balance", "gate_mass",
-           "fit_token_router", "token_routed_features"]
+__all__ = ["install_token_gates", "remove_token_gates", "token_gate_tensors", "load_token_gates", "load_balance",
+           "gate_mass", "gate_probs", "fit_token_router", "token_routed_features", "AffinityTerm", "BalanceTerm"]
 
 
 def install_token_gates(model: AdaptBankModel) -> list[nn.Linear]:
@@ -93,13 +100,58 @@ def gate_mass(probs: Sequence[Tensor], mask: Tensor) -> Tensor:
     return torch.stack(per_layer).mean(0)  # (B, E)
 
 
+def gate_probs(model: AdaptBankModel) -> list[Tensor]:
+    """The (B, T, E) gate probabilities of every gated layer in the last token-gated forward."""
+    return [layer.gate_probs for _, layer in iter_adapted(model.backbone)
+            if layer.token_gate is not None and layer.gate_probs is not None]
+
+
+def remove_token_gates(model: AdaptBankModel) -> None:
+    """Take the token gates out of every adapted layer."""
+    for _, layer in iter_adapted(model.backbone):
+        layer.token_gate, layer.gate_probs = None, None
+
+
 def token_routed_features(model: AdaptBankModel, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
     """Pooled features (B, D) with token-level gates, and the gate mass per expert (B, E)."""
-    model.state.tokens(attention_mask)
+    for _, layer in iter_adapted(model.backbone):
+        layer.gate_probs = None
+    model.state.tokens()
     pooled = model.features(input_ids, attention_mask)  # (B, D)
-    if not model.state.token_probs:
+    probs = gate_probs(model)
+    if not probs:
         raise RuntimeError("no token gates installed; fit the token router first")
-    return pooled, gate_mass(model.state.token_probs, attention_mask)
+    return pooled, gate_mass(probs, attention_mask)
+
+
+class AffinityTerm:
+    """``-log m[b, task(b)]``: the gates' mass must name each row's own task (its head is used at inference)."""
+
+    def __init__(self, order: Sequence[str]) -> None:
+        self.order = {n: i for i, n in enumerate(order)}
+
+    def __call__(self, step: Step) -> Tensor:
+        mass = gate_mass(gate_probs(step.model), step.batch["attention_mask"])  # (B, E)
+        target = torch.tensor([self.order[r.task] for r in step.rows], device=mass.device)  # (B,)
+        return F.nll_loss(mass.clamp(min=1e-9).log(), target)
+
+
+class BalanceTerm:
+    """``balance`` times the Switch load-balancing loss, averaged over the gated layers."""
+
+    def __init__(self, balance: float) -> None:
+        self.balance = balance
+
+    def __call__(self, step: Step) -> Tensor:
+        probs = gate_probs(step.model)
+        return self.balance * sum(load_balance(p, step.batch["attention_mask"]) for p in probs) / len(probs)
+
+
+def _sampled(rows: Sequence[Row], batch_size: int, seed: int) -> Iterator[list[Row]]:
+    """Endless batches drawn at random (without replacement within a batch) from all rows."""
+    rng = random.Random(seed)
+    while True:
+        yield rng.sample(list(rows), min(batch_size, len(rows)))
 
 
 def fit_token_router(model: AdaptBankModel, data: dict[str, tuple[Sequence[str], Sequence[int]]], *,
@@ -109,37 +161,19 @@ def fit_token_router(model: AdaptBankModel, data: dict[str, tuple[Sequence[str],
     unknown = sorted(set(data) - set(model.tasks))
     if unknown:
         raise KeyError(f"unknown task(s) {unknown}; the model holds {list(model.tasks)}")
-    torch.manual_seed(seed)
-    model.requires_grad_(False)
     gates = install_token_gates(model)
-    params = [p for g in gates for p in g.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    order = {n: i for i, n in enumerate(model.state.experts)}
-    rows = [(task, ids, y) for task, (texts, labels) in data.items()
+    rows = [Row(ids, y, task) for task, (texts, labels) in data.items()
             for ids, y in zip(tokenize(model.tokenizer, texts, max_length), labels)]
-    rng = random.Random(seed)
-    opt = torch.optim.AdamW(params, lr=lr)
+    cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed, warmup=0.0)
     steps = max(1, round(epochs * len(rows) / batch_size))
-    losses: list[float] = []
-    model.eval()  # dropout off: only the gates learn, and they should see the inference-time experts
-    for step in range(steps):
-        batch_rows = rng.sample(rows, min(batch_size, len(rows)))
-        batch = _collate([r[1] for r in batch_rows], _pad_id(model), _device(model))
-        pooled, mass = token_routed_features(model, batch["input_ids"], batch["attention_mask"])
-        tasks = [r[0] for r in batch_rows]
-        task_loss = sum(F.cross_entropy(model.heads[t](pooled[i: i + 1]), torch.tensor([r[2]], device=pooled.device))
-                        for i, (t, r) in enumerate(zip(tasks, batch_rows))) / len(batch_rows)
-        target = torch.tensor([order[t] for t in tasks], device=mass.device)
-        affinity = F.nll_loss(mass.clamp(min=1e-9).log(), target)
-        lb = sum(load_balance(p, batch["attention_mask"]) for p in model.state.token_probs) / len(model.state.token_probs)
-        loss = task_loss + affinity + balance * lb
-        if not torch.isfinite(loss):
-            raise TrainingError(f"token router: loss became {loss.item()} at step {step + 1}; try a lower lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    model.requires_grad_(False)
+    params = [p for g in gates for p in g.parameters()]
+
+    def features(batch: dict[str, Tensor]) -> Tensor:
+        return token_routed_features(model, batch["input_ids"], batch["attention_mask"])[0]  # (B, D)
+
+    result = fit(model, _sampled(rows, batch_size, seed), steps=steps,
+                 groups=[{"params": params, "lr": lr, "name": "token gates"}], cfg=cfg, features=features, seed=seed,
+                 what="token router", loss_terms=[AffinityTerm(model.state.experts), BalanceTerm(balance)],
+                 dropout=False)
     model.state.off()
-    return losses
+    return result.losses

@@ -1,23 +1,37 @@
-"""Plain training and evaluation loops for one task's expert and head.
+"""The one training loop: used by ``add-task``, the token router and every continual strategy.
 
 Letters in shape comments: B batch, T tokens, D hidden size, C classes, N examples.
 
-``train_task`` is a minGPT-style loop: forward, cross-entropy, backward, clip, AdamW step, linear
-warm-up then decay. Only the task's expert and head are trainable (``AdaptBankModel.train_only``).
-Before training, the head can be initialised as a logistic-regression probe on the frozen features
-(LP-FT, Kumar et al. 2022, https://arxiv.org/abs/2202.10054): since a new expert starts at zero, the
-model then starts exactly at the linear probe's accuracy, and fine-tuning the expert moves on from
-there instead of first repairing a random head. A NaN or Inf loss stops training with an error that
-names the step and the parameter group whose gradient went bad.
+minGPT's trainer shape, with every loss term visible in one line::
+
+    for rows in plan:                                   # batches of Row(ids, label, task)
+        pooled = features(collate(rows))                # (B, D) under the gates the caller sets
+        loss = task_loss(rows, pooled) + sum(term(Step(...)) for term in loss_terms)
+        backward, clip, AdamW step, linear warm-up then decay
+
+* ``features`` says which experts are on (one task's, a shared learner's, all of them, or none), so one
+  loop trains a bank task, a shared LoRA learner, several O-LoRA experts, the backbone or token gates;
+* every row carries its task, and its logits come from that task's head; the task loss is the mean
+  cross-entropy over the rows, summed per task group (replay and joint batches mix tasks);
+* ``loss_terms`` are explicit extra terms (EWC, O-LoRA's orthogonality, the token router's affinity and
+  load balance), ``plan`` is any iterable of row batches (:func:`epoch_batches`; replay wraps it).
+
+Dropout draws from ``seed`` through :func:`~adaptbank.core.seeding.seeded`, so a run is reproducible
+and the caller's global RNG is left as it was. A NaN or Inf loss or gradient stops training with a
+:class:`TrainingError` naming the step and the parameter group, before anything is updated.
+
+``train_task`` is the bank's use of it: the head starts as a logistic-regression probe on the frozen
+features (LP-FT, Kumar et al. 2022, https://arxiv.org/abs/2202.10054), then the task's expert and head
+train together. A new expert starts at zero, so training starts exactly at the probe's accuracy.
 """
 
 from __future__ import annotations
 
 import math
-import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,141 +39,94 @@ from torch import Tensor, nn
 
 from adaptbank.core.config import TrainConfig
 from adaptbank.core.model import AdaptBankModel
-from adaptbank.routing.lda import pool
+from adaptbank.core.seeding import seeded
+from adaptbank.data.tokens import batches, collate, pad_id, tokenize
+from adaptbank.training.features import device_of, encode, fit_probe, task_features
 
-__all__ = ["TrainingError", "TrainResult", "tokenize", "batches", "pooled_features", "frozen_pass", "fit_probe",
-           "make_optimizer", "optimizer_step",
-           "train_task", "predict_task", "evaluate"]
+__all__ = ["Row", "Step", "LossTerm", "Features", "TrainResult", "TrainingError", "epoch_batches", "total_steps",
+           "task_loss", "make_optimizer", "optimizer_step", "fit", "train_task"]
+
+Features = Callable[[dict[str, Tensor]], Tensor]
+"""``features(batch) -> (B, D)``: pooled features of a collated batch under the gates it sets."""
 
 
 class TrainingError(RuntimeError):
     """Training stopped on a fault (non-finite loss or gradient); nothing was saved."""
 
 
+@dataclass(frozen=True)
+class Row:
+    """One training example: token ids, class index and the task whose head scores it."""
+
+    ids: list[int]
+    label: int
+    task: str
+
+
+@dataclass(frozen=True)
+class Step:
+    """What a loss term sees of one batch."""
+
+    model: AdaptBankModel
+    rows: Sequence[Row]
+    batch: dict[str, Tensor]
+    pooled: Tensor
+    """(B, D) the features the task loss was computed on."""
+    step: int
+    """1-based optimiser step."""
+
+
+LossTerm = Callable[[Step], Tensor]
+"""An extra loss term, added to the task loss of every batch."""
+
+
 @dataclass
 class TrainResult:
-    steps: int
-    seconds: float
-    examples_per_second: float
+    steps: int = 0
+    seconds: float = 0.0
+    examples_per_second: float = 0.0
     losses: list[float] = field(default_factory=list)
     probe_accuracy: float | None = None
-    """Training-split accuracy of the probe-initialised head, before fine-tuning."""
+    """Training-split accuracy of the probe-initialised head, before fine-tuning (``train_task``)."""
 
 
-def tokenize(tokenizer: object, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Token ids per text, truncated to ``max_length``, unpadded (padding happens per batch)."""
-    enc = tokenizer(list(texts), truncation=True, max_length=max_length)  # type: ignore[operator]
-    return enc["input_ids"]
+def epoch_batches(rows: Sequence[Row], cfg: TrainConfig, seed: int) -> Iterator[list[Row]]:
+    """``ceil(cfg.epochs)`` shuffled passes over ``rows`` in length-grouped batches (``data.tokens.batches``);
+    epoch e shuffles with ``seed * 1000 + e``. :func:`fit` stops after :func:`total_steps`."""
+    ids = [r.ids for r in rows]
+    for epoch in range(math.ceil(cfg.epochs)):
+        for chunk in batches(ids, cfg.batch_size, shuffle=True, seed=seed * 1000 + epoch):
+            yield [rows[i] for i in chunk]
 
 
-def _collate(ids: Sequence[list[int]], pad_id: int, device: torch.device) -> dict[str, Tensor]:
-    width = max(1, max(len(x) for x in ids))
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)  # (B, T)
-    for i, x in enumerate(ids):
-        input_ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-        mask[i, : len(x)] = 1
-    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+def total_steps(n_rows: int, cfg: TrainConfig) -> int:
+    """Optimiser steps of ``cfg.epochs`` passes over ``n_rows`` (fractions of a pass allowed)."""
+    return max(1, round(cfg.epochs * math.ceil(n_rows / cfg.batch_size)))
 
 
-def batches(ids: Sequence[list[int]], batch_size: int, *, shuffle: bool, seed: int = 0) -> list[list[int]]:
-    """Index batches. Shuffled batches are grouped by length within windows of 50 batches, which
-    cuts padding without ordering the whole epoch; unshuffled ones are sorted by length."""
-    order = list(range(len(ids)))
-    if shuffle:
-        random.Random(seed).shuffle(order)
-        window = batch_size * 50
-        order = [i for s in range(0, len(order), window)
-                 for i in sorted(order[s: s + window], key=lambda j: len(ids[j]))]
-        chunks = [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
-        random.Random(seed + 1).shuffle(chunks)
-        return chunks
-    order.sort(key=lambda j: len(ids[j]))
-    return [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
+def task_loss(model: AdaptBankModel, rows: Sequence[Row], pooled: Tensor) -> Tensor:
+    """``1/B * sum_t sum_{rows r of task t} CE(head_t(f_r), y_r)`` (equal, bit for bit, to the mean
+    cross-entropy when all rows share one task)."""
+    y = torch.tensor([r.label for r in rows], device=pooled.device)  # (B,)
+    total = pooled.new_zeros((), dtype=torch.float32)
+    for task in dict.fromkeys(r.task for r in rows):  # task groups, in first-seen order
+        idx = torch.tensor([i for i, r in enumerate(rows) if r.task == task], device=pooled.device)  # (b,)
+        logits = model.heads[task](pooled[idx])  # (b, C)
+        total = total + F.cross_entropy(logits.float(), y[idx], reduction="sum")
+    return total / len(rows)
 
 
-def _device(model: AdaptBankModel) -> torch.device:
-    return next(model.backbone.parameters()).device
-
-
-def _pad_id(model: AdaptBankModel) -> int:
-    pad = getattr(model.tokenizer, "pad_token_id", None)
-    return int(pad) if pad is not None else 0
-
-
-@torch.no_grad()
-def pooled_features(model: AdaptBankModel, ids: Sequence[list[int]], *, task: str | None = None,
-                    batch_size: int = 64) -> Tensor:
-    """Pooled features (N, D) with task ``task``'s expert, or of the base model when None."""
-    was_training = model.training
-    model.eval()
-    out = torch.empty(len(ids), model.hidden_size)
-    for chunk in batches(ids, batch_size, shuffle=False):
-        model.route(task=task)
-        batch = _collate([ids[i] for i in chunk], _pad_id(model), _device(model))
-        out[chunk] = model.features(**batch).float().cpu()  # (B, D)
-    model.train(was_training)
-    return out
-
-
-@torch.no_grad()
-def frozen_pass(model: AdaptBankModel, ids: Sequence[list[int]], *, router_layers: int,
-                batch_size: int = 64) -> tuple[Tensor, Tensor]:
-    """One pass of the frozen backbone: pooled features (N, D) for the probe head, and router
-    features (N, (L+1) D): masked mean-pools of the embeddings and layers 0 .. L-1, concatenated."""
-    was_training = model.training
-    model.eval()
-    model.route()
-    n_router = (router_layers + 1) * model.hidden_size
-    pooled, router = torch.empty(len(ids), model.hidden_size), torch.empty(len(ids), n_router)
-    for chunk in batches(ids, batch_size, shuffle=False):
-        batch = _collate([ids[i] for i in chunk], _pad_id(model), _device(model))
-        out = model.encoder(**batch, output_hidden_states=True)
-        mask = batch["attention_mask"]
-        router[chunk] = torch.cat([pool(h, mask) for h in out.hidden_states[: router_layers + 1]], -1).float().cpu()
-        last = out.last_hidden_state  # (B, T, D)
-        pooled[chunk] = (pool(last, mask) if model.pooling == "mean" else _last_token(last, mask)).float().cpu()
-    model.train(was_training)
-    return pooled, router
-
-
-def _last_token(hidden: Tensor, mask: Tensor) -> Tensor:
-    last = mask.long().sum(1).clamp(min=1) - 1  # (B,)
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, D)
-
-
-def fit_probe(features: Tensor, labels: Sequence[int], n_classes: int, *, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """A multinomial logistic regression (scikit-learn, L2, C=1) as head weights (C, D) and bias (C,).
-    Classes absent from ``labels`` get zero weights and a very low bias."""
-    from sklearn.linear_model import LogisticRegression
-
-    y = list(labels)
-    present = sorted(set(y))
-    W = torch.zeros(n_classes, features.shape[1])  # (C, D)
-    b = torch.full((n_classes,), -10.0)  # (C,)
-    if len(present) < 2:
-        b[present] = 0.0
-        return W, b
-    clf = LogisticRegression(max_iter=2000, C=1.0, random_state=seed)
-    clf.fit(features.numpy(), y)
-    coef = torch.as_tensor(clf.coef_, dtype=torch.float32)  # (C', D) or (1, D) for two classes
-    bias = torch.as_tensor(clf.intercept_, dtype=torch.float32)
-    if len(present) == 2:  # sklearn keeps one row for two classes: split it symmetrically
-        coef, bias = torch.cat([-coef / 2, coef / 2]), torch.cat([-bias / 2, bias / 2])
-    W[present], b[present] = coef, bias
-    return W, b
-
-
-def make_optimizer(groups: list[dict], cfg: TrainConfig, n_examples: int
-                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, int]:
+def make_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, steps: int
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over ``groups`` (each with ``name``, ``lr``, ``params``) and the linear warm-up/decay
-    schedule for ``cfg.epochs`` passes over ``n_examples``; returns (optimizer, scheduler, total steps)."""
+    schedule over ``steps``. The warm-up starts at ``lr / warm`` rather than 0 (transformers'
+    ``get_linear_schedule_with_warmup`` spends its first step at lr 0), which is kept so that results
+    reproduce across versions."""
     opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
-    total = max(1, round(cfg.epochs * math.ceil(n_examples / cfg.batch_size)))
-    warm = int(cfg.warmup * total)
+    warm = int(cfg.warmup * steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / max(1, warm) if s < warm else max(0.0, (total - s) / max(1, total - warm)))
-    return opt, sched, total
+        opt, lambda s: (s + 1) / max(1, warm) if s < warm else max(0.0, (steps - s) / max(1, steps - warm)))
+    return opt, sched
 
 
 def optimizer_step(loss: Tensor, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR,
@@ -181,9 +148,60 @@ def optimizer_step(loss: Tensor, opt: torch.optim.Optimizer, sched: torch.optim.
     sched.step()
 
 
+def _bad_group(opt: torch.optim.Optimizer) -> str:
+    for g in opt.param_groups:
+        if any(not torch.isfinite(p).all() for p in g["params"]):
+            return f"parameter group {g['name']!r} holds non-finite values"
+    return "all parameters were still finite"
+
+
+def fit(model: AdaptBankModel, plan: Iterable[list[Row]], *, steps: int, groups: list[dict[str, Any]],
+        cfg: TrainConfig, features: Features, seed: int, what: str, loss_terms: Sequence[LossTerm] = (),
+        on_step: Callable[[int, float], None] | None = None, dropout: bool = True) -> TrainResult:
+    """Train the parameters in ``groups`` (AdamW param groups with ``name``, ``lr``, ``params``) for at
+    most ``steps`` batches of ``plan``. Only those parameters are left trainable; afterwards the model
+    is frozen and in eval mode. ``dropout=False`` trains in eval mode (the token router's gates should
+    see the experts as they run at inference). ``what`` names the task in errors."""
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ValueError(f"{what}: nothing to train (every parameter group is empty)")
+    params = [p for g in groups for p in g["params"]]
+    model.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt, sched = make_optimizer(groups, cfg, steps)
+    result = TrainResult()
+    start, seen = time.perf_counter(), 0
+    with seeded(seed):
+        model.train(dropout)
+        for rows in plan:
+            if result.steps >= steps:
+                break
+            if not rows:
+                raise ValueError(f"{what}: an empty batch in the training plan")
+            batch = collate([r.ids for r in rows], pad_id(model.tokenizer), device_of(model))
+            pooled = features(batch)  # (B, D)
+            loss = task_loss(model, rows, pooled)
+            if loss_terms:
+                info = Step(model, rows, batch, pooled, result.steps + 1)
+                for term in loss_terms:
+                    loss = loss + term(info)
+            optimizer_step(loss, opt, sched, params, cfg, what=what, step=result.steps + 1)
+            result.steps += 1
+            seen += len(rows)
+            result.losses.append(loss.item())
+            if on_step is not None:
+                on_step(result.steps, result.losses[-1])
+    model.eval()
+    model.requires_grad_(False)
+    result.seconds = time.perf_counter() - start
+    result.examples_per_second = seen / max(result.seconds, 1e-9)
+    return result
+
+
 def train_task(model: AdaptBankModel, name: str, texts: Sequence[str], labels: Sequence[int], cfg: TrainConfig,
-               *, on_step: Callable[[int, float], None] | None = None,
-               features: Tensor | None = None) -> TrainResult:
+               *, on_step: Callable[[int, float], None] | None = None, features: Tensor | None = None,
+               loss_terms: Sequence[LossTerm] = ()) -> TrainResult:
     """Train task ``name``'s expert and head on ``texts``/``labels`` (class indices).
 
     ``features`` (N, D) are the frozen pooled features of ``texts`` when the caller has them already
@@ -195,70 +213,23 @@ def train_task(model: AdaptBankModel, name: str, texts: Sequence[str], labels: S
         raise ValueError(f"labels of task {name!r} must be in [0, {n_classes}), got {bad[0]!r}")
     if not texts:
         raise ValueError(f"task {name!r} has no training examples")
-    torch.manual_seed(cfg.seed)
     ids = tokenize(model.tokenizer, texts, cfg.max_length)
-    result = TrainResult(steps=0, seconds=0.0, examples_per_second=0.0)
     start = time.perf_counter()
+    probe_accuracy = None
     if cfg.probe_init:
-        feats = features if features is not None else pooled_features(model, ids, task=None)  # (N, D)
-        W, b = fit_probe(feats, labels, n_classes, seed=cfg.seed)
+        feats = features if features is not None else encode(model, ids)  # (N, D) of the base model
+        W, b = fit_probe(feats, labels, n_classes, seed=cfg.seed)  # (C, D), (C,)
         with torch.no_grad():
             model.heads[name].linear.weight.copy_(W)
             model.heads[name].linear.bias.copy_(b)
         pred = (feats @ W.T + b).argmax(1)  # (N,)
-        result.probe_accuracy = int((pred == torch.tensor(list(labels))).sum()) / len(labels)
-    expert_params, head_params = model.train_only(name)
-    groups = [{"params": expert_params, "lr": cfg.lr, "name": "expert"},
-              {"params": head_params, "lr": cfg.head_lr, "name": "head"}]
-    opt, sched, total = make_optimizer(groups, cfg, len(ids))
-    y_all = torch.tensor(labels, dtype=torch.long)
-    model.train()
-    seen = 0
-    for epoch in range(math.ceil(cfg.epochs)):
-        for chunk in batches(ids, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch):
-            if result.steps >= total:
-                break
-            batch = _collate([ids[i] for i in chunk], _pad_id(model), _device(model))
-            logits = model(**batch, task=name)  # (B, C)
-            loss = F.cross_entropy(logits.float(), y_all[chunk].to(logits.device))
-            optimizer_step(loss, opt, sched, expert_params + head_params, cfg, what=f"task {name!r}",
-                           step=result.steps + 1)
-            result.steps += 1
-            seen += len(chunk)
-            result.losses.append(loss.item())
-            if on_step is not None:
-                on_step(result.steps, result.losses[-1])
-    model.eval()
-    model.requires_grad_(False)
+        probe_accuracy = int((pred == torch.tensor(list(labels))).sum()) / len(labels)
+    groups = [{"params": model.expert_parameters(name), "lr": cfg.lr, "name": "expert"},
+              {"params": list(model.heads[name].parameters()), "lr": cfg.head_lr, "name": "head"}]
+    rows = [Row(x, y, name) for x, y in zip(ids, labels)]
+    result = fit(model, epoch_batches(rows, cfg, cfg.seed), steps=total_steps(len(rows), cfg), groups=groups,
+                 cfg=cfg, features=task_features(model, name), seed=cfg.seed, what=f"task {name!r}",
+                 loss_terms=loss_terms, on_step=on_step)
+    result.probe_accuracy = probe_accuracy
     result.seconds = time.perf_counter() - start
-    result.examples_per_second = seen / max(result.seconds, 1e-9)
     return result
-
-
-def _bad_group(opt: torch.optim.Optimizer) -> str:
-    for g in opt.param_groups:
-        if any(not torch.isfinite(p).all() for p in g["params"]):
-            return f"parameter group {g['name']!r} holds non-finite values"
-    return "all parameters were still finite"
-
-
-@torch.no_grad()
-def predict_task(model: AdaptBankModel, name: str, texts: Sequence[str], *, max_length: int = 128,
-                 batch_size: int = 64) -> Tensor:
-    """Class probabilities (N, C) of task ``name`` with its expert (oracle routing)."""
-    ids = tokenize(model.tokenizer, texts, max_length)
-    model.eval()
-    probs = torch.empty(len(ids), len(model.tasks[name].labels))
-    for chunk in batches(ids, batch_size, shuffle=False):
-        batch = _collate([ids[i] for i in chunk], _pad_id(model), _device(model))
-        probs[chunk] = model(**batch, task=name).float().softmax(-1).cpu()  # (B, C)
-    return probs
-
-
-def evaluate(model: AdaptBankModel, name: str, texts: Sequence[str], labels: Sequence[int], *,
-             max_length: int = 128, batch_size: int = 64) -> float:
-    """Accuracy of task ``name`` on ``texts`` with the true task id."""
-    if not texts:
-        raise ValueError(f"task {name!r} has no test examples")
-    pred = predict_task(model, name, texts, max_length=max_length, batch_size=batch_size).argmax(1)
-    return int((pred == torch.tensor(list(labels))).sum()) / len(labels)

@@ -1,0 +1,90 @@
+"""Router taps: the sequence router runs inside the one routed forward.
+
+Letters in shape comments: B batch, T tokens, D hidden size, F router features, E experts, k top-k.
+
+A :class:`RouterTap` wraps each of the transformer layers ``0 .. L-1`` (composition: the layer stays
+as ``.layer``). During a routed forward the taps mean-pool the embeddings (tap 0's input) and each
+tapped layer's output; the last tap concatenates the pools ``(B, F)``, ``F = (L + 1) D``, scores them
+with the :class:`~adaptbank.routing.lda.LDARouter` and writes the gates into the model's
+:class:`~adaptbank.routing.state.RoutingState` before layer ``L`` (the first with experts) runs.
+
+The taps of one router share one :class:`RouterTrace`, an explicit object handed to them when the
+router is attached (as the routing state is handed to the adapted layers): the model opens it with the
+attention mask before a routed forward and reads the features, scores and gates back afterwards, and
+returns them to its caller. Outside a routed forward (``trace.mask is None``) a tap is the bare layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from adaptbank.core.pooling import mean_pool
+from adaptbank.routing.lda import LDARouter, topk_gates
+from adaptbank.routing.state import RoutingState
+
+__all__ = ["RouterTrace", "RouterTap", "layer_list"]
+
+
+@dataclass(eq=False)
+class RouterTrace:
+    """One routed forward's router inputs and outputs: opened by the model, filled by the taps."""
+
+    mask: Tensor | None = None
+    """(B, T) attention mask of the routed forward in progress; None outside one."""
+    features: list[Tensor] = field(default_factory=list)
+    """The (B, D) pools collected so far (embeddings, then one per tapped layer)."""
+    scores: Tensor | None = None
+    """(B, E) router scores, in the router's expert order."""
+
+    def open(self, mask: Tensor) -> None:
+        self.mask, self.features, self.scores = mask, [], None
+
+    def close(self) -> None:
+        self.mask, self.features = None, []
+
+
+def layer_list(model: nn.Module) -> nn.ModuleList:
+    """The backbone's ModuleList of transformer layers (BERT ``encoder.layer``, GPT-2 ``h``, LLaMA
+    ``layers``, T5 ``encoder.block``): the longest ModuleList, the first one found on ties."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
+        raise ValueError(f"cannot find the layer list of {type(model).__name__}")
+    return max(lists, key=len)
+
+
+class RouterTap(nn.Module):
+    """Wraps transformer layer ``i < L``: pools its input (layer 0) and output into the trace while a
+    routed forward runs; the last tap runs the router and writes the gates."""
+
+    transparent_child = "layer"
+    """The wrapped module's attribute name; fingerprints look through it."""
+
+    def __init__(self, layer: nn.Module, state: RoutingState, trace: RouterTrace, *, first: bool, last: bool) -> None:
+        super().__init__()
+        self.layer = layer
+        self.state = state  # plain objects, not submodules
+        self.trace = trace
+        self.first, self.last = first, last
+        self.router: LDARouter | None = None
+        self.top_k, self.temperature = 1, 1.0
+        self.to_model: Tensor | None = None
+        """Router column e -> column of the model's expert order."""
+
+    def forward(self, hidden: Tensor, *args: object, **kwargs: object) -> object:
+        tr = self.trace
+        if tr.mask is None or self.router is None:
+            return self.layer(hidden, *args, **kwargs)
+        if self.first:
+            tr.features = [mean_pool(hidden, tr.mask)]  # (B, D)
+        out = self.layer(hidden, *args, **kwargs)
+        h = out[0] if isinstance(out, tuple) else out  # (B, T, D)
+        tr.features.append(mean_pool(h, tr.mask))  # (B, D)
+        if self.last:
+            scores = self.router(torch.cat(tr.features, -1))  # (B, E)
+            tr.scores = scores
+            index, weight = topk_gates(scores, self.top_k, self.temperature)  # (B, k), (B, k)
+            self.state.route(self.to_model[index], weight)  # type: ignore[index]
+        return out

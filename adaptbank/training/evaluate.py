@@ -1,0 +1,55 @@
+"""Evaluation with the true task id (oracle routing), on texts or on features already pooled.
+
+Letters in shape comments: B batch, D hidden size, C classes, N examples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from adaptbank.core.heads import ClassificationHead
+from adaptbank.core.model import AdaptBankModel
+from adaptbank.data.tokens import batches, collate, pad_id, tokenize
+from adaptbank.training.features import device_of
+
+__all__ = ["predict_task", "evaluate", "head_accuracy", "accuracy"]
+
+
+def accuracy(pred: Tensor, labels: Sequence[int]) -> float:
+    """Share of ``pred`` (N,) equal to ``labels``."""
+    return int((pred == torch.tensor(list(labels))).sum()) / len(labels)
+
+
+@torch.no_grad()
+def predict_task(model: AdaptBankModel, name: str, texts: Sequence[str], *, max_length: int = 128,
+                 batch_size: int = 64) -> Tensor:
+    """Class probabilities (N, C) of task ``name`` with its expert (oracle routing)."""
+    ids = tokenize(model.tokenizer, texts, max_length)
+    model.eval()
+    probs = torch.empty(len(ids), len(model.tasks[name].labels))  # (N, C)
+    for chunk in batches(ids, batch_size, shuffle=False):
+        batch = collate([ids[i] for i in chunk], pad_id(model.tokenizer), device_of(model))
+        probs[chunk] = model(**batch, task=name).logits.float().softmax(-1).cpu()  # (B, C)
+    return probs
+
+
+def evaluate(model: AdaptBankModel, name: str, texts: Sequence[str], labels: Sequence[int], *,
+             max_length: int = 128, batch_size: int = 64) -> float:
+    """Accuracy of task ``name`` on ``texts`` with the true task id."""
+    if not texts:
+        raise ValueError(f"task {name!r} has no test examples")
+    return accuracy(predict_task(model, name, texts, max_length=max_length, batch_size=batch_size).argmax(1), labels)
+
+
+@torch.no_grad()
+def head_accuracy(head: ClassificationHead, feats: Tensor, labels: Sequence[int]) -> float:
+    """Accuracy of ``head`` (in eval mode) on pooled features ``feats`` (N, D)."""
+    was_training = head.training
+    head.eval()
+    device = head.linear.weight.device
+    pred = head(feats.to(device, head.linear.weight.dtype)).argmax(1).cpu()  # (N,)
+    head.train(was_training)
+    return accuracy(pred, labels)

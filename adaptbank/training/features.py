@@ -1,0 +1,99 @@
+"""Features for probes and routers: one batched no-grad pass, and the linear probe that starts a head.
+
+Letters in shape comments: B batch, T tokens, D hidden size, F router features, C classes, N examples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from adaptbank.core.heads import ClassificationHead
+from adaptbank.core.model import AdaptBankModel
+from adaptbank.core.pooling import mean_pool, pool
+from adaptbank.data.tokens import batches, collate, pad_id
+
+__all__ = ["device_of", "task_features", "encode", "frozen_pass", "fit_probe", "probe_head"]
+
+
+def device_of(model: AdaptBankModel) -> torch.device:
+    return next(model.backbone.parameters()).device
+
+
+def task_features(model: AdaptBankModel, task: str | None) -> Callable[[dict[str, Tensor]], Tensor]:
+    """``features(batch) -> (B, D)`` with task ``task``'s expert on every row (None: no experts)."""
+
+    def features(batch: dict[str, Tensor]) -> Tensor:
+        model.route(task=task)
+        return model.features(**batch)  # (B, D)
+
+    return features
+
+
+@torch.no_grad()
+def _map(model: AdaptBankModel, ids: Sequence[list[int]], fn: Callable[[dict[str, Tensor]], Tensor], dim: int,
+         batch_size: int) -> Tensor:
+    """``fn`` over length-sorted batches of ``ids`` in eval mode, rows put back in order: (N, dim)."""
+    was_training = model.training
+    model.eval()
+    out = torch.empty(len(ids), dim)  # (N, dim)
+    for chunk in batches(ids, batch_size, shuffle=False):
+        batch = collate([ids[i] for i in chunk], pad_id(model.tokenizer), device_of(model))
+        out[chunk] = fn(batch).float().cpu()  # (B, dim)
+    model.train(was_training)
+    return out
+
+
+def encode(model: AdaptBankModel, ids: Sequence[list[int]],
+           features: Callable[[dict[str, Tensor]], Tensor] | None = None, *, batch_size: int = 64) -> Tensor:
+    """Pooled features (N, D) of ``ids`` under the gates ``features`` sets (default: no experts)."""
+    return _map(model, ids, features or task_features(model, None), model.hidden_size, batch_size)
+
+
+def frozen_pass(model: AdaptBankModel, ids: Sequence[list[int]], *, router_layers: int,
+                batch_size: int = 64) -> tuple[Tensor, Tensor]:
+    """One pass of the frozen backbone: pooled features (N, D) for the probe head, and router
+    features (N, (L+1) D): masked mean-pools of the embeddings and layers 0 .. L-1, concatenated."""
+    D = model.hidden_size
+
+    def both(batch: dict[str, Tensor]) -> Tensor:
+        model.route()
+        out = model.encoder(**batch, output_hidden_states=True)
+        mask = batch["attention_mask"]
+        router = torch.cat([mean_pool(h, mask) for h in out.hidden_states[: router_layers + 1]], -1)  # (B, F)
+        return torch.cat([pool(out.last_hidden_state, mask, model.pooling), router], -1)  # (B, D + F)
+
+    joined = _map(model, ids, both, (router_layers + 2) * D, batch_size)  # (N, D + F)
+    return joined[:, :D], joined[:, D:]
+
+
+def fit_probe(features: Tensor, labels: Sequence[int], n_classes: int, *, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """A multinomial logistic regression (scikit-learn, L2, C=1) as head weights (C, D) and bias (C,).
+    Classes absent from ``labels`` get zero weights and a very low bias."""
+    from sklearn.linear_model import LogisticRegression
+
+    y = list(labels)
+    present = sorted(set(y))
+    W = torch.zeros(n_classes, features.shape[1])  # (C, D)
+    b = torch.full((n_classes,), -10.0)  # (C,)
+    if len(present) < 2:
+        b[present] = 0.0
+        return W, b
+    clf = LogisticRegression(max_iter=2000, C=1.0, random_state=seed)
+    clf.fit(features.numpy(), y)
+    coef = torch.as_tensor(clf.coef_, dtype=torch.float32)  # (C', D) or (1, D) for two classes
+    bias = torch.as_tensor(clf.intercept_, dtype=torch.float32)
+    if len(present) == 2:  # sklearn keeps one row for two classes: split it symmetrically
+        coef, bias = torch.cat([-coef / 2, coef / 2]), torch.cat([-bias / 2, bias / 2])
+    W[present], b[present] = coef, bias
+    return W, b
+
+
+def probe_head(head: ClassificationHead, feats: Tensor, labels: Sequence[int], *, seed: int) -> None:
+    """Initialise ``head`` as a logistic-regression probe on ``feats`` (N, D) (LP-FT, see ``training.loop``)."""
+    W, b = fit_probe(feats, labels, head.linear.out_features, seed=seed)  # (C, D), (C,)
+    with torch.no_grad():
+        head.linear.weight.copy_(W)
+        head.linear.bias.copy_(b)
