@@ -17,7 +17,7 @@ def test_layers_contract_holds():
 
 
 def test_metrics_report_and_store_import_without_torch():
-    code = ("import sys; import adaptbank.metrics, adaptbank.report.build, adaptbank.bank.store, adaptbank.data.specs, adaptbank.continual.runspec; "
+    code = ("import sys; import adaptbank.metrics, adaptbank.report.build, adaptbank.bank.store, adaptbank.bank.maintenance, adaptbank.data.specs, adaptbank.continual.runspec; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

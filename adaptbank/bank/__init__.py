@@ -1,7 +1,8 @@
 """The bank: a directory that holds one frozen base model's task experts.
 
-``store`` (torch-free: manifest, atomic transactions, locking, checksums) and ``maintenance`` (verify,
-repair) know nothing of models; ``facade.AdapterBank`` trains tasks and stores them; ``expert_io`` and
+``store`` (torch-free: atomic transactions, locking, reads), ``manifest`` (its schema, validation and
+errors), ``files`` (checksummed reads, durable writes) and ``maintenance`` (verify, repair) know nothing
+of models; ``facade.AdapterBank`` trains tasks and stores them; ``expert_io`` and
 ``graph`` are the edges (portable expert folders, the lineage/similarity graph).
 
 ``AdapterBank`` and ``BankError`` load lazily, so ``adaptbank.bank.store`` imports without torch.
