@@ -395,15 +395,16 @@ class AdapterBank:
         return out
 
     def evaluate_routed(self, names: Sequence[str] | None = None, *, top_k: int | None = None,
-                        token_level: bool = False) -> dict[str, Any]:
+                        temperature: float | None = None, token_level: bool = False) -> dict[str, Any]:
         """Per task: the router's task-identification accuracy, the routed accuracy (no task id) and
         the oracle accuracy (true task id), their averages, and which task the router chose how often.
+        ``top_k`` and ``temperature`` default to the bank's :class:`RouterConfig`.
 
         A routed prediction is correct when its label is the true label and it came from the true
         task, or from a task with the identical label list (amazon vs yelp)."""
         names = list(self.tasks() if names is None else names)
         top_k = self.router_config.top_k if top_k is None else top_k
-        model = self.load_routed(top_k=top_k, token_level=token_level)
+        model = self.load_routed(top_k=top_k, temperature=temperature, token_level=token_level)
         rows: dict[str, dict[str, float]] = {}
         confusion: dict[str, dict[str, int]] = {}
         for name in names:

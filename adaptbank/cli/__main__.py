@@ -1,3 +1,5 @@
+"""``python -m adaptbank.cli``: the ``adaptbank`` command line."""
+
 from adaptbank.cli.main import main
 
 main()

@@ -12,15 +12,12 @@ from pathlib import Path
 import click
 
 from adaptbank.cli.errors import friendly
+from adaptbank.cli.output import pct as _pct
 from adaptbank.continual.runspec import STRATEGIES
 
 __all__ = ["run", "report", "register"]
 
 _RESUME = "Interrupted. Finished tasks are kept; run the same command again to resume."
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
 
 
 @click.command("run")

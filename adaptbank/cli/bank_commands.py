@@ -1,0 +1,217 @@
+"""The bank commands: ``init``, ``add-task``, ``list``, ``show``, ``remove``, ``verify``, ``graph``.
+
+One function per command, argument handling only; the work is done by ``adaptbank.bank``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from adaptbank.cli.errors import friendly
+from adaptbank.cli.options import ADAPTER_WIDTHS, also_note, config_option, given
+from adaptbank.cli.output import emit, human, pct
+from adaptbank.core.config import (
+    TARGET_PRESETS,
+    AdapterConfig,
+    LoRAConfig,
+    MethodConfig,
+    ParallelAdapterConfig,
+    RouterConfig,
+    TrainConfig,
+)
+
+__all__ = ["init", "add_task", "list_", "show", "remove", "verify", "graph", "register"]
+
+_friendly = friendly()
+_BANK = click.argument("bank", type=click.Path(file_okay=False))
+
+
+@click.command()
+@_BANK
+@click.option("--base", default=None, help="Backbone: a local folder, a .gguf file, or the bundled default "
+              "sentence-transformers/all-MiniLM-L6-v2.")
+@config_option(RouterConfig, "layers", "--router-layers")
+@config_option(RouterConfig, "top_k")
+@config_option(RouterConfig, "temperature")
+@config_option(RouterConfig, "shrinkage", "--router-shrinkage")
+@config_option(RouterConfig, "share_distance")
+@_friendly
+def init(bank: str, base: str | None, **router: Any) -> None:
+    """Create an empty bank BANK for one frozen base model, with its router settings."""
+    from adaptbank.bank.facade import AdapterBank
+    from adaptbank.core.backbone import DEFAULT_BACKBONE
+
+    b = AdapterBank.init(bank, base=base or DEFAULT_BACKBONE, router=RouterConfig(**given(**router)))
+    click.echo(f"created bank {b.path} for base {b.base['name']} (fingerprint {b.base['fingerprint'][:12]})")
+
+
+def _method_config(method: str, targets: str | None, rank: int | None, **lora: Any) -> MethodConfig:
+    """The method config of add-task's flags: ``--rank`` is LoRA's rank or an adapter's bottleneck width;
+    ``--targets`` a preset or comma-separated patterns; ``--alpha``/``--dropout`` apply to LoRA only."""
+    kw: dict[str, Any] = {}
+    if targets is not None:
+        kw["targets"] = targets if "," not in targets and targets in TARGET_PRESETS else tuple(targets.split(","))
+    if method == "lora":
+        return LoRAConfig(**kw, **given(rank=rank, **lora))
+    kw |= given(bottleneck=rank)
+    return AdapterConfig(**kw) if method == "adapter" else ParallelAdapterConfig(**kw)
+
+
+@click.command("add-task")
+@_BANK
+@click.argument("spec")
+@click.option("--method", type=click.Choice(["lora", "adapter", "parallel-adapter"]), default="lora", show_default=True)
+@config_option(LoRAConfig, "rank", note=also_note(ADAPTER_WIDTHS))
+@config_option(LoRAConfig, "alpha")
+@config_option(LoRAConfig, "dropout")
+@click.option("--targets", default=None, help="Preset (qv, attn, all-linear, v, houlsby, pfeiffer, ffn) or "
+              "comma-separated module-name regexes [lora: qv, adapter: pfeiffer, parallel-adapter: ffn].")
+@click.option("--share-a", default=None, help="Shared-A group name for a LoRA task-B expert, or 'auto'.")
+@click.option("--name", default=None, help="Task name in the bank [the spec's name].")
+@click.option("--parent", default=None, help="Record this bank task as the new task's parent (lineage).")
+@config_option(TrainConfig, "epochs")
+@config_option(TrainConfig, "lr")
+@config_option(TrainConfig, "head_lr")
+@config_option(TrainConfig, "batch_size")
+@config_option(TrainConfig, "max_length")
+@config_option(TrainConfig, "max_train")
+@config_option(TrainConfig, "max_test")
+@config_option(TrainConfig, "seed")
+@click.option("--replace", is_flag=True, help="Retrain and replace a task that exists already.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@_friendly
+def add_task(bank: str, spec: str, method: str, rank: int | None, alpha: float | None, dropout: float | None,
+             targets: str | None, share_a: str | None, name: str | None, parent: str | None, replace: bool,
+             as_json: bool, **train: Any) -> None:
+    """Train SPEC's expert and head, evaluate on its test split, and store them in BANK.
+
+    SPEC is a task spec file (TOML) or the name of a spec in tasks/ (e.g. ag_news, weather).
+    """
+    from tqdm.auto import tqdm
+
+    from adaptbank.bank.facade import AdapterBank
+
+    cfg = _method_config(method, targets, rank, alpha=alpha, dropout=dropout)
+    train_cfg = TrainConfig(**given(**train))
+    b = AdapterBank.open(bank)
+    bar = tqdm(desc=f"training {name or spec}", unit="step", disable=as_json or None, file=sys.stderr)
+
+    def on_step(step: int, loss: float) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+
+    try:
+        r = b.add_task(spec, cfg, train_cfg, name=name, share_a=share_a, replace=replace, parent=parent,
+                       on_step=on_step, log=lambda msg: click.echo(msg, err=True))
+    finally:
+        bar.close()
+    summary = {"task": r.name, "test_accuracy": r.test_accuracy, "probe_accuracy": r.probe_accuracy,
+               "trainable_params": r.trainable_params, "bytes_on_disk": r.bytes_on_disk, "seconds": round(r.seconds, 2),
+               "n_train": r.n_train, "n_test": r.n_test, "shared_group": r.shared_group, "share_reason": r.share_reason}
+    emit(summary, as_json, lambda: click.echo(
+        f"added {r.name}: test accuracy {pct(r.test_accuracy)} on {r.n_test} examples "
+        f"(probe init {pct(r.probe_accuracy)}), {r.trainable_params:,} trainable parameters, "
+        f"{human(r.bytes_on_disk)} on disk, {r.seconds:.1f}s"
+        + (f"\nshared A: {r.share_reason}" if r.share_reason else "")))
+
+
+@click.command("list")
+@_BANK
+@click.option("--json", "as_json", is_flag=True)
+@_friendly
+def list_(bank: str, as_json: bool) -> None:
+    """List the tasks in BANK with method, accuracy and size."""
+    from adaptbank.bank.store import BankStore  # the store alone: listing never imports torch
+
+    b = BankStore.open(bank)
+    base = b.manifest["base"]
+    rows = []
+    for entry in b.manifest["tasks"]:
+        cfg = b.read_config(entry["name"], check="none")
+        rows.append({"task": entry["name"], "method": cfg["method"]["kind"], "labels": len(cfg["labels"]),
+                     "test_accuracy": cfg["metrics"].get("test_accuracy"), "shared_group": cfg.get("shared_group"),
+                     "bytes": sum(f["size"] for f in entry["files"].values())})
+    emit({"bank": str(b.path), "base": base["name"], "tasks": rows}, as_json, lambda: (
+        click.echo(f"{b.path}: base {base['name']}, {len(rows)} task(s)"),
+        [click.echo(f"  {r['task']:<24} {r['method']:<16} {r['labels']:>4} labels  acc {pct(r['test_accuracy']):>6}  "
+                    f"{human(r['bytes']):>9}" + (f"  shared-A {r['shared_group']}" if r["shared_group"] else ""))
+         for r in rows]))
+
+
+@click.command()
+@_BANK
+@click.argument("task")
+@click.option("--json", "as_json", is_flag=True)
+@_friendly
+def show(bank: str, task: str, as_json: bool) -> None:
+    """Show everything BANK stores about TASK."""
+    from adaptbank.bank.facade import AdapterBank
+
+    info = AdapterBank.open(bank).info(task)
+    emit(info, as_json, lambda: click.echo(json.dumps(info, indent=2, default=str)))
+
+
+@click.command()
+@_BANK
+@click.argument("task")
+@_friendly
+def remove(bank: str, task: str) -> None:
+    """Remove TASK from BANK."""
+    from adaptbank.bank.facade import AdapterBank
+
+    AdapterBank.open(bank).remove(task)
+    click.echo(f"removed {task}")
+
+
+@click.command()
+@_BANK
+@click.option("--repair", is_flag=True, help="Remove leftover temporaries and unreferenced directories.")
+@click.option("--fast", is_flag=True, help="Compare sizes and times instead of sha256.")
+@click.option("--json", "as_json", is_flag=True)
+@_friendly
+def verify(bank: str, repair: bool, fast: bool, as_json: bool) -> None:
+    """Check BANK: checksums, manifest against files, and the base model's fingerprint."""
+    from adaptbank.bank.facade import AdapterBank
+
+    b = AdapterBank.open(bank)
+    removed = b.store.repair() if repair else []
+    problems = b.verify(full=not fast)
+    errors = [p for p in problems if p.is_error]
+    data = {"ok": not errors, "problems": [{"kind": p.kind, "path": p.path, "message": p.message} for p in problems],
+            "repaired": removed}
+    emit(data, as_json, lambda: (
+        [click.echo(f"repaired: removed {r}") for r in removed],
+        [click.echo(f"{'ERROR' if p.is_error else 'warning'} [{p.kind}] {p.path}: {p.message}") for p in problems],
+        click.echo("ok" if not errors else f"{len(errors)} error(s)")))
+    if errors:
+        sys.exit(1)
+
+
+@click.command()
+@_BANK
+@click.option("-o", "--output", default=None, help="Write .graphml, .json or .png (default: JSON to stdout).")
+@_friendly
+def graph(bank: str, output: str | None) -> None:
+    """The bank as a graph: tasks, shared-A groups, lineage and expert-similarity edges."""
+    from adaptbank.bank.facade import AdapterBank
+    from adaptbank.bank.graph import bank_graph, write_graph
+
+    g = bank_graph(AdapterBank.open(bank))
+    if output is None:
+        import networkx as nx
+
+        click.echo(json.dumps(nx.node_link_data(g, edges="edges"), indent=2, default=str))
+    else:
+        write_graph(g, Path(output))
+        click.echo(f"wrote {output}: {g.number_of_nodes()} nodes, {g.number_of_edges()} edges")
+
+
+def register(group: click.Group) -> None:
+    """Add the bank commands to a click group (the ``adaptbank`` CLI)."""
+    for command in (init, add_task, list_, show, remove, verify, graph):
+        group.add_command(command)

@@ -1,0 +1,139 @@
+"""The routing commands: ``eval``, ``predict`` and ``router fit``.
+
+One function per command, argument handling only. ``--top-k`` and ``--temperature`` default to the
+bank's stored :class:`~adaptbank.core.config.RouterConfig`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from adaptbank.cli.errors import friendly
+from adaptbank.cli.inputs import read_jsonl_texts
+from adaptbank.cli.options import BANK_ROUTER, config_option, given
+from adaptbank.cli.output import emit, pct
+from adaptbank.core.config import RouterConfig, TrainConfig
+
+__all__ = ["eval_", "predict", "router", "router_fit", "register"]
+
+_friendly = friendly()
+_BANK = click.argument("bank", type=click.Path(file_okay=False))
+
+
+@click.command("eval")
+@_BANK
+@click.argument("tasks", nargs=-1)
+@click.option("--routed", is_flag=True, help="Also evaluate without task ids, through the router.")
+@config_option(RouterConfig, "top_k", default_from=BANK_ROUTER)
+@config_option(RouterConfig, "temperature", default_from=BANK_ROUTER)
+@click.option("--router", "router_kind", type=click.Choice(["sequence", "token"]), default="sequence",
+              show_default=True, help="Which router --routed uses.")
+@click.option("--json", "as_json", is_flag=True)
+@_friendly
+def eval_(bank: str, tasks: tuple[str, ...], routed: bool, top_k: int | None, temperature: float | None,
+          router_kind: str, as_json: bool) -> None:
+    """Evaluate TASKS (all by default) on their test splits: with the true task id (oracle), and with
+    --routed also through the router (task-identification, routed and oracle accuracy per task)."""
+    from adaptbank.bank.facade import AdapterBank
+
+    b = AdapterBank.open(bank)
+    if not routed:
+        acc = b.evaluate(list(tasks) or None)
+        avg = sum(acc.values()) / len(acc) if acc else None
+        emit({"oracle": acc, "average": avg}, as_json, lambda: (
+            [click.echo(f"  {t:<24} {pct(a)}") for t, a in acc.items()], click.echo(f"  {'average':<24} {pct(avg)}")))
+        return
+    res = b.evaluate_routed(list(tasks) or None, top_k=top_k, temperature=temperature,
+                            token_level=router_kind == "token")
+
+    def text() -> None:
+        click.echo(f"  {'task':<20} {'router':>8} {'routed':>8} {'oracle':>8}")
+        for t, r in res["tasks"].items():
+            click.echo(f"  {t:<20} {pct(r['router_accuracy']):>8} {pct(r['routed_accuracy']):>8} "
+                       f"{pct(r['oracle_accuracy']):>8}")
+        a = res["average"]
+        click.echo(f"  {'average':<20} {pct(a['router_accuracy']):>8} {pct(a['routed_accuracy']):>8} "
+                   f"{pct(a['oracle_accuracy']):>8}   routed/oracle {a['routed_over_oracle']:.3f}")
+        click.echo("  router confusion (true task -> chosen task: count):")
+        for t, row in res["confusion"].items():
+            off = {k: v for k, v in row.items() if k != t}
+            if off:
+                click.echo(f"    {t}: " + ", ".join(f"{k} {v}" for k, v in sorted(off.items(), key=lambda p: -p[1])))
+
+    emit(res, as_json, text)
+
+
+@click.command()
+@_BANK
+@click.argument("texts", nargs=-1)
+@click.option("--input", "input_file", type=click.Path(dir_okay=False), default=None,
+              help="JSONL file: one {\"text\": ...} object (or JSON string) per line.")
+@click.option("--task", default=None, help="Force this task (oracle routing) instead of the router.")
+@config_option(RouterConfig, "top_k", default_from=BANK_ROUTER)
+@config_option(RouterConfig, "temperature", default_from=BANK_ROUTER)
+@config_option(TrainConfig, "max_length")
+@click.option("--router", "router_kind", type=click.Choice(["sequence", "token"]), default="sequence",
+              show_default=True, help="The sequence router, or the per-layer token gates.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per input (JSON lines).")
+@_friendly
+def predict(bank: str, texts: tuple[str, ...], input_file: str | None, task: str | None, top_k: int | None,
+            temperature: float | None, max_length: int | None, router_kind: str, as_json: bool) -> None:
+    """Predict TEXTS (or --input FILE) with BANK: the router picks the task, its head the label."""
+    from adaptbank.bank.facade import AdapterBank
+    from adaptbank.routing.predict import predict as run
+
+    items = list(texts) + (read_jsonl_texts(Path(input_file)) if input_file else [])
+    if not items:
+        raise click.UsageError("give TEXT arguments or --input FILE.jsonl")
+    length = TrainConfig(**given(max_length=max_length)).max_length
+    b = AdapterBank.open(bank)
+    if not b.tasks():
+        raise click.ClickException(f"bank {b.path} holds no tasks; add one with `adaptbank add-task`")
+    token = router_kind == "token"
+    k = b.router_config.top_k if top_k is None else top_k  # also the token gates' head mixing
+    model = b.load() if task else b.load_routed(top_k=k, temperature=temperature, token_level=token)
+    preds = run(model, items, task=task, max_length=length, token_level=token, top_k=k)
+    for i, p in enumerate(preds):
+        if p.truncated:
+            click.echo(f"warning: input {i + 1} is longer than {length} tokens and was truncated", err=True)
+        if as_json:
+            click.echo(json.dumps(p.to_dict(), ensure_ascii=False))
+        else:
+            mix = ", ".join(f"{t} {w:.2f}" for t, w in p.routing.items())
+            click.echo(f"{p.task}: {p.label} ({p.score:.2f})  [{mix}]  {p.text[:60]!r}")
+
+
+@click.group()
+def router() -> None:
+    """The bank's learned router."""
+
+
+@router.command("fit")
+@_BANK
+@click.option("--token-level", is_flag=True, help="Train per-layer token gates (experts frozen) instead; this "
+              "reads up to --max-train training examples per task from the tasks' specs.")
+@click.option("--epochs", type=float, default=1.0, show_default=True, help="Token router: passes over the data.")
+@click.option("--max-train", type=int, default=200, show_default=True, help="Token router: examples per task.")
+@click.option("--balance", type=float, default=0.01, show_default=True, help="Token router: load-balancing weight.")
+@_friendly
+def router_fit(bank: str, token_level: bool, epochs: float, max_train: int, balance: float) -> None:
+    """Refit the sequence router from the bank's memory (no raw text needed), or train the token-level
+    router with --token-level."""
+    from adaptbank.bank.facade import AdapterBank
+
+    b = AdapterBank.open(bank)
+    if token_level:
+        losses = b.fit_token_router(epochs=epochs, max_train=max_train, balance=balance)
+        click.echo(f"token router trained: {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+        return
+    order = b.fit_router()
+    click.echo(f"router fitted over {len(order)} experts: {', '.join(order)}")
+
+
+def register(group: click.Group) -> None:
+    """Add ``eval``, ``predict`` and the ``router`` group to a click group (the ``adaptbank`` CLI)."""
+    for command in (eval_, predict, router):
+        group.add_command(command)
