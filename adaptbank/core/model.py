@@ -19,10 +19,7 @@ do not contain the task name, so files are portable between banks and names.
 
 from __future__ import annotations
 
-import copy
-import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Literal, cast
 
 import torch
@@ -35,6 +32,7 @@ from adaptbank.core.experts import LoRAExpert
 from adaptbank.core.heads import ClassificationHead
 from adaptbank.core.inject import inject, iter_adapted, resolve_targets
 from adaptbank.core.pooling import pool
+from adaptbank.core.records import ModelOutput, TaskInfo, load_checked, share_frozen
 from adaptbank.core.seeding import seeded
 from adaptbank.routing.lda import LDARouter
 from adaptbank.routing.state import RoutingState
@@ -43,52 +41,6 @@ from adaptbank.routing.taps import RouterTap, RouterTrace, layer_list
 __all__ = ["AdaptBankModel", "ModelOutput", "TaskInfo", "ClassificationHead", "share_frozen"]
 
 _DECODERS = {"gpt2", "llama", "mistral", "qwen2", "qwen3"}
-
-
-@dataclass(frozen=True)
-class TaskInfo:
-    """What the model knows of one task."""
-
-    name: str
-    method: MethodConfig
-    labels: tuple[str, ...]
-    paths: tuple[str, ...]
-    """Module paths that hold this task's expert."""
-    shared_group: str | None = None
-    """Shared-A group of a LoRA task-B expert, or None."""
-    owns_shared: bool = False
-    """True for the group's first task, which trains the shared A."""
-    head: Literal["classification"] = "classification"
-    """The kind of task head (see ``core.heads``; ``generation`` will use the shared LM head)."""
-
-
-@dataclass
-class ModelOutput:
-    """What one forward returns."""
-
-    logits: Tensor
-    """(B, C): each row scored by its task's head; rows of tasks with fewer classes than the widest are
-    padded with -inf (so argmax and cross-entropy work on the padded tensor)."""
-    tasks: tuple[str, ...]
-    """The task whose head scored each row."""
-    pooled: Tensor
-    """(B, D) pooled features under the forward's gates."""
-    index: Tensor | None = None
-    """(B, k) the experts each row used, in the model's expert order (routed forwards)."""
-    weight: Tensor | None = None
-    """(B, k) their weights (routed forwards)."""
-    scores: Tensor | None = None
-    """(B, E) router scores in the router's expert order (routed forwards)."""
-
-
-def share_frozen(module: nn.Module) -> nn.Module:
-    """A new module tree whose parameters and buffers are the same tensor objects as ``module``'s.
-
-    Injection rewrites the module tree (wrapping layers), so every model needs its own tree; the frozen
-    weights, the bulk of the memory, need not be copied. Merging replaces a wrapped layer's weight with a
-    new tensor (see ``AdaptedLinear.merge``), so a merge in one tree never shows in another."""
-    memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
-    return copy.deepcopy(module, memo)
 
 
 class AdaptBankModel(nn.Module):
@@ -454,10 +406,10 @@ class AdaptBankModel(nn.Module):
                 if shared is None:
                     raise ValueError(f"task {name!r} is the first of shared-A group {shared_group!r} "
                                      "but no shared A tensors were given")
-                _load_checked(self.export_shared(shared_group), shared, f"shared A of group {shared_group!r}",
+                load_checked(self.export_shared(shared_group), shared, f"shared A of group {shared_group!r}",
                               lambda k, v: self._set_shared(shared_group, k, v))
             for part in ("adapter", "head"):
-                _load_checked(expected[part], files.get(part, {}), f"{part} of task {name!r}",
+                load_checked(expected[part], files.get(part, {}), f"{part} of task {name!r}",
                               lambda k, v, part=part: self._set_tensor(name, part, k, v))
         except Exception:
             self.remove_task(name)
@@ -477,20 +429,3 @@ class AdaptBankModel(nn.Module):
         path = key[: -len(".A")]
         with torch.no_grad():
             self.backbone.get_submodule(path).shared_A[group].copy_(value)
-
-
-def _load_checked(expected: dict[str, Tensor], given: dict[str, Tensor], what: str, setter: object) -> None:
-    missing = sorted(set(expected) - set(given))
-    extra = sorted(set(given) - set(expected))
-    if missing or extra:
-        raise ValueError(f"{what}: the file does not fit this model; missing keys {missing[:5]}"
-                         f"{' ...' if len(missing) > 5 else ''}, unexpected keys {extra[:5]}{' ...' if len(extra) > 5 else ''}")
-    for key, value in given.items():
-        want = expected[key]
-        if tuple(value.shape) != tuple(want.shape):
-            layer, _, tensor = key.rpartition(".")
-            raise ValueError(f"{what}: layer {layer or key!r} tensor {tensor!r} has shape {tuple(value.shape)} "
-                             f"in the file but {tuple(want.shape)} in the model")
-    for key, value in given.items():
-        setter(key, value.to(expected[key].dtype))  # type: ignore[operator]
-
