@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "pct",
     "AccuracyMatrix",
     "average_accuracy",
     "backward_transfer",
@@ -176,8 +177,13 @@ def learning_accuracy(R: Matrix) -> float:
     return _mean([rows[j][j] for j in range(len(rows))])  # type: ignore[misc]
 
 
-def _pct(v: float | None) -> str:
-    return "–" if v is None else f"{100.0 * v:.1f}"
+def pct(v: float | None, *, unit: str = "", missing: str = "–") -> str:
+    """``100 v`` with one decimal (``0.912`` -> ``"91.2"``, with ``unit="%"`` ``"91.2%"``), ``missing`` for
+    None; float noise such as -1e-17 never prints as ``"-0.0"``. The one percent format of tables and logs."""
+    if v is None:
+        return missing
+    s = f"{100.0 * v:.1f}"
+    return ("0.0" if s == "-0.0" else s) + unit
 
 
 def _md_cell(text: str) -> str:
@@ -266,9 +272,9 @@ class AccuracyMatrix:
         names = [_md_cell(t) for t in self.tasks]
         lines = ["| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
         for i, row in enumerate(self.rows):
-            lines.append(f"| after {names[i]} | " + " | ".join(_pct(v) for v in row) + " |")
+            lines.append(f"| after {names[i]} | " + " | ".join(pct(v) for v in row) + " |")
         if self.baseline is not None:
-            lines.append("| baseline | " + " | ".join(_pct(v) for v in self.baseline) + " |")
+            lines.append("| baseline | " + " | ".join(pct(v) for v in self.baseline) + " |")
         return "\n".join(lines) + "\n"
 
 

@@ -212,13 +212,6 @@ def test_router_round_trip_with_expert_order(bank: BankStore) -> None:
     assert [p.kind for p in bank.verify()] == ["stale"] and not errors(bank)
 
 
-def test_update_manifest_field(bank: BankStore) -> None:
-    bank.update_manifest_field("metrics", {"avg_acc": 0.5})
-    assert BankStore.open(bank.path).manifest["meta"] == {"metrics": {"avg_acc": 0.5}}
-    bank.update_manifest_field("metrics", None)
-    assert BankStore.open(bank.path).manifest["meta"] == {}
-
-
 def test_reader_retries_after_a_concurrent_replace(bank: BankStore) -> None:
     bank.write_task("a", files_for(0), {})
     reader = BankStore.open(bank.path)  # caches the manifest naming the old dir

@@ -32,6 +32,7 @@ from adaptbank.core.model import AdaptBankModel, share_frozen
 from adaptbank.data.load import TaskData, load_task
 from adaptbank.data.specs import TaskSpec, load_task_spec, validate_task_name
 from adaptbank.data.tokens import tokenize
+from adaptbank.metrics import confusion_table, expert_usage, gate_entropy
 from adaptbank.routing.lda import LDARouter, RouterStats, shrunk_covariance
 from adaptbank.routing.predict import predict, routed_hit
 from adaptbank.routing.taps import layer_list
@@ -121,8 +122,8 @@ class AdapterBank:
         """A new model over the bank's frozen backbone, with no tasks loaded, owned by the caller.
 
         The backbone is loaded and checked against the bank's fingerprint once per bank object; each model
-        gets its own module tree sharing the frozen weights (``core.model.share_frozen``), so experts,
-        heads, routers and merges of one model never show in another."""
+        gets its own module tree sharing the frozen weights (``core.records.share_frozen``), so experts,
+        heads, routers and merges of one model never show in another. It comes in eval mode."""
         if self._base is None:
             backbone = load_backbone(self.base["name"])
             found = AdaptBankModel(backbone).base_fingerprint()
@@ -135,7 +136,7 @@ class AdapterBank:
         model = AdaptBankModel(Backbone(name=b.name, model=share_frozen(b.model), tokenizer=b.tokenizer, path=b.path),
                                fingerprint=self._fingerprint)
         model.reserved_layers = self.router_layers
-        return model
+        return model.eval()  # loaded for inference; the training loop switches modes itself
 
     @property
     def router_config(self) -> RouterConfig:
@@ -396,8 +397,9 @@ class AdapterBank:
 
     def evaluate_routed(self, names: Sequence[str] | None = None, *, top_k: int | None = None,
                         temperature: float | None = None, token_level: bool = False) -> dict[str, Any]:
-        """Per task: the router's task-identification accuracy, the routed accuracy (no task id) and
-        the oracle accuracy (true task id), their averages, and which task the router chose how often.
+        """Per task: the router's task-identification accuracy, the routed accuracy (no task id), the
+        oracle accuracy (true task id) and the mean normalised entropy of the routing weights (0: one
+        expert per input, 1: uniform), their averages, and which task the router chose how often.
         ``top_k`` and ``temperature`` default to the bank's :class:`RouterConfig`.
 
         A routed prediction is correct when its label is the true label and it came from the true
@@ -407,6 +409,7 @@ class AdapterBank:
         model = self.load_routed(top_k=top_k, temperature=temperature, token_level=token_level)
         rows: dict[str, dict[str, float]] = {}
         confusion: dict[str, dict[str, int]] = {}
+        chosen: list[str] = []
         for name in names:
             cfg = self.store.read_config(name)
             train = TrainConfig.from_dict(cfg["train"])
@@ -418,14 +421,20 @@ class AdapterBank:
             labels_of = {t: info.labels for t, info in model.tasks.items()}
             hit = sum(routed_hit(p.task, p.label, name, names_of[y], labels_of) for p, y in zip(preds, labels))
             oracle = evaluate(model, name, texts, labels, max_length=train.max_length)
+            tasks = self.tasks()
+            gates = [[p.routing.get(t, 0.0) for t in tasks] for p in preds]  # (n, E) each row sums to 1
             rows[name] = {"router_accuracy": hit_task / len(preds), "routed_accuracy": hit / len(preds),
-                          "oracle_accuracy": oracle, "n": len(preds)}
-            confusion[name] = {t: c for t in self.tasks() if (c := sum(p.task == t for p in preds))}
+                          "oracle_accuracy": oracle, "n": len(preds),
+                          "gate_entropy": gate_entropy(gates, normalize=True) if len(tasks) > 1 else 0.0}
+            table = confusion_table([name] * len(preds), [p.task for p in preds], labels=tasks)[name]
+            confusion[name] = {t: c for t, c in table.items() if c}
+            chosen += [p.task for p in preds]
         avg = {k: sum(r[k] for r in rows.values()) / len(rows) for k in ("router_accuracy", "routed_accuracy",
                                                                           "oracle_accuracy")} if rows else {}
         if avg:
             avg["routed_over_oracle"] = avg["routed_accuracy"] / avg["oracle_accuracy"] if avg["oracle_accuracy"] else 0.0
-        return {"tasks": rows, "average": avg, "confusion": confusion, "top_k": top_k,
+        usage = expert_usage(chosen, self.tasks()) if chosen else {}
+        return {"tasks": rows, "average": avg, "confusion": confusion, "expert_usage": usage, "top_k": top_k,
                 "router": "token" if token_level else "sequence"}
 
     def verify(self, *, full: bool = True) -> list[Problem]:

@@ -20,7 +20,7 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from adaptbank._atomic import TMP_PREFIX
@@ -244,3 +244,16 @@ def _drop_member(m: dict[str, Any], group: str, name: str) -> list[str]:
         return []
     del m["shared"][group]
     return [g["dir"]]
+
+
+def _is_skeleton(p: Path) -> bool:
+    """True for an empty dir, or one holding only what an interrupted ``create`` leaves behind."""
+    for e in p.iterdir():
+        if not (e.name == _LOCK or e.name.startswith(TMP_PREFIX)
+                or (e.name in _AREAS and e.is_dir() and not any(e.iterdir()))):
+            return False
+    return True
+
+
+class _CommittedError(BankError):
+    """The manifest was replaced, but a later durability step failed: do not roll back."""

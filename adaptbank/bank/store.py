@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 if TYPE_CHECKING:  # torch and safetensors load lazily: listing a bank must not pay for importing torch
     import torch
 
-from adaptbank._atomic import TMP_PREFIX, atomic_write_bytes, exclusive_lock, fsync_dir, hold_marker
+from adaptbank._atomic import atomic_write_bytes, exclusive_lock, fsync_dir, hold_marker
 from adaptbank.bank.files import BankFiles, encode
 from adaptbank.bank.manifest import (  # the errors and Problem are re-exported: callers import them from here
     _AREAS,
@@ -55,11 +55,13 @@ from adaptbank.bank.manifest import (  # the errors and Problem are re-exported:
     TaskExistsError,
     TaskNotFoundError,
     _check_task_write,
+    _CommittedError,
     _drop_member,
     _dumps,
     _find_group,
     _find_task,
     _groups,
+    _is_skeleton,
     _now,
     _parse_manifest,
     _version,
@@ -320,22 +322,6 @@ class BankStore:
 
         self._transaction("writing the router", uid, {rdir: payload}, apply)
 
-    def update_manifest_field(self, key: str, value: Any) -> None:
-        """Set ``manifest["meta"][key] = value`` (free-form JSON, e.g. run metrics); None deletes it."""
-        if not isinstance(key, str) or not key:
-            raise ValueError(f"meta key must be a non-empty string, got {key!r}")
-        _dumps({key: value}, f"meta value for {key!r}")
-
-        def apply(m: dict[str, Any], _: dict[str, dict[str, Any]]) -> list[str]:
-            meta = m.setdefault("meta", {})
-            if value is None:
-                meta.pop(key, None)
-            else:
-                meta[key] = copy.deepcopy(value)
-            return []
-
-        self._transaction(f"updating meta {key!r}", "", {}, apply)
-
     # ------------------------------------------------------------------ maintenance
     def verify(self, *, full: bool = True) -> list[Problem]:
         """Check every referenced file and directory; see :func:`adaptbank.bank.maintenance.verify`.
@@ -451,15 +437,3 @@ class BankStore:
                 raise BankLockedError(f"{self.path}: another writer holds the bank lock: {exc}") from None
             yield
 
-
-def _is_skeleton(p: Path) -> bool:
-    """True for an empty dir, or one holding only what an interrupted ``create`` leaves behind."""
-    for e in p.iterdir():
-        if not (e.name == _LOCK or e.name.startswith(TMP_PREFIX)
-                or (e.name in _AREAS and e.is_dir() and not any(e.iterdir()))):
-            return False
-    return True
-
-
-class _CommittedError(BankError):
-    """The manifest was replaced, but a later durability step failed: do not roll back."""

@@ -8,6 +8,8 @@ from typing import Any
 
 import click
 
+from adaptbank.metrics import pct as metrics_pct
+
 __all__ = ["emit", "pct", "human"]
 
 
@@ -20,8 +22,8 @@ def emit(data: Any, as_json: bool, text: Callable[[], object]) -> None:
 
 
 def pct(x: float | None) -> str:
-    """``0.912`` -> ``'91.2%'``; None -> ``'-'``."""
-    return "-" if x is None else f"{100 * x:.1f}%"
+    """``0.912`` -> ``'91.2%'``; None -> ``'-'`` (``metrics.pct`` with a unit)."""
+    return metrics_pct(x, unit="%", missing="-")
 
 
 def human(n: float) -> str:

@@ -33,7 +33,7 @@ from adaptbank._atomic import atomic_write_bytes
 from adaptbank.continual.runspec import RunSpec
 from adaptbank.continual.strategies import Context, Learned, Strategy, make_strategy
 from adaptbank.data.load import load_task
-from adaptbank.metrics import AccuracyMatrix
+from adaptbank.metrics import AccuracyMatrix, pct
 from adaptbank.report.build import SCHEMA_VERSION, load_run
 
 __all__ = ["Callback", "RunStart", "TaskStart", "StepEnd", "TaskEnd", "RunEnd", "run_sequence", "NOTES"]
@@ -169,17 +169,16 @@ def _result(spec: RunSpec, baseline: list[float], oracle: list[list[float]], rou
             "finished": len(oracle) == len(spec.tasks), "notes": notes}
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
-
-
 def _progress(spec: RunSpec, i: int, oracle: list[float], routed: list[float | None] | None,
               router_acc: float | None, info: Learned, seconds: float) -> str:
     """``[2/3] topic: 91.0%; mean over seen 92.5%, routed 90.1%, router 97.0%; 12,288 trainable params; 8.1s``."""
-    line = f"[{i + 1}/{len(spec.tasks)}] {spec.task_names[i]}: {_pct(oracle[i])}; mean over seen "
-    line += _pct(sum(oracle[: i + 1]) / (i + 1))
+    def p(x: float | None) -> str:
+        return pct(x, unit="%", missing="-")
+
+    line = f"[{i + 1}/{len(spec.tasks)}] {spec.task_names[i]}: {p(oracle[i])}; mean over seen "
+    line += p(sum(oracle[: i + 1]) / (i + 1))
     if routed is not None:
-        line += f", routed {_pct(sum(v or 0.0 for v in routed[: i + 1]) / (i + 1))}, router {_pct(router_acc)}"
+        line += f", routed {p(sum(v or 0.0 for v in routed[: i + 1]) / (i + 1))}, router {p(router_acc)}"
     return line + f"; {info.trainable_params:,} trainable params; {seconds:.1f}s"
 
 

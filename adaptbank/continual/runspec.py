@@ -240,7 +240,8 @@ def run_spec_from_dict(doc: dict[str, Any], *, source: str = "<string>", base_di
     try:
         method = method_from_dict({"kind": "lora", **tables["method"]})
         train = TrainConfig.from_dict(tables["train"])
-        options = StrategyOptions(**_checked(tables["options"], StrategyOptions, source))
+        check_keys(tables["options"], [f.name for f in dataclasses.fields(StrategyOptions)], f"[options] of {source}")
+        options = StrategyOptions(**tables["options"])
     except (ValueError, TypeError) as err:
         raise ValueError(f"{source}: {err}") from None
     eval_modes = run.get("eval", ["oracle", "routed"])
@@ -254,11 +255,6 @@ def run_spec_from_dict(doc: dict[str, Any], *, source: str = "<string>", base_di
     return RunSpec(name=run["name"], tasks=specs, backbone=run.get("backbone", DEFAULT_BACKBONE),
                    strategy=run.get("strategy", "bank"), seed=run.get("seed", 0), eval=tuple(eval_modes),
                    method=method, train=train, options=options, source=source)
-
-
-def _checked(table: dict[str, Any], cls: type, source: str) -> dict[str, Any]:
-    check_keys(table, [f.name for f in dataclasses.fields(cls)], f"[options] of {source}")
-    return table
 
 
 def run_spec_from_toml(text: str, *, source: str = "<string>", base_dir: str | Path | None = None) -> RunSpec:

@@ -51,13 +51,15 @@ def validate_name(value: object, what: str = "task name") -> str:
     return value
 
 
-def check_keys(given: dict[str, Any], allowed: list[str] | tuple[str, ...], where: str) -> None:
-    """Raise ``ValueError`` for the first key of ``given`` not in ``allowed``, suggesting the closest."""
+def check_keys(given: dict[Any, Any], allowed: list[str] | tuple[str, ...], where: str = "") -> None:
+    """Raise ``ValueError`` for the first key of ``given`` not in ``allowed``, naming ``where`` it was
+    found and suggesting the closest allowed key. The one unknown-key check of configs, specs and run specs."""
     for key in given:
         if key not in allowed:
             close = difflib.get_close_matches(str(key), list(allowed), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown key {key!r} in {where}{hint} allowed: {', '.join(sorted(allowed))}")
+            place = f" in {where}" if where else ""
+            raise ValueError(f"unknown key {key!r}{place}{hint} allowed: {', '.join(sorted(allowed))}")
 
 
 def _positive(name: str, flag: str, value: float, *, integer: bool = False) -> None:

@@ -195,10 +195,6 @@ class _Bottleneck(Expert):
         delta = delta + torch.einsum("btk,bko->bto", w, stack["up_b"][index])  # (B, T, O)
         return delta
 
-    @classmethod
-    def n_params(cls, d_in: int, d_out: int, m: int) -> int:
-        return m * d_in + m + d_out * m + d_out
-
 
 class ParallelAdapterExpert(_Bottleneck):
     """Bottleneck beside the wrapped sub-layer: ``h + s * up(f(down(x)))``."""

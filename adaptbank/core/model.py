@@ -100,7 +100,7 @@ class AdaptBankModel(nn.Module):
         layers = inject(self.backbone, paths, self.state)
         try:
             for layer in layers.values():
-                layer.add_expert(name, method, shared_group=shared_group)
+                layer.add_expert(name, method, shared_group=shared_group).train(self.training)  # the model's mode
         except Exception:
             for layer in layers.values():
                 if name in layer.experts:
@@ -109,7 +109,7 @@ class AdaptBankModel(nn.Module):
         if shared_group is not None:
             self.shared_groups.setdefault(shared_group, tuple(paths))
         device = next(self.backbone.parameters()).device
-        self.heads[name] = ClassificationHead(self.hidden_size, len(labels), head_dropout).to(device)
+        self.heads[name] = ClassificationHead(self.hidden_size, len(labels), head_dropout).to(device).train(self.training)
         info = TaskInfo(name, method, tuple(labels), tuple(paths), shared_group, owns)
         self.tasks[name] = info
         self._order_changed()
@@ -350,7 +350,7 @@ class AdaptBankModel(nn.Module):
         if name in self.heads:
             raise KeyError(f"head {name!r} already exists")
         device = next(self.backbone.parameters()).device
-        self.heads[name] = ClassificationHead(self.hidden_size, len(labels), head_dropout).to(device)
+        self.heads[name] = ClassificationHead(self.hidden_size, len(labels), head_dropout).to(device).train(self.training)
 
     # ----------------------------------------------------------------------------- merge
     def merge(self, name: str) -> None:

@@ -35,7 +35,6 @@ __all__ = [
     "TaskData",
     "load_task",
     "read_csv",
-    "read_examples",
     "read_jsonl",
     "read_labels_json",
     "subsample",
@@ -344,15 +343,6 @@ def _read_split(
     else:
         examples = _hf(path, role, spec, check)
     return check.finish(examples), check.skipped
-
-
-def read_examples(
-    spec: TaskSpec, role: str, labels: tuple[str, ...], *, skip_bad_lines: bool = False
-) -> list[Example]:
-    """Read the ``role`` (``"train"`` or ``"test"``) split of ``spec`` with the given label names."""
-    if role not in ("train", "test"):
-        raise ValueError(f"role must be 'train' or 'test', got {role!r}")
-    return _read_split(spec, role, labels, skip_bad_lines)[0]
 
 
 def subsample(examples: Iterable[Example], n: int | None, seed: int = 0) -> list[Example]:

@@ -38,6 +38,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from adaptbank.core.config import check_keys, validate_name
 from adaptbank.data.builtin import BUILTIN_SPLITS, BUILTIN_TASKS
 
 if sys.version_info >= (3, 11):
@@ -67,9 +68,6 @@ DataFormat = Literal["auto", "jsonl", "csv", "hf-datasets"]
 DATA_VAR = "${ADAPTBANK_DATA}"
 """The one placeholder expanded in source strings."""
 
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
-# No '.': task names key torch ModuleDicts and appear inside dotted module paths.
-_NAME_RULE = "1-100 characters from [A-Za-z0-9_-], starting with a letter or digit"
 _PLACEHOLDER_RE = re.compile(r"\$\{[^}]*\}|\$[A-Za-z_]")
 _TOP_KEYS = ("name", "type", "description", "data")
 _DATA_KEYS = ("train", "test", "text_field", "label_field", "labels", "format")
@@ -82,17 +80,9 @@ class SpecNotFoundError(ValueError, FileNotFoundError):
 def validate_task_name(name: object) -> str:
     """Return ``name`` if it is a valid task name, else raise ValueError naming the value and the rule.
 
-    Task names become file and directory names in a bank, so they must be safe path components.
-    """
-    if not isinstance(name, str):
-        raise ValueError(
-            f"task name must be a string, got {type(name).__name__} {name!r}; rule: {_NAME_RULE}"
-        )
-    if not 1 <= len(name) <= 100:
-        raise ValueError(f"invalid task name {name!r}: length {len(name)}; rule: {_NAME_RULE}")
-    if _NAME_RE.fullmatch(name) is None or ".." in name:
-        raise ValueError(f"invalid task name {name!r}; rule: {_NAME_RULE}")
-    return name
+    Task names become file and directory names in a bank, so they must be safe path components
+    (``core.config.validate_name``, the one rule for task, group and stem names)."""
+    return validate_name(name, "task name")
 
 
 def data_dir() -> Path:
@@ -246,7 +236,7 @@ class TaskSpec:
         if not isinstance(d, dict):
             raise ValueError(f"task spec{where} must be a table/dict, got {type(d).__name__}")
         allowed = [f.name for f in dataclasses.fields(cls)]
-        _reject_unknown(d, allowed, where)
+        check_keys(d, allowed, where[len(" in "):])
         for key in ("name", "train", "test"):
             if key not in d:
                 raise ValueError(f"missing required key {key!r}{where}")
@@ -277,15 +267,6 @@ def _check_labels(labels: object, what: str) -> None:
         raise ValueError(f"{what}: duplicate label names {dupes}")
 
 
-def _reject_unknown(d: dict[Any, Any], allowed: list[str], where: str) -> None:
-    for key in d:
-        if key in allowed:
-            continue
-        close = difflib.get_close_matches(str(key), allowed, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown key {key!r}{where}{hint} allowed: {', '.join(allowed)}")
-
-
 def _absolutize(source: object, base: Path) -> object:
     """Make a relative path source absolute against ``base``; leave other sources as they are."""
     if not isinstance(source, str) or not source or source.startswith("builtin:") or "$" in source:
@@ -306,11 +287,11 @@ def spec_from_toml(text: str, *, origin: str = "<string>", base_dir: str | Path 
     for key in doc:
         if key in _DATA_KEYS:
             raise ValueError(f"key {key!r}{where} belongs in the [data] table, not at the top level")
-    _reject_unknown(doc, list(_TOP_KEYS), where)
+    check_keys(doc, list(_TOP_KEYS), where[len(" in "):])
     data = doc.get("data", {})
     if not isinstance(data, dict):
         raise ValueError(f"'data'{where} must be a table ([data]), got {type(data).__name__}")
-    _reject_unknown(data, list(_DATA_KEYS), f" in the [data] table of task spec {origin}")
+    check_keys(data, list(_DATA_KEYS), f"the [data] table of task spec {origin}")
     flat = {k: v for k, v in doc.items() if k != "data"}
     flat.update(data)
     return TaskSpec.from_dict(flat, origin=origin, base_dir=base_dir)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from adaptbank._atomic import atomic_write_bytes
-from adaptbank.metrics import AccuracyMatrix
+from adaptbank.metrics import AccuracyMatrix, pct
 
 __all__ = ["SCHEMA_VERSION", "load_run", "summarize_run", "build_report", "render_markdown", "render_html",
            "write_report"]  # fmt: skip
@@ -172,13 +172,6 @@ def _runs(report: Mapping[str, Any]) -> tuple[list[Mapping[str, Any]], list[Mapp
     raise ValueError(f"not a report from build_report: keys {sorted(report)}")
 
 
-def _pct(v: float | None) -> str:
-    if v is None:
-        return "–"
-    s = f"{100.0 * v:.1f}"
-    return "0.0" if s == "-0.0" else s  # a float-noise -1e-17 must not print as "-0.0"
-
-
 def _bytes(n: float | None) -> str:
     if n is None:
         return "–"
@@ -216,14 +209,14 @@ COMPARISON_HEAD = ("run", "strategy", "ACC %", "BWT %", "FWT %", "forgetting %",
 
 
 def _comparison_cells(row: Mapping[str, Any]) -> list[str]:
-    return [str(row["name"]), str(row["strategy"]), _pct(row["acc"]), _pct(row["bwt"]), _pct(row["fwt"]),
-            _pct(row["forgetting"]), _pct(row["routed_acc"]), _int(row["trainable_params"]),
+    return [str(row["name"]), str(row["strategy"]), pct(row["acc"]), pct(row["bwt"]), pct(row["fwt"]),
+            pct(row["forgetting"]), pct(row["routed_acc"]), _int(row["trainable_params"]),
             _bytes(row["bank_bytes"]), _secs(row["seconds"])]  # fmt: skip
 
 
 def _metric_rows(run: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     routed = run["routed"] or {}
-    return [(k, _pct(run[k]), _pct(routed.get(k))) for k in METRIC_KEYS]
+    return [(k, pct(run[k]), pct(routed.get(k))) for k in METRIC_KEYS]
 
 
 def _md(text: object) -> str:
@@ -257,7 +250,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             lines += ["## Accuracy % with the learned router", "",
                       AccuracyMatrix(tuple(run["tasks"]), routed["matrix"], routed["baseline"]).to_markdown()]  # fmt: skip
         lines += ["## Metrics (%)", "", *_md_table(("metric", "oracle", "routed"), _metric_rows(run)), ""]
-        steps = [(s["task"], _pct(s.get("router_accuracy")), _int(s.get("trainable_params")),
+        steps = [(s["task"], pct(s.get("router_accuracy")), _int(s.get("trainable_params")),
                   _bytes(s.get("bank_bytes")), _secs(s.get("seconds"))) for s in run["steps"]]  # fmt: skip
         if steps:
             head = ("task", "router accuracy %", "trainable params", "bank size", "time")
@@ -337,9 +330,9 @@ def _html_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _matrix_table(tasks: Sequence[str], block: Mapping[str, Any]) -> str:
-    rows = [[f"after {tasks[i]}", *(_pct(v) for v in row)] for i, row in enumerate(block["matrix"])]
+    rows = [[f"after {tasks[i]}", *(pct(v) for v in row)] for i, row in enumerate(block["matrix"])]
     if block["baseline"] is not None:
-        rows.append(["baseline", *(_pct(v) for v in block["baseline"])])
+        rows.append(["baseline", *(pct(v) for v in block["baseline"])])
     return _html_table(["", *tasks], rows)
 
 
