@@ -3,7 +3,7 @@
     RunSpec (runspec.py) ──run_sequence (loop.py)──> RUN_DIR/result.json ──report.py──> md / html / json
                                │
                                └── Strategy (strategies.py): bank, shared-a, seq-lora, seq-full, ewc,
-                                   replay, olora, joint; mixed-task training loop in trainer.py
+                                   replay, olora, joint; trained by the one loop of training.loop
 
 Public names load lazily (PEP 562), so ``adaptbank.continual.commands`` and ``runspec`` import
 without torch.

@@ -14,7 +14,7 @@ relearned). Every task starts from the checkpointed tensors alone, with a fresh 
 seeds derived from the run seed and i, so a resumed run gives the same matrix as an unbroken one.
 
 Files in ``RUN_DIR``: ``run.json`` (the config, written first, and the baseline row),
-``result.json`` (schema in :mod:`adaptbank.report`), and ``bank/`` or ``checkpoint/``.
+``result.json`` (schema in :mod:`adaptbank.report.build`), and ``bank/`` or ``checkpoint/``.
 
 Callbacks receive small frozen dataclasses, never the strategy or the model (design §2.4).
 """

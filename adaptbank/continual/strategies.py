@@ -32,7 +32,7 @@ backbone (no expert) with that head: chance level. A task not yet learned is eva
 current model's features and its initial head, so ``R[i][j]`` for ``j > i`` is comparable with
 ``b_j`` (FWT as in GEM). For the bank an unseen task has no expert, so ``R[i][j] = b_j`` exactly.
 When a task is learned its head starts from the initial head, then (``probe_init``) becomes a
-logistic-regression probe on the current features, as in ``training.train_task``.
+logistic-regression probe on the current features, as in ``training.loop.train_task``.
 """
 
 from __future__ import annotations

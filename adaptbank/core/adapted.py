@@ -8,7 +8,7 @@ The wrapped module stays as ``self.base``, the same object, untouched: ``nn.Line
 ``ModuleDict`` keyed by task name; a shared-A LoRA group keeps its A once per layer in
 ``self.shared_A[group]`` and every task-B expert of the group holds that same Parameter.
 
-Forward reads the model's :class:`~adaptbank.routing.RoutingState`:
+Forward reads the model's :class:`~adaptbank.routing.state.RoutingState`:
 
 * one active expert for the batch: ``h + expert(x)`` directly (the cost of one expert);
 * per-example (or per-token) experts: every expert group is stacked once into padded tensors over

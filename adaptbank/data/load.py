@@ -1,4 +1,4 @@
-"""Loading a task's examples from its :class:`~adaptbank.specs.TaskSpec` (loading only; no tokenizing).
+"""Loading a task's examples from its :class:`~adaptbank.data.specs.TaskSpec` (loading only; no tokenizing).
 
 Formats: JSONL (one object per line), CSV (header row names the fields), a directory written by
 ``datasets.Dataset.save_to_disk`` (``datasets`` is imported lazily), and ``builtin:<generator>:<split>``.

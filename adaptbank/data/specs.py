@@ -19,7 +19,7 @@ A *source string* (``train`` / ``test``) is one of
 - a path, absolute or relative to the spec file (made absolute when the spec is loaded);
 - a path containing ``${ADAPTBANK_DATA}``, expanded when the data is read to the environment variable
   ``ADAPTBANK_DATA`` or, if unset, ``<repo>/../shared/data`` (see :func:`data_dir`);
-- ``builtin:<generator>:<split>``, a deterministic generated task from :mod:`adaptbank.builtin_tasks`.
+- ``builtin:<generator>:<split>``, a deterministic generated task from :mod:`adaptbank.data.builtin`.
 
 Bare names given to :func:`load_task_spec` resolve to ``<dir>/<name>.toml`` in the folders of the
 environment variable ``ADAPTBANK_TASKS`` first, then in the specs shipped inside the package

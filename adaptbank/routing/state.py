@@ -1,15 +1,18 @@
 """The routing state: one explicit object that carries per-forward gates to every adapted layer.
 
-``inject`` hands the same :class:`RoutingState` to every :class:`~adaptbank.adapted.AdaptedLinear`.
-A caller (``AdaptBankModel``) writes it before calling the unchanged Hugging Face model; layers only
-read it. It is a plain object, not an ``nn.Module``, so it never appears in the module tree.
+``inject`` hands the same :class:`RoutingState` to every :class:`~adaptbank.core.adapted.AdaptedLinear`.
+The model writes it before calling the unchanged Hugging Face model (during a routed forward the
+router's last tap writes it, before the first layer with experts runs); adapted layers only read it.
+It is a plain object, not an ``nn.Module``, so it never appears in the module tree. It holds gates and
+nothing else.
 
-Three forms, all read by the same layer code:
+Four forms, all read by the same layer code:
 
 * ``active = "task"``: every row uses one expert (task-id routing for a whole batch, training);
 * ``index (B, k)`` + ``weight (B, k)``: per example, the k experts it uses and their weights (a mixed
   batch of task ids is k = 1 with weight 1; a top-k router mixture is k > 1);
-* ``index (B, k)`` + ``weight (B, T, k)``: per token weights (token-level routing).
+* ``index (B, k)`` + ``weight (B, T, k)``: per token weights;
+* ``token = True``: each adapted layer's own token gate mixes all experts per token (``routing.token``).
 
 Column numbers in ``index`` refer to ``experts``, the model's expert order.
 
