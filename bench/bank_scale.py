@@ -137,7 +137,7 @@ def build(args: argparse.Namespace, bank_dir: Path, work: Path) -> tuple[dict, l
     t0 = time.perf_counter()
     bank = AdapterBank.init(bank_dir, base=base)
     init_s = time.perf_counter() - t0
-    model = bank.base_model()
+    model = bank.new_model()
     labels = [f"class{j}" for j in range(args.labels)]
     method = LoRAConfig()
     model.add_task("template", method, labels)

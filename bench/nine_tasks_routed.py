@@ -49,7 +49,7 @@ def main() -> int:
     start = time.perf_counter()
     for task in args.tasks:
         r = bank.add_task(task, LoRAConfig(), train)
-        model = bank.base_model()
+        model = bank.new_model()
         data = load_task(task, max_train=1, max_test=args.max_test, seed=0)
         ids = tokenize(model.tokenizer, [e.text for e in data.test], train.max_length)
         feats[task] = frozen_pass(model, ids, router_layers=bank.router_layers)[1]

@@ -14,7 +14,6 @@ Run from the repository root (the bundled all-MiniLM-L6-v2 by default, no downlo
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import tempfile
 from pathlib import Path
@@ -40,9 +39,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     out = args.out or Path(tempfile.mkdtemp(prefix="adaptbank-continual-"))
 
     # The shipped spec, on our backbone and shrunk; the overrides are recorded in result.json.
-    spec = dataclasses.replace(load_run_spec("builtin"), backbone=args.base)
-    spec = spec.with_overrides(strategy=args.strategy, max_train=args.max_train, max_test=args.max_test,
-                               epochs=args.epochs, max_length=args.max_length)
+    spec = load_run_spec("builtin").with_overrides(strategy=args.strategy, max_train=args.max_train,
+                                                   max_test=args.max_test, epochs=args.epochs,
+                                                   max_length=args.max_length, backbone=args.base)
     print(f"run {spec.name!r}: {', '.join(spec.task_names)} with strategy {spec.strategy}")
     run_dir = out / "run"
     result = run_sequence(spec, run_dir, log=print)  # one progress line per task; returns result.json

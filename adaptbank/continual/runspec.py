@@ -183,11 +183,12 @@ class RunSpec:
 
     def with_overrides(self, *, strategy: str | None = None, max_train: int | None = None,
                        max_test: int | None = None, epochs: float | None = None, seed: int | None = None,
-                       max_length: int | None = None) -> RunSpec:
+                       max_length: int | None = None, backbone: str | None = None) -> RunSpec:
         """A copy with the given CLI flags applied (None leaves a setting as it is); validated again."""
         train_kw: dict[str, Any] = {k: v for k, v in (("max_train", max_train), ("max_test", max_test), ("epochs", epochs),
                                                       ("max_length", max_length)) if v is not None}
-        run_kw: dict[str, Any] = {k: v for k, v in (("strategy", strategy), ("seed", seed)) if v is not None}
+        run_kw: dict[str, Any] = {k: v for k, v in (("strategy", strategy), ("seed", seed), ("backbone", backbone))
+                                  if v is not None}
         changed = dict((k, (old, new)) for k, old, new in self.changed)
         for key, value in [*train_kw.items(), *run_kw.items()]:
             old = getattr(self.train, key) if key in train_kw else getattr(self, key)

@@ -183,16 +183,6 @@ class AdaptBankModel(nn.Module):
             layer.set_shared(group, tensors[f"{path}.A"])
         self.shared_groups[group] = tuple(paths)
 
-    def drop_shared(self, group: str) -> None:
-        """Forget a shared-A group that no loaded task uses any more."""
-        users = [t.name for t in self.tasks.values() if t.shared_group == group]
-        if users:
-            raise RuntimeError(f"shared-A group {group!r} is still used by {users}")
-        for path in self.shared_groups.pop(group, ()):
-            layer = self.backbone.get_submodule(path)
-            if group in layer.shared_A:
-                del layer.shared_A[group]
-
     def remove_task(self, name: str) -> None:
         info = self._info(name)
         if self.merged == name:
