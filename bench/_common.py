@@ -90,13 +90,17 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
-def write_json(path: str | None, data: dict[str, Any]) -> None:
+def write_json(path: str | None, data: dict[str, Any], *, quiet: bool = False) -> None:
+    """Write ``data`` to ``path`` atomically (temp file, then rename), so a killed run keeps the last."""
     if not path:
         return
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    print(f"\nwrote {out}")
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, out)
+    if not quiet:
+        print(f"\nwrote {out}")
 
 
 NOISE_NOTE = ("note: wall-clock figures from a shared machine are noisy; compare the ratios measured side by side "

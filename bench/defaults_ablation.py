@@ -19,6 +19,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -33,6 +34,8 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "all-layers": ("experts in layers 0-5 too (no router layers kept free)", {}, {"reserved": 0}),
     "one-router-layer": ("experts in layers 1-5 (router reads layer 0 only)", {}, {"reserved": 1}),
     "fresh-head": ("random head, no probe initialisation", {"probe_init": False}, {}),
+    "head-warmup": ("random head trained alone for 1 epoch, then head and expert together", {"probe_init": False},
+                    {"head_warmup": 1.0}),
     "lr-1e-3": ("expert lr 1e-3", {"lr": 1e-3}, {}),
     "lr-2e-3": ("expert lr 2e-3", {"lr": 2e-3}, {}),
     "head-lr-5e-4": ("head lr 5e-4 (= expert lr)", {"head_lr": 5e-4}, {}),
@@ -61,8 +64,10 @@ def run(backbone, task: str, data, variant: str, seed: int) -> dict:
     from adaptbank import AdaptBankModel, LoRAConfig, TrainConfig
     from adaptbank.core.backbone import Backbone
     from adaptbank.core.records import share_frozen
+    from adaptbank.data.tokens import tokenize
     from adaptbank.training.evaluate import evaluate
-    from adaptbank.training.loop import train_task
+    from adaptbank.training.features import task_features
+    from adaptbank.training.loop import Row, epoch_batches, fit, total_steps, train_task
 
     _, train_kw, model_kw = VARIANTS[variant]
     cfg = TrainConfig(seed=seed, **train_kw)
@@ -72,7 +77,15 @@ def run(backbone, task: str, data, variant: str, seed: int) -> dict:
     model.reserved_layers = model_kw.get("reserved", 2)
     model.add_task(task, method, data["labels"], seed=seed)
     t0 = time.perf_counter()
-    res = train_task(model, task, [t for t, _ in data["train"]], [y for _, y in data["train"]], cfg)
+    texts, labels = [t for t, _ in data["train"]], [y for _, y in data["train"]]
+    if model_kw.get("head_warmup"):  # the head alone first (expert frozen at zero), with the one loop
+        warm = dataclasses.replace(cfg, epochs=model_kw["head_warmup"])
+        ids = tokenize(model.tokenizer, texts, cfg.max_length)
+        rows = [Row(x, y, task) for x, y in zip(ids, labels)]
+        fit(model, epoch_batches(rows, warm, seed), steps=total_steps(len(rows), warm), cfg=warm, seed=seed,
+            groups=[{"params": list(model.heads[task].parameters()), "lr": cfg.head_lr, "name": "head"}],
+            features=task_features(model, task), what=f"head warm-up of {task!r}")
+    res = train_task(model, task, texts, labels, cfg)
     seconds = time.perf_counter() - t0
     val = evaluate(model, task, [t for t, _ in data["val"]], [y for _, y in data["val"]], max_length=cfg.max_length)
     test = evaluate(model, task, [t for t, _ in data["test"]], [y for _, y in data["test"]], max_length=cfg.max_length)
