@@ -116,3 +116,12 @@ def _write_tiny_bert(path: Path, seed: int = 0) -> Path:
 def tiny_bert_dir(tmp_path_factory) -> Path:
     """A tiny BERT saved as a Hugging Face folder: a real backbone path for bank and CLI tests."""
     return _write_tiny_bert(tmp_path_factory.mktemp("tiny-bert") / "model")
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    """Every entry under ``path``: the sha256 of each file's bytes, ``"dir"`` for each folder. Equal
+    digests mean no file was added, removed or rewritten with other bytes."""
+    import hashlib
+
+    return {str(p.relative_to(path)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*"))}

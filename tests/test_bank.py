@@ -4,6 +4,7 @@ shared-A bytes, graph, and bad input that must leave the bank unchanged."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -65,12 +66,72 @@ def test_shared_a_tasks_store_b_only_and_are_smaller(bank, tiny_bert_dir, tmp_pa
     assert bank.evaluate() == {"weather": first.test_accuracy, "topic": second.test_accuracy}
 
 
-def test_share_a_auto_explains_its_choice(bank):
-    r1 = bank.add_task("weather", LoRAConfig(rank=4), FAST, share_a="auto")
-    assert r1.shared_group and "started" in r1.share_reason
-    r2 = bank.add_task("reviews", LoRAConfig(rank=4), FAST, share_a="auto")
-    assert r2.shared_group and ("joined" in r2.share_reason or "started" in r2.share_reason)
-    assert "distance" in r2.share_reason
+def unknown_words_task(tmp_path: Path) -> Path:
+    """A two-class task whose every word is outside the tiny tokenizer's vocabulary: its texts are
+    runs of [UNK], far from any built-in task in the router's feature space."""
+    import random
+
+    rng = random.Random(0)
+    words = ["qzxv", "wjrk", "pfmt", "xqzl", "vvbn", "kkzq"]
+    data = tmp_path / "unknown"
+    data.mkdir()
+    for split, n in (("train", 80), ("test", 20)):
+        rows = [{"text": " ".join(rng.choice(words) for _ in range(rng.randint(3, 12))), "label": i % 2}
+                for i in range(n)]
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = tmp_path / "unknown.toml"
+    spec.write_text('name = "unknown"\ntype = "classification"\n[data]\ntrain = "unknown/train.jsonl"\n'
+                    'test = "unknown/test.jsonl"\nlabels = ["a", "b"]\n')
+    return spec
+
+
+def mahalanobis_from_stored_router(bank: AdapterBank, a: str, b: str) -> float:
+    """Distance of tasks ``a`` and ``b``'s stored mean router features under the pooled within-task
+    covariance of the stored router statistics, shrunk as the router shrinks it."""
+    stats = bank.store.read_router()[0]["stats"]
+    scatter, dim = stats["scatter"].double(), stats["scatter"].shape[0]
+    cov = scatter / (int(stats["scatter_count"][0]) - stats["means"].shape[0])
+    shrink = bank.router_config.shrinkage
+    cov = (1 - shrink) * cov + shrink * torch.trace(cov) / dim * torch.eye(dim, dtype=torch.float64)
+    diff = bank.store.read_tensors(a, "memory")["mean"].double() - bank.store.read_tensors(b, "memory")["mean"].double()
+    return float(diff @ torch.linalg.solve(cov, diff)) ** 0.5
+
+
+def test_share_a_auto_joins_near_tasks_and_starts_groups_for_distant_ones(bank, tmp_path):
+    cfg = LoRAConfig(rank=4)
+    limit = bank.router_config.share_distance  # 3.0 by default
+    joined = (r"joined group 'group1': its nearest task is at distance (\d+\.\d\d) <= "
+              + re.escape(str(limit)) + r" in the router's feature space")
+    first = bank.add_task("weather", cfg, FAST, share_a="auto")
+    assert (first.shared_group, first.share_reason) == ("group1", "started group 'group1': no compatible group yet")
+    # the same task again: the same training examples give the same mean router feature, distance 0
+    same = bank.add_task("weather", cfg, FAST, name="weather_again", share_a="auto")
+    assert same.shared_group == "group1"
+    assert re.fullmatch(joined, same.share_reason) and "distance 0.00 <=" in same.share_reason, same.share_reason
+    # near-identical: another sample of the same task (measured distance 0.90, well inside the limit)
+    other = TrainConfig(epochs=1, max_train=60, max_test=30, max_length=32, seed=3)
+    near = bank.add_task("weather", cfg, other, name="weather_resampled", share_a="auto")
+    m = re.fullmatch(joined, near.share_reason)
+    assert near.shared_group == "group1" and m, near.share_reason
+    assert 0.0 < float(m[1]) < limit / 2
+    # the distance it reports is the Mahalanobis distance under the router's pooled covariance
+    assert float(m[1]) == pytest.approx(mahalanobis_from_stored_router(bank, "weather_resampled", "weather"),
+                                        abs=0.01)
+    # a very different task (all words unknown: measured distance 32) starts a group of its own
+    far = bank.add_task(unknown_words_task(tmp_path), cfg, FAST, share_a="auto")
+    m = re.fullmatch(r"started group 'group2': the nearest compatible group 'group1' is at distance (\d+\.\d\d) > "
+                     + re.escape(str(limit)), far.share_reason)
+    assert far.shared_group == "group2" and m, far.share_reason
+    assert float(m[1]) > 3 * limit
+    # a LoRA of another rank cannot share any group's A, however near its inputs
+    rank2 = bank.add_task("weather", LoRAConfig(rank=2), FAST, name="weather_rank2", share_a="auto")
+    assert (rank2.shared_group, rank2.share_reason) == ("group3", "started group 'group3': no compatible group yet")
+    # the bank stored the decisions it reported
+    groups = {n: (bank.info(n)["shared_group"], bank.info(n)["owns_shared"]) for n in bank.tasks()}
+    assert groups == {"weather": ("group1", True), "weather_again": ("group1", False),
+                      "weather_resampled": ("group1", False), "unknown": ("group2", True),
+                      "weather_rank2": ("group3", True)}
+    assert bank.info("weather_resampled")["share_reason"] == near.share_reason
 
 
 def test_parallel_adapter_task_and_remove(bank):

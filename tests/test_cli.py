@@ -6,6 +6,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from conftest import tree_digest
 
 from adaptbank.cli.main import main
 
@@ -64,12 +65,13 @@ def test_errors_are_one_clean_line(tiny_bert_dir, tmp_path, args, message):
     r = CliRunner()
     bank = str(tmp_path / "bank")
     assert r.invoke(main, ["init", bank, "--base", str(tiny_bert_dir)]).exit_code == 0
-    before = sorted(p.name for p in (tmp_path / "bank").rglob("*"))
+    before = tree_digest(tmp_path / "bank")
+    assert "manifest.json" in before
     res = r.invoke(main, [a.replace("BANK", bank) for a in args])
     assert res.exit_code != 0
     assert message in res.output, res.output
     assert "Traceback" not in res.output
-    assert sorted(p.name for p in (tmp_path / "bank").rglob("*")) == before
+    assert tree_digest(tmp_path / "bank") == before  # the same paths, each file with the same bytes
 
 
 @pytest.mark.slow

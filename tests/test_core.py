@@ -264,7 +264,23 @@ def test_shared_a_experts_share_one_parameter_and_train_only_b(inputs):
         assert layer.experts["a"].A is layer.experts["b"].A is layer.shared_A["g"]
     n_b = sum(p.numel() for p in model.expert_parameters("b"))
     assert n_b == sum(4 * l.d_out for l in model.layers_of("b").values())
-    assert "A" not in "".join(model.export_task("b")["adapter"]).split(".")
+    # the group's A is exported once, by export_shared, never with a task: not with task-B "b", and
+    # not with "a" either, although "a" owns (trains) it
+    paths = model.tasks["a"].paths
+    assert model.tasks["b"].paths == paths
+    for name in "ab":
+        keys = set(model.export_task(name)["adapter"])
+        assert not any(k.endswith(".A") for k in keys), (name, sorted(keys)[:4])
+        assert keys == {f"{p}.B" for p in paths}
+    shared = model.export_shared("g")
+    assert set(shared) == {f"{p}.A" for p in paths}
+    for p, layer in model.layers_of("a").items():
+        assert torch.equal(shared[f"{p}.A"], layer.shared_A["g"])
+    # a task outside any group exports its own A beside B
+    model.add_task("solo", cfg, ["x", "y"])
+    assert set(model.export_task("solo")["adapter"]) == {f"{p}.{k}" for p in paths for k in "AB"}
+    assert model.export_shared("g").keys() == shared.keys()
+    model.remove_task("solo")
     expert, _ = model.train_only("b")
     assert not any(p is layer.shared_A["g"] for layer in model.layers_of("b").values() for p in expert)
     with pytest.raises(ValueError, match="rank"):

@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from _crash import add_task_cmd, run_trials, snapshot_tensors
+import torch
+from _crash import add_task_cmd, run_trials
 
 from adaptbank.bank.facade import AdapterBank
 from adaptbank.core.config import LoRAConfig, TrainConfig
@@ -26,6 +27,16 @@ def bank(tiny_bert_dir, tmp_path) -> Path:
     return b.path
 
 
+def earlier_tensors(bank: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The fixture's tasks' stored tensors (adapter, head, router memory) and group g's shared A."""
+    store = AdapterBank.open(bank).store
+    out = {f"{t}/{s}": store.read_tensors(t, s, check="full") for t in ("weather", "topic")
+           for s in ("adapter", "head", "memory")}
+    out["shared g/A"] = store.read_shared("g", "A", check="full")
+    assert all(out.values())
+    return out
+
+
 def test_sigkilled_add_task_leaves_task_complete_or_absent(bank):
     # delays up to 1.1x a calibrated uninterrupted run: start-up, training, writing, commit; 30 trials in
     # bench/crash_add_task.py
@@ -35,7 +46,7 @@ def test_sigkilled_add_task_leaves_task_complete_or_absent(bank):
 
 @pytest.mark.parametrize("n", [2, 4])
 def test_concurrent_add_tasks_all_land(bank, n):
-    before = snapshot_tensors(bank)
+    before = earlier_tensors(bank)
     tasks = ["intent", "reviews", "weather", "topic"][:n]
     procs = [subprocess.Popen(add_task_cmd(bank, t, f"c{i}", FLAGS), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               env=dict(os.environ, HF_HUB_OFFLINE="1")) for i, t in enumerate(tasks)]
@@ -46,8 +57,11 @@ def test_concurrent_add_tasks_all_land(bank, n):
     assert b.tasks()[:2] == ["weather", "topic"]
     assert sorted(b.tasks()[2:]) == [f"c{i}" for i in range(n)]  # commit order is the race's
     assert [p for p in b.verify() if p.is_error] == []
-    after = snapshot_tensors(bank)
-    assert all(after[k].keys() == v.keys() for k, v in before.items())
+    after = earlier_tensors(bank)
+    for part, tensors in before.items():  # every earlier task's tensors, value for value
+        assert after[part].keys() == tensors.keys(), part
+        changed = [k for k, t in tensors.items() if not torch.equal(after[part][k], t)]
+        assert not changed, f"{part}: {changed[:3]} changed"
     # the router saw every task: its statistics were updated under the lock, one commit per task
     assert sorted(b.store.read_router()[1]["expert_order"]) == sorted(b.tasks())
     b.router()  # not stale
