@@ -149,7 +149,9 @@ def test_bank_router_equals_offline_sklearn_lda_on_unequal_tasks(bank):
     from sklearn.covariance import ShrunkCovariance
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
-    from adaptbank.training.loop import frozen_pass, predict_task, tokenize
+    from adaptbank.data.tokens import tokenize
+    from adaptbank.training.evaluate import predict_task
+    from adaptbank.training.features import frozen_pass
 
     bank.add_task("topic", LoRAConfig(rank=4), TrainConfig(epochs=1, max_train=50, max_test=60, max_length=32))
     names = ["weather", "intent", "topic"]  # three tasks: scikit-learn folds two classes into one score
