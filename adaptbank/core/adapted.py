@@ -20,7 +20,7 @@ Forward reads the model's :class:`~adaptbank.routing.state.RoutingState`:
 Merge folds one LoRA expert into the base weight, computed in fp32, and is recorded in
 ``self.merged``; a second merge, or a merge while rows mix experts, is refused. The merged weight is a
 new tensor and the original is kept aside, so ``unmerge`` restores it exactly and a merge never
-writes into frozen weights that another model may share (``core.model.share_frozen``).
+writes into frozen weights that another model may share (``core.records.share_frozen``).
 """
 
 from __future__ import annotations
