@@ -80,13 +80,31 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
+class LockTimeoutError(TimeoutError):
+    """:func:`exclusive_lock` gave up waiting; ``holder_pid`` is the pid the holder wrote, or None."""
+
+    def __init__(self, message: str, holder_pid: int | None) -> None:
+        super().__init__(message)
+        self.holder_pid = holder_pid
+
+
+def lock_holder(path: str | Path) -> int | None:
+    """The process id the current holder of :func:`exclusive_lock` on ``path`` wrote into it, if any."""
+    try:
+        text = Path(path).read_text(encoding="ascii", errors="replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
 @contextlib.contextmanager
 def exclusive_lock(path: str | Path, timeout: float | None = None) -> Iterator[None]:
     """Hold an exclusive ``fcntl.flock`` on ``path`` (created if missing) for the ``with`` body.
 
-    Waits forever when ``timeout`` is None, else raises ``TimeoutError`` after ``timeout`` s.
+    Waits forever when ``timeout`` is None, else raises :class:`LockTimeoutError` after ``timeout`` s.
     The kernel drops the lock when the descriptor closes or the process dies (even by SIGKILL),
-    so a crashed writer never leaves the bank locked.
+    so a crashed writer never leaves the bank locked.  While held, the file holds the holder's pid,
+    so that a waiter that gives up can say who holds it; it is emptied again before release.
     """
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -97,9 +115,18 @@ def exclusive_lock(path: str | Path, timeout: float | None = None) -> Iterator[N
                 break
             except BlockingIOError:
                 if deadline is not None and time.monotonic() >= deadline:
-                    raise TimeoutError(f"{path}: still locked by another process after {timeout} s") from None
+                    pid = lock_holder(path)
+                    who = f"process {pid}" if pid is not None else "another process (pid not recorded)"
+                    raise LockTimeoutError(f"{path}: still locked by {who} after {timeout} s", pid) from None
                 time.sleep(0.01)
-        yield
+        with contextlib.suppress(OSError):  # the pid is a courtesy to waiters; the flock is the lock
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
     finally:
         os.close(fd)  # closing the descriptor releases the flock
 

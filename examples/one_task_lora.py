@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     print(f"predicted: {[data.labels[i] for i in output.logits.argmax(1).tolist()]}")
     print(f"merge/unmerge: max |logit difference| {diff:.2e}")
 
-    folder = save_expert(model, "weather", out / "weather")  # adapter + head safetensors, adapter_config.json
+    folder = save_expert(model, "weather", out / "weather", replace=True)  # adapter, head, adapter_config.json
     print(f"expert saved to {folder}")
     return {"before": before, "after": after, "probe_accuracy": result.probe_accuracy, "steps": result.steps,
             "logits_shape": tuple(output.logits.shape), "tasks": output.tasks, "merge_max_diff": diff,

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The bases the tests' AdapterBank.init calls allow are recorded in this session's own allow file (see
+# adaptbank.bank.trust), inherited by CLI subprocesses, never in the user's ~/.config/adaptbank.
+os.environ["ADAPTBANK_CONFIG_DIR"] = tempfile.mkdtemp(prefix="adaptbank-test-config-")
 
 import pytest
 import torch
@@ -17,6 +22,11 @@ REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("ADAPTBANK_DATA", REPO.parent / "shared" / "data"))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Remove this session's allow file (see the ADAPTBANK_CONFIG_DIR above)."""
+    shutil.rmtree(os.environ["ADAPTBANK_CONFIG_DIR"], ignore_errors=True)
 
 
 def tiny_backbone(family: str, seed: int = 0, hidden: int = 32) -> Backbone:

@@ -485,7 +485,9 @@ def test_permission_denied_leaves_bank_unchanged(bank: BankStore, monkeypatch: p
 def test_repair_removes_temporaries_and_orphans_only(bank: BankStore) -> None:
     bank.write_task("a", files_for(0), {}, shared="g", shared_files={"A": {"x": torch.ones(2)}})
     bank.write_router({"router": {"w": torch.ones(2)}}, {}, ["a"])
-    referenced = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in bank.path.rglob("*") if p.is_file()}
+    # every file but .lock, which each writer (repair too) stamps with its pid while it holds the lock
+    referenced = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in bank.path.rglob("*")
+                  if p.is_file() and p.name != ".lock"}
     adir = bank.path / bank.task_entry("a")["dir"]
     junk = {
         "tasks/ghost@0123456789ab": "dir", "shared/g@0123456789ab": "dir", "router/ffffffffffff": "dir",

@@ -25,8 +25,9 @@ from typing import Any
 import torch
 
 from adaptbank._version import __version__
-from adaptbank.bank.store import BankError, BankStore, Problem, TaskExistsError
-from adaptbank.core.backbone import DEFAULT_BACKBONE, Backbone, load_backbone
+from adaptbank.bank.store import DEFAULT_LOCK_TIMEOUT, BankError, BankStore, Problem, TaskExistsError
+from adaptbank.bank.trust import allow_base, base_to_load, canonical
+from adaptbank.core.backbone import DEFAULT_ALIASES, DEFAULT_BACKBONE, Backbone, load_backbone
 from adaptbank.core.config import LoRAConfig, MethodConfig, RouterConfig, TrainConfig, method_from_dict
 from adaptbank.core.model import AdaptBankModel, share_frozen
 from adaptbank.data.load import TaskData, load_task
@@ -88,14 +89,17 @@ class AdapterBank:
         info = {"name": base, "fingerprint": model.base_fingerprint(), "model_type": cfg.model_type,
                 "hidden_size": model.hidden_size, "layers": n_layers, "router_layers": router.layers,
                 "router": router.to_dict()}
+        if base not in DEFAULT_ALIASES:  # informational: trust.base_to_load trusts only the user's own records
+            info |= {"path": canonical(base), "allowed_by": "init"}
         bank = cls(BankStore.create(path, base=info))
+        allow_base(base)  # the user named it: later processes may load it for banks on it (bank.trust)
         bank._base, bank._fingerprint = backbone, info["fingerprint"]
         return bank
 
     @classmethod
-    def open(cls, path: str | Path) -> AdapterBank:
-        """Open an existing bank (reads only the manifest)."""
-        return cls(BankStore.open(path))
+    def open(cls, path: str | Path, *, lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT) -> AdapterBank:
+        """Open an existing bank (reads only the manifest); writers wait ``lock_timeout`` s for the lock."""
+        return cls(BankStore.open(path, lock_timeout=lock_timeout))
 
     @property
     def path(self) -> Path:
@@ -124,8 +128,9 @@ class AdapterBank:
         The backbone is loaded and checked against the bank's fingerprint once per bank object; each model
         gets its own module tree sharing the frozen weights (``core.records.share_frozen``), so experts,
         heads, routers and merges of one model never show in another. It comes in eval mode."""
-        if self._base is None:
-            backbone = load_backbone(self.base["name"])
+        if self._base is None:  # the manifest's base is loaded only if the user allows it (bank.trust)
+            backbone = load_backbone(base_to_load(self.base, self.path))
+            backbone.name = self.base["name"]
             found = AdaptBankModel(backbone).base_fingerprint()
             if found != self.base["fingerprint"]:
                 raise BankError(f"{self.path}: the bank was made for base {self.base['name']!r} with fingerprint "

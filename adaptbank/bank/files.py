@@ -1,10 +1,12 @@
 """The files inside one bank directory: checked reads and durable writes.
 
 :class:`BankFiles` resolves manifest paths strictly inside the bank (no absolute paths, no '..', no
-symlink pointing out), checks a listed file against its manifest record (size and mtime, or sha256),
-loads safetensors and JSON files, and writes a new directory durably (every file ``.tmp`` -> fsync
--> replace, then fsync the directory and its parent).  :func:`encode` turns ``{stem: {key: Tensor}}``
-into safetensors bytes.  The manifest, locking and transactions are :mod:`adaptbank.bank.store`'s;
+symlink pointing out, no symlink loop), checks a listed file against its manifest record (size and
+mtime, or sha256), loads JSON files and safetensors files (each header checked first by
+:func:`adaptbank._tensorfile.check_safetensors`: sizes, offsets, allowed dtypes, no unknown keys), and
+writes a new directory durably (every file ``.tmp`` -> fsync -> replace, then fsync the directory and
+its parent).  :func:`encode` turns ``{stem: {key: Tensor}}`` into safetensors bytes, refusing dtypes
+the bank would not read back.  The manifest, locking and transactions are :mod:`adaptbank.bank.store`'s;
 torch and safetensors are imported only when tensors are read or encoded.
 """
 
@@ -19,6 +21,7 @@ if TYPE_CHECKING:  # torch and safetensors load lazily: listing a bank must not 
     import torch
 
 from adaptbank._atomic import atomic_write_bytes, file_digest, fsync_dir
+from adaptbank._tensorfile import TensorFileError, check_safetensors
 from adaptbank.bank.manifest import BankCorruptError, BankError, Check, _version
 from adaptbank.core.config import validate_name
 
@@ -86,6 +89,10 @@ class BankFiles:
         if rel not in entry["files"]:
             raise BankError(f"{self.path}: {label} has no tensor file {rel!r} (has {sorted(entry['files'])})")
         path = self.checked_file(entry, rel, check, label)
+        try:  # the header first, by our own bounded parser: a forged file is refused before safetensors reads it
+            check_safetensors(path)
+        except TensorFileError as exc:
+            raise BankCorruptError(f"{label}: {exc}", kind="unreadable") from None
         try:
             from safetensors.torch import load_file
 
@@ -136,10 +143,14 @@ def encode(files: object, owner: str) -> dict[str, bytes]:
         if not isinstance(tensors, dict):
             raise TypeError(f"{owner!r}/{stem}: expected dict[str, Tensor], got {type(tensors).__name__}")
         clean = {}
+        allowed = {torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64}  # _tensorfile.BANK_DTYPES
         for key, t in tensors.items():
             if not isinstance(key, str) or not key or not isinstance(t, torch.Tensor):
                 raise TypeError(f"{owner!r}/{stem}: entry {key!r} must map a non-empty str to a Tensor, "
                                 f"got {type(t).__name__}")
+            if t.dtype not in allowed:  # the bank would refuse to read it back
+                raise TypeError(f"{owner!r}/{stem}: tensor {key!r} has dtype {t.dtype}; the bank stores only "
+                                "float32, float16, bfloat16, float64 and int64")
             # clone: safetensors refuses tensors that share storage (e.g. views of one weight)
             clean[key] = t.detach().to("cpu").contiguous().clone()
         meta = {"format": "pt", "adaptbank_version": _version(), "task": owner, "stem": stem}

@@ -65,6 +65,11 @@ class BankCorruptError(BankError):
 class BankLockedError(BankError):
     """The writer lock could not be taken within the ``lock_timeout`` given to open/create."""
 
+    def __init__(self, message: str, *, holder_pid: int | None = None) -> None:
+        super().__init__(message)
+        self.holder_pid = holder_pid
+        """The pid the lock's holder recorded in ``BANK/.lock``, or None when it recorded none."""
+
 
 class TaskExistsError(BankError):
     """``write_task`` for a name already in the bank, without ``replace=True``."""

@@ -6,7 +6,7 @@ router, with ``manifest.json`` as the single commit point::
 
     BANK/
       manifest.json                     # replaced atomically, last: the commit point
-      .lock                             # fcntl.flock'ed by writers around the manifest update
+      .lock                             # flock'ed by writers around the manifest update; holds the holder's pid
       tasks/<task>@<id>/<stem>.safetensors ... config.json     # immutable once committed
       shared/<group>@<id>/<stem>.safetensors                   # tensors shared by several tasks
       router/<id>/<stem>.safetensors + router.json
@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 if TYPE_CHECKING:  # torch and safetensors load lazily: listing a bank must not pay for importing torch
     import torch
 
-from adaptbank._atomic import atomic_write_bytes, exclusive_lock, fsync_dir, hold_marker
+from adaptbank._atomic import LockTimeoutError, atomic_write_bytes, exclusive_lock, fsync_dir, hold_marker
 from adaptbank.bank.files import BankFiles, encode
 from adaptbank.bank.manifest import (  # the errors and Problem are re-exported: callers import them from here
     _AREAS,
@@ -69,7 +69,7 @@ from adaptbank.bank.manifest import (  # the errors and Problem are re-exported:
 from adaptbank.core.config import validate_name
 
 __all__ = [
-    "SCHEMA_VERSION", "BankCorruptError", "BankError", "BankLockedError", "BankStore", "Check", "Problem",
+    "DEFAULT_LOCK_TIMEOUT", "SCHEMA_VERSION", "BankCorruptError", "BankError", "BankLockedError", "BankStore", "Check", "Problem",
     "RouterUpdate", "TaskExistsError", "TaskNotFoundError",
 ]
 
@@ -77,6 +77,9 @@ RouterUpdate = Callable[[tuple[dict, dict[str, Any]] | None, list[str]], tuple[d
 """Called under the bank lock with the stored router ``(files, meta)`` (or None) and the bank's task
 names after the change; returns the new ``(files, meta, expert_order)`` or None to leave it."""
 _T = TypeVar("_T")
+DEFAULT_LOCK_TIMEOUT = 300.0
+"""Seconds a writer waits for the bank lock by default: long enough for another add-task's commit, short
+enough that a writer stuck behind a hung process fails, naming its pid, instead of waiting forever."""
 
 
 class BankStore:
@@ -87,7 +90,8 @@ class BankStore:
     it under the lock.  Call :meth:`reload` to see other processes' commits.
     """
 
-    def __init__(self, path: str | Path, manifest: dict[str, Any], *, lock_timeout: float | None = None) -> None:
+    def __init__(self, path: str | Path, manifest: dict[str, Any], *,
+                 lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT) -> None:
         """Internal; use :meth:`create` or :meth:`open`."""
         self.path: Path = Path(path).absolute()
         self._files = BankFiles(self.path)
@@ -100,7 +104,8 @@ class BankStore:
 
     # ------------------------------------------------------------------ open / create
     @classmethod
-    def create(cls, path: str | Path, *, base: dict[str, Any], lock_timeout: float | None = None) -> BankStore:
+    def create(cls, path: str | Path, *, base: dict[str, Any],
+               lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT) -> BankStore:
         """Create an empty bank at ``path`` (missing or empty dir) for the base model ``base``.
 
         ``base`` is free-form JSON but must hold string ``name`` and ``fingerprint``.
@@ -128,7 +133,7 @@ class BankStore:
 
     @classmethod
     def open(cls, path: str | Path, *, expect_base_fingerprint: str | None = None,
-             lock_timeout: float | None = None) -> BankStore:
+             lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT) -> BankStore:
         """Open an existing bank; refuse a bad manifest, a newer schema or another base model."""
         store = cls(path, {}, lock_timeout=lock_timeout)
         store.reload()
@@ -433,7 +438,9 @@ class BankStore:
         with contextlib.ExitStack() as stack:
             try:
                 stack.enter_context(exclusive_lock(self.path / _LOCK, self.lock_timeout))
-            except TimeoutError as exc:
-                raise BankLockedError(f"{self.path}: another writer holds the bank lock: {exc}") from None
+            except LockTimeoutError as exc:
+                raise BankLockedError(f"{self.path}: another writer holds the bank lock: {exc}; wait for it to "
+                                      "finish, or pass a longer lock_timeout (--lock-timeout)",
+                                      holder_pid=exc.holder_pid) from None
             yield
 

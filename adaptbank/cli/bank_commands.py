@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from adaptbank.cli.errors import friendly
-from adaptbank.cli.options import ADAPTER_WIDTHS, also_note, config_option, given
+from adaptbank.cli.options import ADAPTER_WIDTHS, also_note, config_option, given, lock_timeout_option
 from adaptbank.cli.output import emit, human, pct
 from adaptbank.core.config import (
     TARGET_PRESETS,
@@ -84,10 +84,11 @@ def _method_config(method: str, targets: str | None, rank: int | None, **lora: A
 @config_option(TrainConfig, "seed")
 @click.option("--replace", is_flag=True, help="Retrain and replace a task that exists already.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@lock_timeout_option
 @_friendly
 def add_task(bank: str, spec: str, method: str, rank: int | None, alpha: float | None, dropout: float | None,
              targets: str | None, share_a: str | None, name: str | None, parent: str | None, replace: bool,
-             as_json: bool, **train: Any) -> None:
+             as_json: bool, lock_timeout: float, **train: Any) -> None:
     """Train SPEC's expert and head, evaluate on its test split, and store them in BANK.
 
     SPEC is a task spec file (TOML) or the name of a spec in tasks/ (e.g. ag_news, weather).
@@ -98,7 +99,7 @@ def add_task(bank: str, spec: str, method: str, rank: int | None, alpha: float |
 
     cfg = _method_config(method, targets, rank, alpha=alpha, dropout=dropout)
     train_cfg = TrainConfig(**given(**train))
-    b = AdapterBank.open(bank)
+    b = AdapterBank.open(bank, lock_timeout=lock_timeout)
     bar = tqdm(desc=f"training {name or spec}", unit="step", disable=as_json or None, file=sys.stderr)
 
     def on_step(step: int, loss: float) -> None:
@@ -159,12 +160,13 @@ def show(bank: str, task: str, as_json: bool) -> None:
 @click.command()
 @_BANK
 @click.argument("task")
+@lock_timeout_option
 @_friendly
-def remove(bank: str, task: str) -> None:
+def remove(bank: str, task: str, lock_timeout: float) -> None:
     """Remove TASK from BANK."""
     from adaptbank.bank.facade import AdapterBank
 
-    AdapterBank.open(bank).remove(task)
+    AdapterBank.open(bank, lock_timeout=lock_timeout).remove(task)
     click.echo(f"removed {task}")
 
 
@@ -173,12 +175,13 @@ def remove(bank: str, task: str) -> None:
 @click.option("--repair", is_flag=True, help="Remove leftover temporaries and unreferenced directories.")
 @click.option("--fast", is_flag=True, help="Compare sizes and times instead of sha256.")
 @click.option("--json", "as_json", is_flag=True)
+@lock_timeout_option
 @_friendly
-def verify(bank: str, repair: bool, fast: bool, as_json: bool) -> None:
+def verify(bank: str, repair: bool, fast: bool, as_json: bool, lock_timeout: float) -> None:
     """Check BANK: checksums, manifest against files, and the base model's fingerprint."""
     from adaptbank.bank.facade import AdapterBank
 
-    b = AdapterBank.open(bank)
+    b = AdapterBank.open(bank, lock_timeout=lock_timeout)  # only --repair takes the lock
     removed = b.store.repair() if repair else []
     problems = b.verify(full=not fast)
     errors = [p for p in problems if p.is_error]

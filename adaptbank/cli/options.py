@@ -22,10 +22,11 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import click
 
+from adaptbank.bank.store import DEFAULT_LOCK_TIMEOUT
 from adaptbank.core.config import AdapterConfig, LoRAConfig, ParallelAdapterConfig, RouterConfig, TrainConfig
 
 __all__ = ["CONFIG_FLAGS", "NOT_CONFIG", "UNFLAGGED", "ConfigFlag", "ConfigOption", "ADAPTER_WIDTHS", "BANK_ROUTER",
-           "also_note", "config_option", "field_default", "field_doc", "flag_for", "given"]
+           "also_note", "config_option", "field_default", "field_doc", "flag_for", "given", "lock_timeout_option"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -129,6 +130,14 @@ def also_note(also: tuple[tuple[type, str], ...]) -> str:
     kinds = " or ".join(str(getattr(c, "kind", c.__name__)) for c, _ in also)
     values = ", ".join(f"{getattr(c, 'kind', c.__name__)} {field_default(c, f)}" for c, f in also)
     return f"With --method {kinds} it sets the bottleneck width instead ({values})."
+
+
+def lock_timeout_option(fn: F) -> F:
+    """``--lock-timeout SECONDS`` for the commands that write a bank: how long to wait for another writer."""
+    return click.option("--lock-timeout", type=click.FloatRange(min=0), default=DEFAULT_LOCK_TIMEOUT,
+                        show_default=True, metavar="SECONDS",
+                        help="Wait at most this long for another writer's bank lock, then fail naming its "
+                        "process id.")(fn)
 
 
 def given(**options: Any) -> dict[str, Any]:

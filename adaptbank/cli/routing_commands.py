@@ -13,7 +13,7 @@ import click
 
 from adaptbank.cli.errors import friendly
 from adaptbank.cli.inputs import read_jsonl_texts
-from adaptbank.cli.options import BANK_ROUTER, config_option, given
+from adaptbank.cli.options import BANK_ROUTER, config_option, given, lock_timeout_option
 from adaptbank.cli.output import emit, pct
 from adaptbank.core.config import RouterConfig, TrainConfig
 
@@ -118,13 +118,15 @@ def router() -> None:
 @click.option("--epochs", type=float, default=1.0, show_default=True, help="Token router: passes over the data.")
 @click.option("--max-train", type=int, default=200, show_default=True, help="Token router: examples per task.")
 @click.option("--balance", type=float, default=0.01, show_default=True, help="Token router: load-balancing weight.")
+@lock_timeout_option
 @_friendly
-def router_fit(bank: str, token_level: bool, epochs: float, max_train: int, balance: float) -> None:
+def router_fit(bank: str, token_level: bool, epochs: float, max_train: int, balance: float,
+               lock_timeout: float) -> None:
     """Refit the sequence router from the bank's memory (no raw text needed), or train the token-level
     router with --token-level."""
     from adaptbank.bank.facade import AdapterBank
 
-    b = AdapterBank.open(bank)
+    b = AdapterBank.open(bank, lock_timeout=lock_timeout)
     if token_level:
         losses = b.fit_token_router(epochs=epochs, max_train=max_train, balance=balance)
         click.echo(f"token router trained: {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}")

