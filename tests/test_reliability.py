@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from _crash import add_task_cmd, run_trials
+from conftest import tree_digest
 
 from adaptbank.bank.facade import AdapterBank
 from adaptbank.core.config import LoRAConfig, TrainConfig
@@ -68,7 +69,7 @@ def test_concurrent_add_tasks_all_land(bank, n):
 
 
 def test_ctrl_c_during_add_task_leaves_bank_unchanged(bank):
-    files = sorted(p.relative_to(bank) for p in bank.rglob("*") if p.is_file() and p.name != ".lock")
+    before = {k: v for k, v in tree_digest(bank).items() if k != ".lock"}  # .lock holds a writer's pid
     manifest = (bank / "manifest.json").read_bytes()
     proc = subprocess.Popen(add_task_cmd(bank, "intent", "interrupted", ["--epochs", "50", "--max-train", "200",
                                                                           "--max-length", "32"]),
@@ -85,4 +86,4 @@ def test_ctrl_c_during_add_task_leaves_bank_unchanged(bank):
     assert proc.returncode == 130, err.decode()[-1000:]
     assert b"bank is unchanged" in err and b"Traceback" not in err
     assert (bank / "manifest.json").read_bytes() == manifest
-    assert sorted(p.relative_to(bank) for p in bank.rglob("*") if p.is_file() and p.name != ".lock") == files
+    assert {k: v for k, v in tree_digest(bank).items() if k != ".lock"} == before  # every file's bytes
