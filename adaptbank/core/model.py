@@ -296,11 +296,9 @@ class AdaptBankModel(nn.Module):
         return pooled, self.state.index, self.state.weight, scores
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, *, task: str | None = None,
-                task_ids: Sequence[str] | None = None, routed: bool = False, expert: str | None = None,
-                **extra: Tensor) -> ModelOutput:
+                task_ids: Sequence[str] | None = None, routed: bool = False, **extra: Tensor) -> ModelOutput:
         """Logits for one task (``task``), a task per row (``task_ids``) or the router's choice per row
-        (``routed``); exactly one of the three. ``expert`` overrides the experts of a ``task`` forward
-        (``""``: the backbone without experts, with ``task``'s head)."""
+        (``routed``); exactly one of the three."""
         if sum((task is not None, task_ids is not None, routed)) != 1:
             raise ValueError("pass exactly one of task=, task_ids= or routed=True")
         if routed:
@@ -317,10 +315,7 @@ class AdaptBankModel(nn.Module):
         task = cast(str, task)  # narrowed by the count check above
         if task not in self.heads:
             raise KeyError(f"unknown task {task!r}; the model holds: {', '.join(self.heads) or 'none'}")
-        if expert == "":
-            self.route()
-        else:
-            self.route(task=expert or task)
+        self.route(task=task)
         pooled = self.features(input_ids, attention_mask, **extra)  # (B, D)
         return ModelOutput(self.heads[task](pooled), (task,) * input_ids.shape[0], pooled)  # (B, C)
 

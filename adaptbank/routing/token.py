@@ -16,9 +16,9 @@ gates train. The loss, summed visibly in :func:`fit_token_router`, has three ter
   ``E * sum_e f_e P_e`` per layer (f_e: share of tokens whose top expert is e, P_e: mean gate
   probability of e), weighted by ``balance``, which keeps the gates from collapsing onto a few experts.
 
-The last two are loss terms of the one training loop (``training.loop.fit``); batches are drawn at
-random from all tasks' rows, and training runs in eval mode (no dropout), so the gates see the experts
-as they run at inference. Each gate keeps the probabilities of its last forward (``gate_probs``), the
+The last two are loss terms of the one training loop (``training.loop.fit``: AdamW, the learning
+rate decaying linearly to zero, gradient clipping at 1.0); batches are drawn at random from all tasks'
+rows, and training runs in eval mode (no dropout), so the gates see the experts as they run at inference. Each gate keeps the probabilities of its last forward (``gate_probs``), the
 output this module reads back.
 """
 
