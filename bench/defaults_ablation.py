@@ -36,6 +36,10 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "fresh-head": ("random head, no probe initialisation", {"probe_init": False}, {}),
     "head-warmup": ("random head trained alone for 1 epoch, then head and expert together", {"probe_init": False},
                     {"head_warmup": 1.0}),
+    "probe-C0.1": ("probe head with 10x stronger L2 (C = 0.1)", {"probe_init": False}, {"probe_c": 0.1}),
+    "probe-C0.01": ("probe head with 100x stronger L2 (C = 0.01)", {"probe_init": False}, {"probe_c": 0.01}),
+    "probe-cv": ("probe head with C chosen by 3-fold CV on the training split", {"probe_init": False},
+                 {"probe_c": "cv"}),
     "lr-1e-3": ("expert lr 1e-3", {"lr": 1e-3}, {}),
     "lr-2e-3": ("expert lr 2e-3", {"lr": 2e-3}, {}),
     "head-lr-5e-4": ("head lr 5e-4 (= expert lr)", {"head_lr": 5e-4}, {}),
@@ -85,6 +89,8 @@ def run(backbone, task: str, data, variant: str, seed: int) -> dict:
         fit(model, epoch_batches(rows, warm, seed), steps=total_steps(len(rows), warm), cfg=warm, seed=seed,
             groups=[{"params": list(model.heads[task].parameters()), "lr": cfg.head_lr, "name": "head"}],
             features=task_features(model, task), what=f"head warm-up of {task!r}")
+    if "probe_c" in model_kw:  # the probe head with another regularisation strength, then as train_task
+        _probe_with_c(model, task, texts, labels, cfg, model_kw["probe_c"])
     res = train_task(model, task, texts, labels, cfg)
     seconds = time.perf_counter() - t0
     val = evaluate(model, task, [t for t, _ in data["val"]], [y for _, y in data["val"]], max_length=cfg.max_length)
@@ -92,6 +98,30 @@ def run(backbone, task: str, data, variant: str, seed: int) -> dict:
     return {"val": val, "test": test, "probe_train_accuracy": res.probe_accuracy, "steps": res.steps,
             "train_seconds": seconds, "trainable_params": sum(p.numel() for p in model.expert_parameters(task)),
             "config": cfg.to_dict(), "method": method.to_dict(), "reserved_layers": model.reserved_layers}
+
+
+def _probe_with_c(model, task: str, texts: list[str], labels: list[int], cfg, c: float | str) -> None:
+    """Initialise the head as a logistic-regression probe on the frozen features with L2 strength ``1/c``
+    (``"cv"``: C from {0.01, 0.1, 1, 10} by 3-fold cross-validation on the training texts)."""
+    import torch
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+
+    from adaptbank.data.tokens import tokenize
+    from adaptbank.training.features import encode
+
+    feats = encode(model, tokenize(model.tokenizer, texts, cfg.max_length)).numpy()  # (N, D)
+    clf = (LogisticRegressionCV(Cs=[0.01, 0.1, 1.0, 10.0], cv=3, max_iter=2000, random_state=cfg.seed) if c == "cv"
+           else LogisticRegression(C=float(c), max_iter=2000, random_state=cfg.seed)).fit(feats, labels)
+    coef, bias = torch.as_tensor(clf.coef_, dtype=torch.float32), torch.as_tensor(clf.intercept_, dtype=torch.float32)
+    if coef.shape[0] == 1:  # two classes: one row, split symmetrically (as training.features.fit_probe)
+        coef, bias = torch.cat([-coef / 2, coef / 2]), torch.cat([-bias / 2, bias / 2])
+    if coef.shape[0] != model.heads[task].linear.out_features:
+        raise ValueError(f"{task}: the training split lacks some classes; probe variants need all of them")
+    with torch.no_grad():
+        model.heads[task].linear.weight.copy_(coef)
+        model.heads[task].linear.bias.copy_(bias)
+    if c == "cv":
+        print(f"      probe-cv chose C = {float(clf.C_[0])}", flush=True)
 
 
 def split(task: str, max_train: int, n_val: int, max_test: int, seed: int) -> dict:
