@@ -40,6 +40,8 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "probe-C0.01": ("probe head with 100x stronger L2 (C = 0.01)", {"probe_init": False}, {"probe_c": 0.01}),
     "probe-cv": ("probe head with C chosen by 3-fold CV on the training split", {"probe_init": False},
                  {"probe_c": "cv"}),
+    "probe-cv-half": ("probe-cv head with its weights halved (softer start: more gradient for the expert)",
+                      {"probe_init": False}, {"probe_c": "cv", "probe_scale": 0.5}),
     "lr-1e-3": ("expert lr 1e-3", {"lr": 1e-3}, {}),
     "lr-2e-3": ("expert lr 2e-3", {"lr": 2e-3}, {}),
     "head-lr-5e-4": ("head lr 5e-4 (= expert lr)", {"head_lr": 5e-4}, {}),
@@ -90,7 +92,7 @@ def run(backbone, task: str, data, variant: str, seed: int) -> dict:
             groups=[{"params": list(model.heads[task].parameters()), "lr": cfg.head_lr, "name": "head"}],
             features=task_features(model, task), what=f"head warm-up of {task!r}")
     if "probe_c" in model_kw:  # the probe head with another regularisation strength, then as train_task
-        _probe_with_c(model, task, texts, labels, cfg, model_kw["probe_c"])
+        _probe_with_c(model, task, texts, labels, cfg, model_kw["probe_c"], model_kw.get("probe_scale", 1.0))
     res = train_task(model, task, texts, labels, cfg)
     seconds = time.perf_counter() - t0
     val = evaluate(model, task, [t for t, _ in data["val"]], [y for _, y in data["val"]], max_length=cfg.max_length)
@@ -100,9 +102,11 @@ def run(backbone, task: str, data, variant: str, seed: int) -> dict:
             "config": cfg.to_dict(), "method": method.to_dict(), "reserved_layers": model.reserved_layers}
 
 
-def _probe_with_c(model, task: str, texts: list[str], labels: list[int], cfg, c: float | str) -> None:
+def _probe_with_c(model, task: str, texts: list[str], labels: list[int], cfg, c: float | str,
+                  scale: float = 1.0) -> None:
     """Initialise the head as a logistic-regression probe on the frozen features with L2 strength ``1/c``
-    (``"cv"``: C from {0.01, 0.1, 1, 10} by 3-fold cross-validation on the training texts)."""
+    (``"cv"``: C from {0.01, 0.1, 1, 10} by 3-fold cross-validation on the training texts), its weights
+    and bias multiplied by ``scale``."""
     import torch
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 
@@ -118,8 +122,8 @@ def _probe_with_c(model, task: str, texts: list[str], labels: list[int], cfg, c:
     if coef.shape[0] != model.heads[task].linear.out_features:
         raise ValueError(f"{task}: the training split lacks some classes; probe variants need all of them")
     with torch.no_grad():
-        model.heads[task].linear.weight.copy_(coef)
-        model.heads[task].linear.bias.copy_(bias)
+        model.heads[task].linear.weight.copy_(coef * scale)
+        model.heads[task].linear.bias.copy_(bias * scale)
     if c == "cv":
         print(f"      probe-cv chose C = {float(clf.C_[0])}", flush=True)
 
