@@ -108,8 +108,7 @@ class AdaptBankModel(nn.Module):
             raise
         if shared_group is not None:
             self.shared_groups.setdefault(shared_group, tuple(paths))
-        device = next(self.backbone.parameters()).device
-        self.heads[name] = ClassificationHead(self.hidden_size, len(labels), head_dropout).to(device).train(self.training)
+        self._new_head(name, labels, head_dropout)
         info = TaskInfo(name, method, tuple(labels), tuple(paths), shared_group, owns)
         self.tasks[name] = info
         self._order_changed()
@@ -334,8 +333,12 @@ class AdaptBankModel(nn.Module):
         expert across tasks, or train the backbone itself)."""
         if name in self.heads:
             raise KeyError(f"head {name!r} already exists")
+        self._new_head(name, labels, head_dropout)
+
+    def _new_head(self, name: str, labels: Sequence[str], dropout: float) -> None:
+        """A fresh classification head for ``labels`` on the backbone's device, in the model's mode."""
         device = next(self.backbone.parameters()).device
-        self.heads[name] = ClassificationHead(self.hidden_size, len(labels), head_dropout).to(device).train(self.training)
+        self.heads[name] = ClassificationHead(self.hidden_size, len(labels), dropout).to(device).train(self.training)
 
     # ----------------------------------------------------------------------------- merge
     def merge(self, name: str) -> None:

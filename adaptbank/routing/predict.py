@@ -19,6 +19,7 @@ from torch import Tensor
 from adaptbank.core.model import AdaptBankModel
 from adaptbank.data.tokens import batches, collate, pad_id, tokenize_checked
 from adaptbank.routing.token import token_routed_features
+from adaptbank.training.features import device_of
 
 __all__ = ["Prediction", "predict", "routed_hit"]
 
@@ -63,7 +64,7 @@ def predict(model: AdaptBankModel, texts: Sequence[str], *, task: str | None = N
     out_list: list[Prediction | None] = [None] * len(texts)
     names = list(model.state.experts)
     for chunk in batches(ids, batch_size, shuffle=False):
-        batch = collate([ids[i] for i in chunk], pad_id(model.tokenizer), next(model.parameters()).device)
+        batch = collate([ids[i] for i in chunk], pad_id(model.tokenizer), device_of(model))
         if task is not None:
             pooled = model(**batch, task=task).pooled  # (B, D)
             index = torch.full((len(chunk), 1), names.index(task))  # (B, 1)

@@ -149,9 +149,9 @@ class BalanceTerm:
 
 def _sampled(rows: Sequence[Row], batch_size: int, seed: int) -> Iterator[list[Row]]:
     """Endless batches drawn at random (without replacement within a batch) from all rows."""
-    rng = random.Random(seed)
+    rng, rows = random.Random(seed), list(rows)
     while True:
-        yield rng.sample(list(rows), min(batch_size, len(rows)))
+        yield rng.sample(rows, min(batch_size, len(rows)))
 
 
 def fit_token_router(model: AdaptBankModel, data: dict[str, tuple[Sequence[str], Sequence[int]]], *,

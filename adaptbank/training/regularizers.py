@@ -87,9 +87,9 @@ class OrthogonalityPenalty:
 
 def with_replay(plan: Iterable[list[Row]], pool: Sequence[Row], n: int, seed: int) -> Iterator[list[Row]]:
     """Every batch of ``plan`` plus ``n`` rows drawn without replacement from ``pool`` (seeded)."""
-    rng = random.Random(seed)
+    rng, pool = random.Random(seed), list(pool)
     for rows in plan:
-        yield rows + rng.sample(list(pool), n)
+        yield rows + rng.sample(pool, n)
 
 
 def class_balanced(rows: Sequence[Row], n: int, seed: int) -> list[int]:
