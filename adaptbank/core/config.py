@@ -22,6 +22,12 @@ __all__ = [
     "LoRAConfig",
     "AdapterConfig",
     "ParallelAdapterConfig",
+    "BitFitConfig",
+    "IA3Config",
+    "PromptTuningConfig",
+    "PrefixConfig",
+    "PTuningV2Config",
+    "METHOD_KINDS",
     "MethodConfig",
     "TrainConfig",
     "method_from_dict",
@@ -29,7 +35,7 @@ __all__ = [
     "TARGET_PRESETS",
 ]
 
-TARGET_PRESETS: tuple[str, ...] = ("qv", "attn", "all-linear", "v", "houlsby", "pfeiffer", "ffn")
+TARGET_PRESETS: tuple[str, ...] = ("qv", "attn", "all-linear", "v", "houlsby", "pfeiffer", "ffn", "ia3")
 """Named target sets; ``inject.py`` maps each to module roles per model family."""
 
 Activation = Literal["relu", "gelu", "silu", "tanh"]
@@ -166,8 +172,102 @@ class ParallelAdapterConfig(_Config):
         _check_targets(self.targets)
 
 
-MethodConfig = LoRAConfig | AdapterConfig | ParallelAdapterConfig
-_METHODS: dict[str, type[_Config]] = {c.kind: c for c in (LoRAConfig, AdapterConfig, ParallelAdapterConfig)}
+@dataclass(frozen=True, kw_only=True)
+class BitFitConfig(_Config):
+    """BitFit (Ben Zaken et al. 2021): only bias terms train, stored as deltas ``h + b_task``."""
+
+    kind: ClassVar[str] = "bitfit"
+    targets: str | tuple[str, ...] = "all-linear"
+    """Linear sub-layers whose bias trains, as a delta over the frozen bias (--targets)."""
+
+    def __post_init__(self) -> None:
+        _check_targets(self.targets)
+
+
+@dataclass(frozen=True, kw_only=True)
+class IA3Config(_Config):
+    """(IA)^3 (Liu et al. 2022): learned scaling vectors ``l * k``, ``l * v`` and ``W_out (l * f(W_in x))``."""
+
+    kind: ClassVar[str] = "ia3"
+    targets: str | tuple[str, ...] = "ia3"
+    """Sub-layers whose output (keys, values) or input (the feed-forward output projection) is scaled (--targets)."""
+    feedforward: str | tuple[str, ...] = "ffn"
+    """Of the targets, those scaled on their input: the feed-forward's intermediate activation (peft's
+    ``feedforward_modules``)."""
+
+    def __post_init__(self) -> None:
+        _check_targets(self.targets)
+        _check_targets(self.feedforward)
+
+
+PromptInit = Literal["random", "vocab", "labels"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromptTuningConfig(_Config):
+    """Prompt-Tuning (Lester et al. 2021): a soft prompt of ``prompt_length`` vectors before the input embeddings."""
+
+    kind: ClassVar[str] = "prompt"
+    prompt_length: int = 20
+    """Soft-prompt vectors prepended to the input (--prompt-length)."""
+    prompt_init: PromptInit = "vocab"
+    """random (N(0, embedding std)), vocab (embeddings of sampled vocabulary tokens) or labels (the
+    embeddings of the task's class-label names, repeated to the length) (--prompt-init)."""
+
+    def __post_init__(self) -> None:
+        _positive("prompt_length", "--prompt-length", self.prompt_length, integer=True)
+        _choice("prompt_init", "--prompt-init", self.prompt_init, get_args(PromptInit))
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """No linear sub-layer is wrapped: the prompt acts on the input embeddings."""
+        return ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrefixConfig(_Config):
+    """Prefix-Tuning (Li and Liang 2021): ``prefix_length`` trainable key/value vectors in every attention
+    layer, produced in training by an MLP over a small embedding and collapsed to plain prefixes after."""
+
+    kind: ClassVar[str] = "prefix"
+    prefix_length: int = 20
+    """Key/value prefix vectors per attention layer (--prefix-length)."""
+    reparam_hidden: int = 512
+    """Hidden width of the reparameterisation MLP used during training (0: none, i.e. P-Tuning v2)."""
+
+    def __post_init__(self) -> None:
+        _positive("prefix_length", "--prefix-length", self.prefix_length, integer=True)
+        if not isinstance(self.reparam_hidden, int) or isinstance(self.reparam_hidden, bool) or self.reparam_hidden < 0:
+            raise ValueError(f"reparam_hidden must be an integer >= 0, got {self.reparam_hidden!r}")
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """No linear sub-layer is wrapped: prefixes join the keys and values inside attention."""
+        return ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class PTuningV2Config(PrefixConfig):
+    """P-Tuning v2 (Liu et al. 2022): deep prompts on the keys and values of every layer, trained directly
+    (a prefix without the reparameterisation MLP)."""
+
+    kind: ClassVar[str] = "ptuning-v2"
+    reparam_hidden: int = 0
+    """Always 0: P-Tuning v2 trains the prefixes directly."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.reparam_hidden != 0:
+            raise ValueError(f"ptuning-v2 has no reparameterisation; reparam_hidden must be 0, got {self.reparam_hidden!r} "
+                             "(use method 'prefix' for the MLP)")
+
+
+MethodConfig = (LoRAConfig | AdapterConfig | ParallelAdapterConfig | BitFitConfig | IA3Config | PromptTuningConfig
+                | PrefixConfig | PTuningV2Config)
+_METHODS: dict[str, type[_Config]] = {c.kind: c for c in (LoRAConfig, AdapterConfig, ParallelAdapterConfig, BitFitConfig,
+                                                          IA3Config, PromptTuningConfig, PrefixConfig, PTuningV2Config)}
+METHOD_KINDS: tuple[str, ...] = tuple(_METHODS)
+"""Every ``--method`` value."""
 
 
 def method_from_dict(data: dict[str, Any]) -> MethodConfig:

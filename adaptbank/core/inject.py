@@ -29,6 +29,7 @@ PRESET_ROLES: dict[str, tuple[str, ...]] = {
     "houlsby": ("o", "ffn_out"),
     "pfeiffer": ("ffn_out",),
     "ffn": ("ffn_out",),
+    "ia3": ("k", "v", "ffn_out"),
 }
 
 _BERT = {
