@@ -23,7 +23,8 @@ from adaptbank.cli.options import CONFIG_FLAGS, NOT_CONFIG, UNFLAGGED, ConfigFla
 from adaptbank.core import config as config_module
 from adaptbank.core.config import AdapterConfig, LoRAConfig, ParallelAdapterConfig, RouterConfig, TrainConfig
 
-CLASSES = (LoRAConfig, AdapterConfig, ParallelAdapterConfig, TrainConfig, RouterConfig)
+CLASSES = (LoRAConfig, AdapterConfig, ParallelAdapterConfig, TrainConfig, RouterConfig, config_module.PromptTuningConfig,
+           config_module.PrefixConfig, config_module.BitFitConfig, config_module.IA3Config)
 
 
 def _walk(group: click.Group, prefix: str = "") -> dict[str, click.Command]:
@@ -89,8 +90,11 @@ def test_config_option_matches_its_field(command: str, flag: str, row: ConfigFla
     else:
         assert opt.help.endswith(f"[default: {default}]"), opt.help
     hint = typing.get_type_hints(row.cls)[row.field]
-    base = next(a for a in typing.get_args(hint) if a is not type(None)) if typing.get_args(hint) else hint
-    assert opt.type is {int: click.INT, float: click.FLOAT, str: click.STRING}[base]
+    if typing.get_origin(hint) is typing.Literal:  # a choice field: the same choices, nothing else
+        assert isinstance(opt.type, click.Choice) and list(opt.type.choices) == [str(a) for a in typing.get_args(hint)]
+    else:
+        base = next(a for a in typing.get_args(hint) if a is not type(None)) if typing.get_args(hint) else hint
+        assert opt.type is {int: click.INT, float: click.FLOAT, str: click.STRING}[base]
     if row.alias:  # an alias must differ from the rule and be the flag the field's docstring names
         assert flag != _dashed(row.field) and f"({flag}" in doc, (flag, doc)
     else:
@@ -143,7 +147,10 @@ def _mapped(command: str, cls: type) -> set[str]:
     return {row.field for row in CONFIG_FLAGS[command].values() if row.cls is cls}
 
 
-@pytest.mark.parametrize("command, cls", [("add-task", TrainConfig), ("add-task", LoRAConfig), ("init", RouterConfig)])
+@pytest.mark.parametrize("command, cls", [("add-task", TrainConfig), ("add-task", LoRAConfig), ("init", RouterConfig),
+                                          ("add-task", config_module.PromptTuningConfig),
+                                          ("add-task", config_module.PrefixConfig),
+                                          ("add-task", config_module.BitFitConfig), ("add-task", config_module.IA3Config)])
 def test_every_field_has_a_flag_or_a_reason(command: str, cls: type):
     fields = {f.name for f in dataclasses.fields(cls)}
     unflagged = {field for (c, field), reason in UNFLAGGED.items() if c is cls and reason}
@@ -185,3 +192,23 @@ def test_python_dash_m_runs_the_same_cli():
                          text=True)
     assert out.returncode == 0, out.stderr
     assert f"[default: {RouterConfig().layers}]" in " ".join(out.stdout.split())
+
+
+@pytest.mark.parametrize("method, flags, named", [
+    ("bitfit", ["--rank", "4"], "--rank"),
+    ("prompt", ["--alpha", "8"], "--alpha"),
+    ("lora", ["--prompt-length", "4"], "--prompt-length"),
+    ("ia3", ["--prefix-length", "4"], "--prefix-length"),
+])
+def test_add_task_refuses_a_flag_the_method_does_not_take(tmp_path, method, flags, named):
+    bank = tmp_path / "bank"
+    res = CliRunner().invoke(main, ["add-task", str(bank), "weather", "--method", method, *flags])
+    assert res.exit_code == 2, res.output
+    assert named in res.output and f"--method {method}" in res.output and "it takes" in res.output
+    assert not bank.exists()  # nothing was created
+
+
+def test_method_choices_are_every_method_kind():
+    opt = next(p for p in COMMANDS["add-task"].params if p.name == "method")
+    assert list(opt.type.choices) == list(config_module.METHOD_KINDS)
+    assert {"lora", "adapter", "parallel-adapter", "bitfit", "ia3", "prompt", "prefix", "ptuning-v2"} == set(opt.type.choices)

@@ -17,10 +17,16 @@ from adaptbank.cli.options import ADAPTER_WIDTHS, also_note, config_option, give
 from adaptbank.cli.output import emit, human, pct
 from adaptbank.core.config import (
     TARGET_PRESETS,
+    METHOD_KINDS,
     AdapterConfig,
+    BitFitConfig,
+    IA3Config,
     LoRAConfig,
     MethodConfig,
     ParallelAdapterConfig,
+    PrefixConfig,
+    PromptTuningConfig,
+    PTuningV2Config,
     RouterConfig,
     TrainConfig,
 )
@@ -50,27 +56,51 @@ def init(bank: str, base: str | None, **router: Any) -> None:
     click.echo(f"created bank {b.path} for base {b.base['name']} (fingerprint {b.base['fingerprint'][:12]})")
 
 
-def _method_config(method: str, targets: str | None, rank: int | None, **lora: Any) -> MethodConfig:
+def _method_config(method: str, targets: str | None, rank: int | None, *, prompt: dict[str, Any],
+                   **lora: Any) -> MethodConfig:
     """The method config of add-task's flags: ``--rank`` is LoRA's rank or an adapter's bottleneck width;
-    ``--targets`` a preset or comma-separated patterns; ``--alpha``/``--dropout`` apply to LoRA only."""
+    ``--targets`` a preset or comma-separated patterns; ``--alpha``/``--dropout`` apply to LoRA only;
+    ``--prompt-length``/``--prompt-init`` to prompt tuning, ``--prefix-length`` to prefix and P-tuning v2.
+    A flag given for a method that does not take it is an error naming both."""
     kw: dict[str, Any] = {}
     if targets is not None:
         kw["targets"] = targets if "," not in targets and targets in TARGET_PRESETS else tuple(targets.split(","))
+    takes = {"lora": {"targets", "rank", "alpha", "dropout"}, "adapter": {"targets", "rank"},
+             "parallel-adapter": {"targets", "rank"}, "bitfit": {"targets"}, "ia3": {"targets"},
+             "prompt": {"prompt_length", "prompt_init"}, "prefix": {"prefix_length"}, "ptuning-v2": {"prefix_length"}}
+    flags = {"targets": targets, "rank": rank, **lora, **prompt}
+    wrong = [k for k, v in flags.items() if v is not None and k not in takes[method]]
+    if wrong:
+        bad = ", ".join("--" + k.replace("_", "-") for k in wrong)
+        raise click.UsageError(f"{bad} does not apply to --method {method}; it takes: "
+                               f"{', '.join('--' + k.replace('_', '-') for k in sorted(takes[method]))}")
     if method == "lora":
         return LoRAConfig(**kw, **given(rank=rank, **lora))
-    kw |= given(bottleneck=rank)
-    return AdapterConfig(**kw) if method == "adapter" else ParallelAdapterConfig(**kw)
+    if method in ("adapter", "parallel-adapter"):
+        kw |= given(bottleneck=rank)
+        return AdapterConfig(**kw) if method == "adapter" else ParallelAdapterConfig(**kw)
+    if method == "prompt":
+        return PromptTuningConfig(**given(**{k: prompt[k] for k in ("prompt_length", "prompt_init")}))
+    if method in ("prefix", "ptuning-v2"):
+        cls = PrefixConfig if method == "prefix" else PTuningV2Config
+        return cls(**given(prefix_length=prompt["prefix_length"]))
+    return (BitFitConfig if method == "bitfit" else IA3Config)(**kw)
 
 
 @click.command("add-task")
 @_BANK
 @click.argument("spec")
-@click.option("--method", type=click.Choice(["lora", "adapter", "parallel-adapter"]), default="lora", show_default=True)
+@click.option("--method", type=click.Choice(list(METHOD_KINDS)), default="lora", show_default=True,
+              help="The expert kind (README, Methods).")
 @config_option(LoRAConfig, "rank", note=also_note(ADAPTER_WIDTHS))
 @config_option(LoRAConfig, "alpha")
 @config_option(LoRAConfig, "dropout")
-@click.option("--targets", default=None, help="Preset (qv, attn, all-linear, v, houlsby, pfeiffer, ffn) or "
-              "comma-separated module-name regexes [lora: qv, adapter: pfeiffer, parallel-adapter: ffn].")
+@config_option(PromptTuningConfig, "prompt_length")
+@config_option(PromptTuningConfig, "prompt_init")
+@config_option(PrefixConfig, "prefix_length")
+@click.option("--targets", default=None, help="Preset (qv, attn, all-linear, v, houlsby, pfeiffer, ffn, ia3) or "
+              "comma-separated module-name regexes [lora: qv, adapter: pfeiffer, parallel-adapter: ffn, "
+              "bitfit: all-linear, ia3: ia3].")
 @click.option("--share-a", default=None, help="Shared-A group name for a LoRA task-B expert, or 'auto'.")
 @click.option("--name", default=None, help="Task name in the bank [the spec's name].")
 @click.option("--parent", default=None, help="Record this bank task as the new task's parent (lineage).")
@@ -87,7 +117,7 @@ def _method_config(method: str, targets: str | None, rank: int | None, **lora: A
 @lock_timeout_option
 @_friendly
 def add_task(bank: str, spec: str, method: str, rank: int | None, alpha: float | None, dropout: float | None,
-             targets: str | None, share_a: str | None, name: str | None, parent: str | None, replace: bool,
+             prompt_length: int | None, prompt_init: str | None, prefix_length: int | None, targets: str | None, share_a: str | None, name: str | None, parent: str | None, replace: bool,
              as_json: bool, lock_timeout: float, **train: Any) -> None:
     """Train SPEC's expert and head, evaluate on its test split, and store them in BANK.
 
@@ -97,7 +127,9 @@ def add_task(bank: str, spec: str, method: str, rank: int | None, alpha: float |
 
     from adaptbank.bank.facade import AdapterBank
 
-    cfg = _method_config(method, targets, rank, alpha=alpha, dropout=dropout)
+    cfg = _method_config(method, targets, rank, alpha=alpha, dropout=dropout,
+                         prompt={"prompt_length": prompt_length, "prompt_init": prompt_init,
+                                 "prefix_length": prefix_length})
     train_cfg = TrainConfig(**given(**train))
     b = AdapterBank.open(bank, lock_timeout=lock_timeout)
     bar = tqdm(desc=f"training {name or spec}", unit="step", disable=as_json or None, file=sys.stderr)

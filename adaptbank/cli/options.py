@@ -23,7 +23,17 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 import click
 
 from adaptbank.bank.store import DEFAULT_LOCK_TIMEOUT
-from adaptbank.core.config import AdapterConfig, LoRAConfig, ParallelAdapterConfig, RouterConfig, TrainConfig
+from adaptbank.core.config import (
+    AdapterConfig,
+    BitFitConfig,
+    IA3Config,
+    LoRAConfig,
+    ParallelAdapterConfig,
+    PrefixConfig,
+    PromptTuningConfig,
+    RouterConfig,
+    TrainConfig,
+)
 
 __all__ = ["CONFIG_FLAGS", "NOT_CONFIG", "UNFLAGGED", "ConfigFlag", "ConfigOption", "ADAPTER_WIDTHS", "BANK_ROUTER",
            "also_note", "config_option", "field_default", "field_doc", "flag_for", "given", "lock_timeout_option"]
@@ -176,6 +186,9 @@ CONFIG_FLAGS: dict[str, dict[str, ConfigFlag]] = {
         "--rank": ConfigFlag(LoRAConfig, "rank", also=ADAPTER_WIDTHS),
         "--alpha": ConfigFlag(LoRAConfig, "alpha"),
         "--dropout": ConfigFlag(LoRAConfig, "dropout"),
+        "--prompt-length": ConfigFlag(PromptTuningConfig, "prompt_length"),
+        "--prompt-init": ConfigFlag(PromptTuningConfig, "prompt_init"),
+        "--prefix-length": ConfigFlag(PrefixConfig, "prefix_length"),
         **{flag_for(f): ConfigFlag(TrainConfig, f) for f in _TRAIN},
     },
     "eval": dict(_ROUTED),
@@ -188,8 +201,15 @@ UNFLAGGED: dict[tuple[type, str], str] = {
     (TrainConfig, "warmup"): "rarely changed; set it in a run spec's [train] table or TrainConfig",
     (TrainConfig, "probe_init"): "LP-FT is always wanted from the CLI; a run spec's [train] table can turn it off",
     (TrainConfig, "grad_clip"): "rarely changed; set it in a run spec's [train] table or TrainConfig",
+    (TrainConfig, "probe_c"): "chosen by the ablations (README); set it in a run spec's [train] table or TrainConfig",
+    (TrainConfig, "probe_scale"): "chosen by the ablations (README); set it in a run spec's [train] table or TrainConfig",
     (LoRAConfig, "targets"): "--targets is one flag for three methods whose defaults differ (qv, pfeiffer, ffn), "
                              "and takes comma-separated patterns",
+    (PrefixConfig, "reparam_hidden"): "the reparameterisation's width (512, as peft's default); a run spec's "
+                                      "[method] table can change it; --method ptuning-v2 trains without it",
+    (BitFitConfig, "targets"): "set by the one --targets flag of every method",
+    (IA3Config, "targets"): "set by the one --targets flag of every method",
+    (IA3Config, "feedforward"): "which targets scale their input; a run spec's [method] table can change it",
 }
 """Config fields the CLI deliberately gives no generated option, with the reason."""
 

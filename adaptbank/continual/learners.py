@@ -148,7 +148,8 @@ class SeqLoRA(Strategy):
         if cfg.probe_init:
             for j in new:
                 feats = encode(self.model, [r.ids for r in self.rows(j)], self._features)  # (N, D)
-                probe_head(self._head(self.tasks[j]), feats, [r.label for r in self.rows(j)], seed=cfg.seed)
+                probe_head(self._head(self.tasks[j]), feats, [r.label for r in self.rows(j)], seed=cfg.seed,
+                           c=cfg.probe_c, scale=cfg.probe_scale)
         groups, seed = self._groups(i), self.spec.seed + i
         plan = self._plan(i, epoch_batches(rows, cfg, seed))
         res = fit(self.model, plan, steps=total_steps(len(rows), cfg), groups=groups, cfg=cfg, features=self._features,

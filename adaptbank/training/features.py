@@ -69,9 +69,11 @@ def frozen_pass(model: AdaptBankModel, ids: Sequence[list[int]], *, router_layer
     return joined[:, :D], joined[:, D:]
 
 
-def fit_probe(features: Tensor, labels: Sequence[int], n_classes: int, *, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """A multinomial logistic regression (scikit-learn, L2, C=1) as head weights (C, D) and bias (C,).
-    Classes absent from ``labels`` get zero weights and a very low bias."""
+def fit_probe(features: Tensor, labels: Sequence[int], n_classes: int, *, seed: int = 0, c: float = 1.0,
+              scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """A multinomial logistic regression (scikit-learn, L2 with inverse strength ``c``) as head weights
+    (C, D) and bias (C,), both multiplied by ``scale``. Classes absent from ``labels`` get zero weights
+    and a very low bias."""
     from sklearn.linear_model import LogisticRegression
 
     y = list(labels)
@@ -81,19 +83,20 @@ def fit_probe(features: Tensor, labels: Sequence[int], n_classes: int, *, seed: 
     if len(present) < 2:
         b[present] = 0.0
         return W, b
-    clf = LogisticRegression(max_iter=2000, C=1.0, random_state=seed)
+    clf = LogisticRegression(max_iter=2000, C=c, random_state=seed)
     clf.fit(features.numpy(), y)
     coef = torch.as_tensor(clf.coef_, dtype=torch.float32)  # (C', D) or (1, D) for two classes
     bias = torch.as_tensor(clf.intercept_, dtype=torch.float32)
     if len(present) == 2:  # sklearn keeps one row for two classes: split it symmetrically
         coef, bias = torch.cat([-coef / 2, coef / 2]), torch.cat([-bias / 2, bias / 2])
-    W[present], b[present] = coef, bias
+    W[present], b[present] = coef * scale, bias * scale
     return W, b
 
 
-def probe_head(head: ClassificationHead, feats: Tensor, labels: Sequence[int], *, seed: int) -> None:
+def probe_head(head: ClassificationHead, feats: Tensor, labels: Sequence[int], *, seed: int, c: float = 1.0,
+               scale: float = 1.0) -> None:
     """Initialise ``head`` as a logistic-regression probe on ``feats`` (N, D) (LP-FT, see ``training.loop``)."""
-    W, b = fit_probe(feats, labels, head.linear.out_features, seed=seed)  # (C, D), (C,)
+    W, b = fit_probe(feats, labels, head.linear.out_features, seed=seed, c=c, scale=scale)  # (C, D), (C,)
     with torch.no_grad():
         head.linear.weight.copy_(W)
         head.linear.bias.copy_(b)

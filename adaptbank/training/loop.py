@@ -218,7 +218,7 @@ def train_task(model: AdaptBankModel, name: str, texts: Sequence[str], labels: S
     probe_accuracy = None
     if cfg.probe_init:
         feats = features if features is not None else encode(model, ids)  # (N, D) of the base model
-        W, b = fit_probe(feats, labels, n_classes, seed=cfg.seed)  # (C, D), (C,)
+        W, b = fit_probe(feats, labels, n_classes, seed=cfg.seed, c=cfg.probe_c, scale=cfg.probe_scale)  # (C, D), (C,)
         with torch.no_grad():
             model.heads[name].linear.weight.copy_(W)
             model.heads[name].linear.bias.copy_(b)
