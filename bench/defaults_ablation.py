@@ -2,7 +2,8 @@
 
 Each variant changes one thing against ``TrainConfig()`` as a bank trains it (LoRA q+v r=8, experts in
 layers 2-5 because layers 0-1 feed the router, head initialised as a logistic-regression probe,
-expert lr 5e-4, head lr 2e-3, 3 epochs, 128 tokens). Every run trains on ``--max-train`` examples of
+expert lr 5e-4, head lr 2e-3, 3 epochs, 128 tokens). The defaults changed once on these results: ``c1-full``
+is the earlier rule (probe C = 1, head as fitted), whose runs were recorded as ``default`` before. Every run trains on ``--max-train`` examples of
 the task's training split minus a validation split carved from it (``--val``, drawn with the seed,
 never the test split) and reports validation and test accuracy, steps and training seconds. Choose
 on the validation column; the test column is what the README shows.
@@ -30,7 +31,8 @@ from _common import environment, setup_torch, table
 
 VARIANTS: dict[str, tuple[str, dict, dict]] = {
     # name: (what changes, TrainConfig overrides, model/method overrides)
-    "default": ("TrainConfig() as add-task uses it", {}, {}),
+    "default": ("TrainConfig() as add-task uses it: probe C chosen on a held-out quarter, head halved", {}, {}),
+    "c1-full": ("the previous defaults: probe C = 1, head kept as fitted", {"probe_c": 1.0, "probe_scale": 1.0}, {}),
     "all-layers": ("experts in layers 0-5 too (no router layers kept free)", {}, {"reserved": 0}),
     "one-router-layer": ("experts in layers 1-5 (router reads layer 0 only)", {}, {"reserved": 1}),
     "fresh-head": ("random head, no probe initialisation", {"probe_init": False}, {}),

@@ -34,8 +34,22 @@ def test_smaller_c_regularises_harder():
 
 def test_defaults_are_the_chosen_rule_and_bad_values_are_named():
     cfg = TrainConfig()
-    assert (cfg.probe_init, cfg.probe_c, cfg.probe_scale) == (True, 0.1, 0.5)
+    assert (cfg.probe_init, cfg.probe_c, cfg.probe_scale) == (True, None, 0.5)
     for field, bad in (("probe_c", 0.0), ("probe_scale", -1.0), ("probe_c", float("nan"))):
         with pytest.raises(ValueError, match=field):
             TrainConfig(**{field: bad})
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_chosen_c_follows_the_held_out_loss():
+    from adaptbank.training.features import choose_probe_c
+
+    x, y = _data(n=400, d=64, classes=3)
+    noisy = torch.randn(400, 64, generator=torch.Generator().manual_seed(5))  # (N, D): labels carry no signal
+    assert choose_probe_c(noisy, y) == 0.01  # nothing to learn: the strongest regularisation fits best
+    clean = x * 0 + torch.nn.functional.one_hot(torch.tensor(y), 64).float() * 3  # (N, D): separable
+    assert choose_probe_c(clean, y) == 1.0  # a clean signal: the weakest regularisation
+    assert choose_probe_c(x[:5], y[:5]) == 1.0  # too few examples to hold any out
+    W, b = fit_probe(x, y, 3, c=None, scale=0.5)
+    Wc, bc = fit_probe(x, y, 3, c=choose_probe_c(x, y), scale=0.5)
+    assert torch.equal(W, Wc) and torch.equal(b, bc)

@@ -308,10 +308,12 @@ class TrainConfig(_Config):
     Kumar et al. 2022): the expert starts from the linear probe's accuracy instead of a random head."""
     grad_clip: float = 1.0
     """Clip the gradient norm to this value (0 disables)."""
-    probe_c: float = 0.1
-    """Inverse L2 strength C of the probe head's logistic regression (scikit-learn's C). 0.1, not
-    scikit-learn's 1: a C = 1 probe over-fits review tasks (amazon: 82% train, 35% validation) and
-    leaves the expert little to learn (README, "Training defaults")."""
+    probe_c: float | None = None
+    """Inverse L2 strength C of the probe head's logistic regression (scikit-learn's C). None: chosen
+    from 0.01, 0.1, 1 by log-loss on a held-out quarter of the training split
+    (``training.features.choose_probe_c``): scikit-learn's fixed C = 1 over-fits review tasks (amazon:
+    82% train, 35% validation) and leaves the expert little to learn, while C = 0.1 costs the
+    150-class task points (README, "Training defaults")."""
     probe_scale: float = 0.5
     """The probe head's weights and bias are multiplied by this before training: a softer start keeps
     the probe's direction but leaves the expert more gradient (1 keeps the probe as fitted)."""
@@ -330,7 +332,8 @@ class TrainConfig(_Config):
             raise ValueError(f"warmup must be in [0, 1), got {self.warmup!r}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError(f"weight_decay and grad_clip must be >= 0, got {self.weight_decay!r}, {self.grad_clip!r}")
-        _positive("probe_c", "probe_c", self.probe_c)
+        if self.probe_c is not None:
+            _positive("probe_c", "probe_c", self.probe_c)
         _positive("probe_scale", "probe_scale", self.probe_scale)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer (--seed), got {self.seed!r}")

@@ -15,7 +15,7 @@ from adaptbank.core.model import AdaptBankModel
 from adaptbank.core.pooling import mean_pool, pool
 from adaptbank.data.tokens import batches, collate, pad_id
 
-__all__ = ["device_of", "task_features", "encode", "frozen_pass", "fit_probe", "probe_head"]
+__all__ = ["device_of", "task_features", "encode", "frozen_pass", "fit_probe", "probe_head", "choose_probe_c", "PROBE_CS"]
 
 
 def device_of(model: AdaptBankModel) -> torch.device:
@@ -69,11 +69,47 @@ def frozen_pass(model: AdaptBankModel, ids: Sequence[list[int]], *, router_layer
     return joined[:, :D], joined[:, D:]
 
 
-def fit_probe(features: Tensor, labels: Sequence[int], n_classes: int, *, seed: int = 0, c: float = 1.0,
+PROBE_CS: tuple[float, ...] = (0.01, 0.1, 1.0)
+"""The L2 strengths (scikit-learn's C) that :func:`choose_probe_c` chooses from."""
+
+
+def choose_probe_c(features: Tensor, labels: Sequence[int], *, seed: int = 0, cs: Sequence[float] = PROBE_CS,
+                   holdout: float = 0.25) -> float:
+    """The C of ``cs`` whose probe, fitted on a random ``1 - holdout`` of the examples (drawn with
+    ``seed``), has the lowest log-loss on the rest (counting held-out examples of classes seen in the
+    fit). Log-loss rather than accuracy: the probe becomes a head whose logits set the first gradients,
+    so its calibration matters, and log-loss rarely ties. With fewer than 8 examples, the largest C."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    y = np.asarray(list(labels))
+    if len(y) < 8 or len(set(y.tolist())) < 2:
+        return float(max(cs))
+    order = np.random.default_rng(seed).permutation(len(y))
+    n_out = max(1, int(round(holdout * len(y))))
+    out, fit = order[:n_out], order[n_out:]
+    if len(set(y[fit].tolist())) < 2:
+        return float(max(cs))
+    x = features.numpy()
+    best, best_loss = float(max(cs)), float("inf")
+    for c in sorted(cs):
+        clf = LogisticRegression(max_iter=2000, C=c, random_state=seed).fit(x[fit], y[fit])
+        seen = np.isin(y[out], clf.classes_)
+        if not seen.any():
+            return float(max(cs))
+        proba = clf.predict_proba(x[out][seen])  # (n, C')
+        col = np.searchsorted(clf.classes_, y[out][seen])
+        loss = float(-np.log(np.clip(proba[np.arange(len(col)), col], 1e-12, None)).mean())
+        if loss < best_loss:
+            best, best_loss = float(c), loss
+    return best
+
+
+def fit_probe(features: Tensor, labels: Sequence[int], n_classes: int, *, seed: int = 0, c: float | None = 1.0,
               scale: float = 1.0) -> tuple[Tensor, Tensor]:
-    """A multinomial logistic regression (scikit-learn, L2 with inverse strength ``c``) as head weights
-    (C, D) and bias (C,), both multiplied by ``scale``. Classes absent from ``labels`` get zero weights
-    and a very low bias."""
+    """A multinomial logistic regression (scikit-learn, L2 with inverse strength ``c``; None: chosen by
+    :func:`choose_probe_c`) as head weights (C, D) and bias (C,), both multiplied by ``scale``. Classes
+    absent from ``labels`` get zero weights and a very low bias."""
     from sklearn.linear_model import LogisticRegression
 
     y = list(labels)
@@ -83,6 +119,8 @@ def fit_probe(features: Tensor, labels: Sequence[int], n_classes: int, *, seed: 
     if len(present) < 2:
         b[present] = 0.0
         return W, b
+    if c is None:
+        c = choose_probe_c(features, y, seed=seed)
     clf = LogisticRegression(max_iter=2000, C=c, random_state=seed)
     clf.fit(features.numpy(), y)
     coef = torch.as_tensor(clf.coef_, dtype=torch.float32)  # (C', D) or (1, D) for two classes
@@ -93,7 +131,7 @@ def fit_probe(features: Tensor, labels: Sequence[int], n_classes: int, *, seed: 
     return W, b
 
 
-def probe_head(head: ClassificationHead, feats: Tensor, labels: Sequence[int], *, seed: int, c: float = 1.0,
+def probe_head(head: ClassificationHead, feats: Tensor, labels: Sequence[int], *, seed: int, c: float | None = 1.0,
                scale: float = 1.0) -> None:
     """Initialise ``head`` as a logistic-regression probe on ``feats`` (N, D) (LP-FT, see ``training.loop``)."""
     W, b = fit_probe(feats, labels, head.linear.out_features, seed=seed, c=c, scale=scale)  # (C, D), (C,)
