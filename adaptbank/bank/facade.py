@@ -179,11 +179,12 @@ class AdapterBank:
                  train: TrainConfig | None = None, *, name: str | None = None, share_a: str | None = None,
                  replace: bool = False, parent: str | None = None,
                  on_step: Callable[[int, float], None] | None = None,
-                 log: Callable[[str], None] | None = None) -> AddResult:
+                 log: Callable[[str], None] | None = None, diagnose: int = 0) -> AddResult:
         """Train task ``spec``'s expert and head, evaluate on its test split, store both atomically.
 
         ``share_a`` puts a LoRA task in a shared-A group (``"auto"`` picks the most similar group or
         starts one). Everything is validated before training; on any failure the bank is unchanged.
+        ``diagnose`` > 0: gradient diagnostics (``train_task``), stored in the config's ``metrics.diagnostics``.
         """
         say = log or (lambda _msg: None)
         method = method or LoRAConfig()
@@ -210,7 +211,7 @@ class AdapterBank:
         model.add_task(name, method, data.labels, shared_group=group, seed=train.seed)
         say(f"{name}: training on {len(data.train)} examples, testing on {len(data.test)}")
         result = train_task(model, name, [e.text for e in data.train], [e.label for e in data.train], train,
-                            on_step=on_step, features=pooled)
+                            on_step=on_step, features=pooled, diagnose=diagnose)
         say(f"{name}: trained {result.steps} steps in {result.seconds:.1f}s")
         acc = evaluate(model, name, [e.text for e in data.test], [e.label for e in data.test],
                        max_length=train.max_length)
@@ -222,7 +223,7 @@ class AdapterBank:
             "examples_per_second": result.examples_per_second, "steps": result.steps,
             "trainable_params": sum(p.numel() for p in model.expert_parameters(name)),
             "head_params": sum(p.numel() for p in model.heads[name].parameters()),
-            "final_loss": result.losses[-1] if result.losses else None})
+            "final_loss": result.losses[-1] if result.losses else None, "diagnostics": result.diagnostics})
         shared_files = {"A": model.export_shared(group)} if owns and group else None
         self.store.write_task(name, files, config, shared=group, shared_files=shared_files, replace=replace,
                               router=self._router_update(add=(name, mean, len(data.train), scatter)))

@@ -114,11 +114,14 @@ def _method_config(method: str, targets: str | None, rank: int | None, *, prompt
 @config_option(TrainConfig, "seed")
 @click.option("--replace", is_flag=True, help="Retrain and replace a task that exists already.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--diagnose", is_flag=True, help="Gradient norms per expert parameter group over the first 10 steps, "
+              "warnings on the usual faults, and a LoRA rank suggestion (stored with the task; stderr or --json).")
 @lock_timeout_option
 @_friendly
 def add_task(bank: str, spec: str, method: str, rank: int | None, alpha: float | None, dropout: float | None,
-             prompt_length: int | None, prompt_init: str | None, prefix_length: int | None, targets: str | None, share_a: str | None, name: str | None, parent: str | None, replace: bool,
-             as_json: bool, lock_timeout: float, **train: Any) -> None:
+             prompt_length: int | None, prompt_init: str | None, prefix_length: int | None, targets: str | None,
+             share_a: str | None, name: str | None, parent: str | None, replace: bool, as_json: bool,
+             lock_timeout: float, diagnose: bool, **train: Any) -> None:
     """Train SPEC's expert and head, evaluate on its test split, and store them in BANK.
 
     SPEC is a task spec file (TOML) or the name of a spec in tasks/ (e.g. ag_news, weather).
@@ -126,6 +129,7 @@ def add_task(bank: str, spec: str, method: str, rank: int | None, alpha: float |
     from tqdm.auto import tqdm
 
     from adaptbank.bank.facade import AdapterBank
+    from adaptbank.training.diagnostics import DEFAULT_STEPS, diagnose_report
 
     cfg = _method_config(method, targets, rank, alpha=alpha, dropout=dropout,
                          prompt={"prompt_length": prompt_length, "prompt_init": prompt_init,
@@ -140,12 +144,17 @@ def add_task(bank: str, spec: str, method: str, rank: int | None, alpha: float |
 
     try:
         r = b.add_task(spec, cfg, train_cfg, name=name, share_a=share_a, replace=replace, parent=parent,
-                       on_step=on_step, log=lambda msg: click.echo(msg, err=True))
+                       on_step=on_step, log=lambda msg: click.echo(msg, err=True),
+                       diagnose=DEFAULT_STEPS if diagnose else 0)
     finally:
         bar.close()
     summary = {"task": r.name, "test_accuracy": r.test_accuracy, "probe_accuracy": r.probe_accuracy,
                "trainable_params": r.trainable_params, "bytes_on_disk": r.bytes_on_disk, "seconds": round(r.seconds, 2),
                "n_train": r.n_train, "n_test": r.n_test, "shared_group": r.shared_group, "share_reason": r.share_reason}
+    if diagnose:  # read back from the bank: what is printed is what was stored
+        summary["diagnostics"] = b.info(r.name)["metrics"]["diagnostics"]
+        if not as_json:
+            click.echo(diagnose_report(summary["diagnostics"]), err=True)
     emit(summary, as_json, lambda: click.echo(
         f"added {r.name}: test accuracy {pct(r.test_accuracy)} on {r.n_test} examples "
         f"(probe init {pct(r.probe_accuracy)}), {r.trainable_params:,} trainable parameters, "
@@ -184,9 +193,18 @@ def list_(bank: str, as_json: bool) -> None:
 def show(bank: str, task: str, as_json: bool) -> None:
     """Show everything BANK stores about TASK."""
     from adaptbank.bank.facade import AdapterBank
+    from adaptbank.training.diagnostics import diagnose_report
 
     info = AdapterBank.open(bank).info(task)
-    emit(info, as_json, lambda: click.echo(json.dumps(info, indent=2, default=str)))
+    metrics = dict(info.get("metrics", {}))
+    diag = metrics.pop("diagnostics", None)  # add-task --diagnose: shown as its table, not as JSON lines
+
+    def text() -> None:
+        click.echo(json.dumps(info | {"metrics": metrics}, indent=2, default=str))
+        if diag:
+            click.echo(diagnose_report(diag))
+
+    emit(info, as_json, text)
 
 
 @click.command()

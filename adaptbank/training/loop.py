@@ -14,7 +14,9 @@ minGPT's trainer shape, with every loss term visible in one line::
 * every row carries its task, and its logits come from that task's head; the task loss is the mean
   cross-entropy over the rows, summed per task group (replay and joint batches mix tasks);
 * ``loss_terms`` are explicit extra terms (EWC, O-LoRA's orthogonality, the token router's affinity and
-  load balance), ``plan`` is any iterable of row batches (:func:`epoch_batches`; replay wraps it).
+  load balance), ``plan`` is any iterable of row batches (:func:`epoch_batches`; replay wraps it);
+* ``after_backward(step, loss)`` is the one read-only look at the raw gradients between backward and
+  the update (gradient diagnostics, ``training.diagnostics``).
 
 Dropout draws from ``seed`` through :func:`~adaptbank.core.seeding.seeded`, so a run is reproducible
 and the caller's global RNG is left as it was. A NaN or Inf loss or gradient stops training with a
@@ -41,10 +43,17 @@ from adaptbank.core.config import TrainConfig
 from adaptbank.core.model import AdaptBankModel
 from adaptbank.core.seeding import seeded
 from adaptbank.data.tokens import batches, collate, pad_id, tokenize
+from adaptbank.training.diagnostics import (
+    GradientLog,
+    diagnose_report,
+    diagnosis,
+    parameter_groups,
+    rank_suggestions,
+)
 from adaptbank.training.features import device_of, encode, fit_probe, task_features
 
-__all__ = ["Row", "Step", "LossTerm", "Features", "TrainResult", "TrainingError", "epoch_batches", "total_steps",
-           "task_loss", "make_optimizer", "optimizer_step", "fit", "train_task"]
+__all__ = ["Row", "Step", "LossTerm", "Features", "AfterBackward", "TrainResult", "TrainingError", "epoch_batches",
+           "total_steps", "task_loss", "make_optimizer", "optimizer_step", "fit", "train_task"]
 
 Features = Callable[[dict[str, Tensor]], Tensor]
 """``features(batch) -> (B, D)``: pooled features of a collated batch under the gates it sets."""
@@ -79,6 +88,12 @@ class Step:
 LossTerm = Callable[[Step], Tensor]
 """An extra loss term, added to the task loss of every batch."""
 
+AfterBackward = Callable[[int, Tensor], None]
+"""``after_backward(step, loss)``: called by :func:`fit` on every step after ``loss.backward()`` and
+before the finiteness checks, clipping and the optimiser step, so it sees the raw ``.grad`` of the
+parameters and their values before this step's update (``training.diagnostics.GradientLog``). It
+reads only; it must not change gradients or parameters."""
+
 
 @dataclass
 class TrainResult:
@@ -88,6 +103,8 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     probe_accuracy: float | None = None
     """Training-split accuracy of the probe-initialised head, before fine-tuning (``train_task``)."""
+    diagnostics: dict[str, Any] | None = None
+    """``train_task(diagnose=n)``: gradient norms, warnings, rank suggestion (``diagnostics.diagnosis``)."""
 
 
 def epoch_batches(rows: Sequence[Row], cfg: TrainConfig, seed: int) -> Iterator[list[Row]]:
@@ -130,14 +147,18 @@ def make_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, steps: int
 
 
 def optimizer_step(loss: Tensor, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR,
-                   params: list[nn.Parameter], cfg: TrainConfig, *, what: str, step: int) -> None:
+                   params: list[nn.Parameter], cfg: TrainConfig, *, what: str, step: int,
+                   after_backward: AfterBackward | None = None) -> None:
     """Backward, clip and step, stopping with a :class:`TrainingError` that names ``what``, the step
-    and the parameter group on a non-finite loss or gradient (before anything is updated)."""
+    and the parameter group on a non-finite loss or gradient (before anything is updated).
+    ``after_backward`` (see :data:`AfterBackward`) is called right after the backward pass."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()  # before the loss check, so that after_backward sees a faulty step too
+    if after_backward is not None:
+        after_backward(step, loss.detach())
     if not torch.isfinite(loss):
         raise TrainingError(f"{what}: loss became {loss.item()} at step {step}; {_bad_group(opt)}; "
                             "nothing was saved (try a lower --lr)")
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
     for g in opt.param_groups:
         if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in g["params"]):
             raise TrainingError(f"{what}: non-finite gradient in parameter group {g['name']!r} at step {step}; "
@@ -157,11 +178,14 @@ def _bad_group(opt: torch.optim.Optimizer) -> str:
 
 def fit(model: AdaptBankModel, plan: Iterable[list[Row]], *, steps: int, groups: list[dict[str, Any]],
         cfg: TrainConfig, features: Features, seed: int, what: str, loss_terms: Sequence[LossTerm] = (),
-        on_step: Callable[[int, float], None] | None = None, dropout: bool = True) -> TrainResult:
+        on_step: Callable[[int, float], None] | None = None, dropout: bool = True,
+        after_backward: AfterBackward | None = None) -> TrainResult:
     """Train the parameters in ``groups`` (AdamW param groups with ``name``, ``lr``, ``params``) for at
     most ``steps`` batches of ``plan``. Only those parameters are left trainable; afterwards the model
     is frozen and in eval mode. ``dropout=False`` trains in eval mode (the token router's gates should
-    see the experts as they run at inference). ``what`` names the task in errors."""
+    see the experts as they run at inference). ``what`` names the task in errors. ``on_step(step, loss)``
+    follows each optimiser step; ``after_backward(step, loss)`` (:data:`AfterBackward`) precedes it, after
+    the backward pass (gradient diagnostics, ``add-task --diagnose``)."""
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError(f"{what}: nothing to train (every parameter group is empty)")
@@ -186,7 +210,8 @@ def fit(model: AdaptBankModel, plan: Iterable[list[Row]], *, steps: int, groups:
                 info = Step(model, rows, batch, pooled, result.steps + 1)
                 for term in loss_terms:
                     loss = loss + term(info)
-            optimizer_step(loss, opt, sched, params, cfg, what=what, step=result.steps + 1)
+            optimizer_step(loss, opt, sched, params, cfg, what=what, step=result.steps + 1,
+                           after_backward=after_backward)
             result.steps += 1
             seen += len(rows)
             result.losses.append(loss.item())
@@ -201,11 +226,14 @@ def fit(model: AdaptBankModel, plan: Iterable[list[Row]], *, steps: int, groups:
 
 def train_task(model: AdaptBankModel, name: str, texts: Sequence[str], labels: Sequence[int], cfg: TrainConfig,
                *, on_step: Callable[[int, float], None] | None = None, features: Tensor | None = None,
-               loss_terms: Sequence[LossTerm] = ()) -> TrainResult:
+               loss_terms: Sequence[LossTerm] = (), diagnose: int = 0) -> TrainResult:
     """Train task ``name``'s expert and head on ``texts``/``labels`` (class indices).
 
     ``features`` (N, D) are the frozen pooled features of ``texts`` when the caller has them already
     (they seed the probe head); otherwise they are computed here when ``cfg.probe_init`` is set.
+    ``diagnose`` > 0 records the gradient norms of the first ``diagnose`` steps through ``fit``'s
+    ``after_backward`` and, after training, a LoRA rank suggestion, in ``result.diagnostics``
+    (``training.diagnostics``); a :class:`TrainingError` then carries the diagnostics report.
     """
     n_classes = len(model.tasks[name].labels)
     bad = [y for y in labels if not 0 <= y < n_classes]
@@ -227,9 +255,17 @@ def train_task(model: AdaptBankModel, name: str, texts: Sequence[str], labels: S
     groups = [{"params": model.expert_parameters(name), "lr": cfg.lr, "name": "expert"},
               {"params": list(model.heads[name].parameters()), "lr": cfg.head_lr, "name": "head"}]
     rows = [Row(x, y, name) for x, y in zip(ids, labels)]
-    result = fit(model, epoch_batches(rows, cfg, cfg.seed), steps=total_steps(len(rows), cfg), groups=groups,
-                 cfg=cfg, features=task_features(model, name), seed=cfg.seed, what=f"task {name!r}",
-                 loss_terms=loss_terms, on_step=on_step)
+    grads = GradientLog(parameter_groups(model, name), steps=diagnose) if diagnose else None
+    try:
+        result = fit(model, epoch_batches(rows, cfg, cfg.seed), steps=total_steps(len(rows), cfg), groups=groups,
+                     cfg=cfg, features=task_features(model, name), seed=cfg.seed, what=f"task {name!r}",
+                     loss_terms=loss_terms, on_step=on_step, after_backward=grads)
+    except TrainingError as err:
+        if grads is None:
+            raise
+        raise TrainingError(f"{err}\n{diagnose_report(diagnosis(grads))}") from err
+    if grads is not None:
+        result.diagnostics = diagnosis(grads, rank_suggestions(model, name))
     result.probe_accuracy = probe_accuracy
     result.seconds = time.perf_counter() - start
     return result
