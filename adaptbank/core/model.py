@@ -10,11 +10,9 @@ One way to call it, returning a :class:`ModelOutput`::
 
 ``route()`` + ``features()`` stay as the low-level pair (set the gates, then pool features under them).
 
-Prompt-Tuning, Prefix-Tuning and P-Tuning v2 tasks wrap no linear: their prompts and prefixes live in
-``self.virtual`` (``core.virtual``) and enter the one backbone call per row. A routed forward picks
-experts after the router's layers have run, too late for a prompt (layer 0's input) or a prefix
-(every layer's attention), so rows the router sends to such a task get a second pass under that task
-(top-1 routing only; a mixture including one is refused at ``attach_router``).
+Prompt/prefix tasks wrap no linear: they live in ``self.virtual`` (``core.virtual``) and enter the one
+backbone call per row. The router chooses too late for them (a prompt is layer 0's input), so rows it
+sends to one get a second pass under that task (top-1 only; ``attach_router`` refuses top-k > 1).
 
 The backbone is never modified except by wrapping target linears (see ``inject``); it is called
 unchanged, and the gates reach the wrapped layers through one :class:`RoutingState`. Per-task state
@@ -35,16 +33,16 @@ from adaptbank.core.adapted import AdaptedLinear
 from adaptbank.core.backbone import Backbone, fingerprint
 from adaptbank.core.config import LoRAConfig, MethodConfig, validate_name
 from adaptbank.core.experts import LoRAExpert
-from adaptbank.core.heads import ClassificationHead
+from adaptbank.core.heads import ClassificationHead, row_logits
 from adaptbank.core.inject import inject, iter_adapted, resolve_targets
 from adaptbank.core.pooling import pool
+from adaptbank.core.prompts import check_positions
 from adaptbank.core.records import ModelOutput, TaskInfo, load_checked, share_frozen
 from adaptbank.core.seeding import seeded
-from adaptbank.core.prompts import check_positions
 from adaptbank.core.virtual import VirtualExperts, is_virtual, virtual_rows
 from adaptbank.routing.lda import LDARouter
 from adaptbank.routing.state import RoutingState
-from adaptbank.routing.taps import RouterTap, RouterTrace, layer_list
+from adaptbank.routing.taps import RouterTrace, install_taps, layer_list, remove_taps
 
 __all__ = ["AdaptBankModel", "ModelOutput", "TaskInfo", "ClassificationHead", "share_frozen"]
 
@@ -170,16 +168,9 @@ class AdaptBankModel(nn.Module):
         if top_k > 1 and virtual:
             raise ValueError(f"top_k={top_k} would mix prompt/prefix task {virtual[0]!r} with other experts in one row; "
                              "such tasks route with top_k=1 only (--top-k 1)")
-        layers = layer_list(self.encoder)
-        for i in range(router.layers):
-            tap = layers[i] if isinstance(layers[i], RouterTap) else RouterTap(layers[i], self.state, self.trace,
-                                                                                 first=i == 0, last=False)
-            tap.first, tap.last, tap.router = i == 0, i == router.layers - 1, router
-            layers[i] = tap
-        last = layers[router.layers - 1]
-        last.top_k, last.temperature = top_k, temperature  # type: ignore[union-attr]
         order = {n: i for i, n in enumerate(self.state.experts)}
-        last.to_model = torch.tensor([order[n] for n in router.names], device=next(self.parameters()).device)
+        to_model = torch.tensor([order[n] for n in router.names], device=next(self.parameters()).device)
+        install_taps(layer_list(self.encoder), router, self.state, self.trace, top_k, temperature, to_model)
         self.router = router
         self.reserved_layers = max(self.reserved_layers, router.layers)
 
@@ -226,10 +217,7 @@ class AdaptBankModel(nn.Module):
 
     def detach_router(self) -> None:
         """Remove the router taps; the layers are put back as they were."""
-        layers = layer_list(self.encoder)
-        for i, layer in enumerate(layers):
-            if isinstance(layer, RouterTap):
-                layers[i] = layer.layer
+        remove_taps(layer_list(self.encoder))
         self.router = None
 
     def _info(self, name: str) -> TaskInfo:
@@ -265,8 +253,7 @@ class AdaptBankModel(nn.Module):
         return expert, head
 
     def finalize(self, name: str) -> None:
-        """Bring task ``name`` into its stored form after training: a prefix's reparameterisation MLP is
-        collapsed into plain prefixes (a no-op for every other kind)."""
+        """Task ``name`` in its stored form after training: a prefix's MLP collapsed (else a no-op)."""
         self._info(name)
         self.virtual.collapse(name)
 
@@ -353,29 +340,19 @@ class AdaptBankModel(nn.Module):
                 again = self.features(input_ids[redo], attention_mask[redo], **extra)  # (b, D)
                 pooled = pooled.index_copy(0, torch.tensor(redo, device=pooled.device), again)  # (B, D)
                 self.state.route(index, weight)
-            return ModelOutput(self._logits(pooled, rows), rows, pooled, index, weight, scores)
+            return ModelOutput(row_logits(self.heads, pooled, rows), rows, pooled, index, weight, scores)
         if task_ids is not None:
             if len(task_ids) != input_ids.shape[0]:
                 raise ValueError(f"task_ids has {len(task_ids)} entries for a batch of {input_ids.shape[0]} rows")
             self.route(task_ids=task_ids)
             pooled = self.features(input_ids, attention_mask, **extra)  # (B, D)
-            return ModelOutput(self._logits(pooled, tuple(task_ids)), tuple(task_ids), pooled)
+            return ModelOutput(row_logits(self.heads, pooled, tuple(task_ids)), tuple(task_ids), pooled)
         task = cast(str, task)  # narrowed by the count check above
         if task not in self.heads:
             raise KeyError(f"unknown task {task!r}; the model holds: {', '.join(self.heads) or 'none'}")
         self.route(task=task)
         pooled = self.features(input_ids, attention_mask, **extra)  # (B, D)
         return ModelOutput(self.heads[task](pooled), (task,) * input_ids.shape[0], pooled)  # (B, C)
-
-    def _logits(self, pooled: Tensor, rows: Sequence[str]) -> Tensor:
-        """Row b scored by head ``rows[b]``: (B, C_max), padded with -inf beyond a head's classes."""
-        width = max(self.heads[t].linear.out_features for t in set(rows))
-        out = pooled.new_full((pooled.shape[0], width), float("-inf"))  # (B, C_max)
-        for t in dict.fromkeys(rows):
-            idx = torch.tensor([b for b, r in enumerate(rows) if r == t], device=pooled.device)  # (b,)
-            logits = self.heads[t](pooled[idx])  # (b, C_t)
-            out[idx, : logits.shape[1]] = logits.to(out.dtype)
-        return out
 
     def add_head(self, name: str, labels: Sequence[str], *, head_dropout: float = 0.1) -> None:
         """A classification head with no expert of its own (for baselines that share one learner

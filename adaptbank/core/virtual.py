@@ -24,7 +24,14 @@ from torch import Tensor, nn
 
 from adaptbank.core.config import MethodConfig, PrefixConfig, PromptTuningConfig
 from adaptbank.core.prefix import PrefixExpert, prefix_cache, prefix_geometry
-from adaptbank.core.prompts import SoftPrompt, check_positions, init_prompt, position_limit, prepend, real_tokens
+from adaptbank.core.prompts import (
+    SoftPrompt,
+    check_positions,
+    init_prompt,
+    position_limit,
+    prepend,
+    real_tokens,
+)
 from adaptbank.routing.state import RoutingState
 
 __all__ = ["VirtualExperts", "is_virtual", "virtual_rows"]
