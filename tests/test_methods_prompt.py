@@ -224,6 +224,9 @@ def test_errors_name_the_bad_value_and_what_is_allowed(batch):
     with pytest.raises(ValueError, match="must have weight 1"):
         model.route(index=torch.tensor([[1]] * 6), weight=torch.full((6, 1), 0.5))
         model.features(ids, mask)
+    model.state.tokens()
+    with pytest.raises(ValueError, match="token-level gates cannot apply prompt/prefix tasks"):
+        model.features(ids, mask)
     with pytest.raises(TypeError, match="only LoRA tasks can be merged; 'prompt' uses 'prompt'"):
         model.merge("prompt")
     with pytest.raises(ValueError, match="--share-a works with LoRA only, not 'prefix'"):
@@ -263,10 +266,10 @@ def test_bank_trains_stores_and_loads_each_kind(method, tiny_bert_dir, tmp_path)
            "prefix": PrefixConfig(prefix_length=8, reparam_hidden=32),
            "ptuning-v2": PTuningV2Config(prefix_length=8)}[method]
     base_before = {k: v.clone() for k, v in bank.new_model().backbone.state_dict().items()}
-    train = TrainConfig(epochs=3, lr=0.1, head_lr=1e-2, batch_size=16, max_length=24, max_train=200, max_test=100,
-                        probe_init=False)
+    train = TrainConfig(epochs=6, lr=3e-2, head_lr=3e-2, batch_size=16, max_length=24, max_train=200, max_test=100,
+                        probe_init=False)  # a fresh head: no probe, so nothing starts above chance
     result = bank.add_task("weather", cfg, train)
-    assert result.test_accuracy > 0.25 + 0.1, result  # 4 classes: chance is 0.25
+    assert result.test_accuracy > 0.32, result  # 4 classes: chance is 0.25 (measured: 0.40-0.44 on 200 test rows)
     model = bank.load()
     assert all(torch.equal(v, base_before[k]) for k, v in model.backbone.state_dict().items())  # base untouched
     assert model.base_fingerprint() == bank.base["fingerprint"]
@@ -276,3 +279,8 @@ def test_bank_trains_stores_and_loads_each_kind(method, tiny_bert_dir, tmp_path)
     assert all(torch.equal(stored[k], v) for k, v in model.export_task("weather")["adapter"].items())
     assert result.trainable_params == sum(v.numel() for v in stored.values())
     assert bank.evaluate()["weather"] == result.test_accuracy  # the loaded expert answers as the trained one
+    fresh = bank.new_model()
+    fresh.add_task("weather", cfg, model.tasks["weather"].labels, seed=train.seed)  # the expert as it started
+    fresh.finalize("weather")
+    start = fresh.export_task("weather")["adapter"]
+    assert all(not torch.equal(start[k], v) for k, v in stored.items())  # the expert itself trained

@@ -140,6 +140,9 @@ def virtual_rows(state: RoutingState, virtual: VirtualExperts, batch: int) -> li
     no row has one. Gates that mix a prompt/prefix task with other experts in a row are refused."""
     if state.active is not None:
         return [state.active] * batch if state.active in virtual else None
+    if state.token and (len(virtual.prompts) or len(virtual.prefixes)):
+        raise ValueError("token-level gates cannot apply prompt/prefix tasks (a prompt acts on the whole sequence); "
+                         f"route them by task id. Tasks: {sorted(set(virtual.prompts) | set(virtual.prefixes))}")
     if state.index is None or not (set(state.experts) & (set(virtual.prompts) | set(virtual.prefixes))):
         return None
     index, weight = state.index, state.weight
