@@ -11,9 +11,12 @@ Letters in shape comments: B batch, D hidden size, C classes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
+import torch
 from torch import Tensor, nn
 
-__all__ = ["HEAD_KINDS", "ClassificationHead"]
+__all__ = ["HEAD_KINDS", "ClassificationHead", "row_logits"]
 
 HEAD_KINDS: tuple[str, ...] = ("classification",)
 """Head kinds a task can have today."""
@@ -29,3 +32,14 @@ class ClassificationHead(nn.Module):
 
     def forward(self, pooled: Tensor) -> Tensor:
         return self.linear(self.dropout(pooled))  # (B, C)
+
+
+def row_logits(heads: Mapping[str, nn.Module], pooled: Tensor, rows: Sequence[str]) -> Tensor:
+    """Row b scored by head ``heads[rows[b]]``: (B, C_max), padded with -inf beyond a head's classes."""
+    width = max(heads[t].linear.out_features for t in set(rows))  # type: ignore[union-attr]
+    out = pooled.new_full((pooled.shape[0], width), float("-inf"))  # (B, C_max)
+    for t in dict.fromkeys(rows):
+        idx = torch.tensor([b for b, r in enumerate(rows) if r == t], device=pooled.device)  # (b,)
+        logits = heads[t](pooled[idx])  # (b, C_t)
+        out[idx, : logits.shape[1]] = logits.to(out.dtype)
+    return out

@@ -10,6 +10,10 @@ One way to call it, returning a :class:`ModelOutput`::
 
 ``route()`` + ``features()`` stay as the low-level pair (set the gates, then pool features under them).
 
+Prompt/prefix tasks wrap no linear: they live in ``self.virtual`` (``core.virtual``) and enter the one
+backbone call per row. The router chooses too late for them (a prompt is layer 0's input), so rows it
+sends to one get a second pass under that task (top-1 only; ``attach_router`` refuses top-k > 1).
+
 The backbone is never modified except by wrapping target linears (see ``inject``); it is called
 unchanged, and the gates reach the wrapped layers through one :class:`RoutingState`. Per-task state
 (experts inside the wrapped layers, heads here, task facts in ``self.tasks``) is keyed by task name.
@@ -29,14 +33,16 @@ from adaptbank.core.adapted import AdaptedLinear
 from adaptbank.core.backbone import Backbone, fingerprint
 from adaptbank.core.config import LoRAConfig, MethodConfig, validate_name
 from adaptbank.core.experts import LoRAExpert
-from adaptbank.core.heads import ClassificationHead
+from adaptbank.core.heads import ClassificationHead, row_logits
 from adaptbank.core.inject import inject, iter_adapted, resolve_targets
 from adaptbank.core.pooling import pool
+from adaptbank.core.prompts import check_positions
 from adaptbank.core.records import ModelOutput, TaskInfo, load_checked, share_frozen
 from adaptbank.core.seeding import seeded
+from adaptbank.core.virtual import VirtualExperts, is_virtual, virtual_rows
 from adaptbank.routing.lda import LDARouter
 from adaptbank.routing.state import RoutingState
-from adaptbank.routing.taps import RouterTap, RouterTrace, layer_list
+from adaptbank.routing.taps import RouterTrace, install_taps, layer_list, remove_taps
 
 __all__ = ["AdaptBankModel", "ModelOutput", "TaskInfo", "ClassificationHead", "share_frozen"]
 
@@ -56,6 +62,8 @@ class AdaptBankModel(nn.Module):
         self.backbone_name = backbone.name
         self.state = RoutingState()
         self.heads = nn.ModuleDict()
+        self.virtual = VirtualExperts()
+        """Soft prompts and key/value prefixes by task name (the kinds that wrap no linear)."""
         self.tasks: dict[str, TaskInfo] = {}
         self.merged: str | None = None
         self.shared_groups: dict[str, tuple[str, ...]] = {}
@@ -93,6 +101,11 @@ class AdaptBankModel(nn.Module):
             validate_name(name)
         if len(labels) < 2:
             raise ValueError(f"task {name!r} needs at least 2 labels, got {list(labels)!r}")
+        if is_virtual(method):
+            if shared_group is not None:
+                raise ValueError(f"--share-a works with LoRA only, not {method.kind!r}")
+            self.virtual.add(name, method, self.encoder, labels, self.tokenizer).train(self.training)
+            return self._register(TaskInfo(name, method, tuple(labels), ()), head_dropout)
         paths = self.target_paths(method)
         owns = shared_group is not None and shared_group not in self.shared_groups
         if shared_group is not None and not owns:
@@ -108,9 +121,11 @@ class AdaptBankModel(nn.Module):
             raise
         if shared_group is not None:
             self.shared_groups.setdefault(shared_group, tuple(paths))
-        self._new_head(name, labels, head_dropout)
-        info = TaskInfo(name, method, tuple(labels), tuple(paths), shared_group, owns)
-        self.tasks[name] = info
+        return self._register(TaskInfo(name, method, tuple(labels), tuple(paths), shared_group, owns), head_dropout)
+
+    def _register(self, info: TaskInfo, head_dropout: float) -> TaskInfo:
+        self._new_head(info.name, info.labels, head_dropout)
+        self.tasks[info.name] = info
         self._order_changed()
         return info
 
@@ -149,16 +164,13 @@ class AdaptBankModel(nn.Module):
                              f"0..{router.layers - 1} free of experts")
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1 (--top-k), got {top_k}")
-        layers = layer_list(self.encoder)
-        for i in range(router.layers):
-            tap = layers[i] if isinstance(layers[i], RouterTap) else RouterTap(layers[i], self.state, self.trace,
-                                                                                 first=i == 0, last=False)
-            tap.first, tap.last, tap.router = i == 0, i == router.layers - 1, router
-            layers[i] = tap
-        last = layers[router.layers - 1]
-        last.top_k, last.temperature = top_k, temperature  # type: ignore[union-attr]
+        virtual = [n for n in self.tasks if n in self.virtual]
+        if top_k > 1 and virtual:
+            raise ValueError(f"top_k={top_k} would mix prompt/prefix task {virtual[0]!r} with other experts in one row; "
+                             "such tasks route with top_k=1 only (--top-k 1)")
         order = {n: i for i, n in enumerate(self.state.experts)}
-        last.to_model = torch.tensor([order[n] for n in router.names], device=next(self.parameters()).device)
+        to_model = torch.tensor([order[n] for n in router.names], device=next(self.parameters()).device)
+        install_taps(layer_list(self.encoder), router, self.state, self.trace, top_k, temperature, to_model)
         self.router = router
         self.reserved_layers = max(self.reserved_layers, router.layers)
 
@@ -188,6 +200,8 @@ class AdaptBankModel(nn.Module):
             raise RuntimeError(f"task {name!r} is merged into the base weights; unmerge() first")
         for path in info.paths:
             self.backbone.get_submodule(path).remove_expert(name)
+        if name in self.virtual:
+            self.virtual.remove(name)
         del self.heads[name]
         del self.tasks[name]
         if info.shared_group and not any(t.shared_group == info.shared_group for t in self.tasks.values()):
@@ -203,10 +217,7 @@ class AdaptBankModel(nn.Module):
 
     def detach_router(self) -> None:
         """Remove the router taps; the layers are put back as they were."""
-        layers = layer_list(self.encoder)
-        for i, layer in enumerate(layers):
-            if isinstance(layer, RouterTap):
-                layers[i] = layer.layer
+        remove_taps(layer_list(self.encoder))
         self.router = None
 
     def _info(self, name: str) -> TaskInfo:
@@ -222,6 +233,8 @@ class AdaptBankModel(nn.Module):
         """Parameters of task ``name``'s experts. A shared A counts when the task owns its group
         (``include_shared=None``), always (True) or never (False)."""
         info = self._info(name)
+        if name in self.virtual:
+            return list(self.virtual.get(name).parameters())
         keep_shared = info.owns_shared if include_shared is None else include_shared
         out: list[nn.Parameter] = []
         for layer in self.layers_of(name).values():
@@ -238,6 +251,18 @@ class AdaptBankModel(nn.Module):
         for p in expert + head:
             p.requires_grad_(True)
         return expert, head
+
+    def finalize(self, name: str) -> None:
+        """Task ``name`` in its stored form after training: a prefix's MLP collapsed (else a no-op)."""
+        self._info(name)
+        self.virtual.collapse(name)
+
+    def check_length(self, name: str, max_length: int) -> None:
+        """Refuse ``max_length`` input tokens that do not fit the model's positions after task ``name``'s
+        prompt or prefix (a no-op for kinds that add no positions)."""
+        self._info(name)
+        if name in self.virtual:
+            check_positions(f"task {name!r}", self.virtual.length(name), max_length, self.encoder.config)
 
     # ----------------------------------------------------------------------------- forward
     def route(self, *, task: str | None = None, task_ids: Sequence[str] | None = None,
@@ -270,9 +295,14 @@ class AdaptBankModel(nn.Module):
             self.state.off()
 
     def features(self, input_ids: Tensor, attention_mask: Tensor, **extra: Tensor) -> Tensor:
-        """Pooled features (B, D) under the current gates: masked mean, or last token for decoders."""
-        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra)
-        return pool(out.last_hidden_state, attention_mask, self.pooling)  # (B, D)
+        """Pooled features (B, D) under the current gates: masked mean, or last token for decoders, over the
+        real tokens (prompt and prefix positions are never pooled)."""
+        rows = virtual_rows(self.state, self.virtual, input_ids.shape[0])
+        if rows is None:
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+        else:
+            hidden = self.virtual.encode(self.encoder, input_ids, attention_mask, rows, **extra)  # (B, T, D)
+        return pool(hidden, attention_mask, self.pooling)  # (B, D)
 
     def routed_features(self, input_ids: Tensor, attention_mask: Tensor,
                         **extra: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -304,29 +334,25 @@ class AdaptBankModel(nn.Module):
             pooled, index, weight, scores = self.routed_features(input_ids, attention_mask, **extra)
             names = self.state.experts
             rows = tuple(names[int(i)] for i in index.gather(1, weight.argmax(1, keepdim=True))[:, 0])
-            return ModelOutput(self._logits(pooled, rows), rows, pooled, index, weight, scores)
+            redo = [b for b, t in enumerate(rows) if t in self.virtual]
+            if redo:  # prompts/prefixes act before the router has chosen: a second pass for those rows
+                self.route(task_ids=[rows[b] for b in redo])
+                again = self.features(input_ids[redo], attention_mask[redo], **extra)  # (b, D)
+                pooled = pooled.index_copy(0, torch.tensor(redo, device=pooled.device), again)  # (B, D)
+                self.state.route(index, weight)
+            return ModelOutput(row_logits(self.heads, pooled, rows), rows, pooled, index, weight, scores)
         if task_ids is not None:
             if len(task_ids) != input_ids.shape[0]:
                 raise ValueError(f"task_ids has {len(task_ids)} entries for a batch of {input_ids.shape[0]} rows")
             self.route(task_ids=task_ids)
             pooled = self.features(input_ids, attention_mask, **extra)  # (B, D)
-            return ModelOutput(self._logits(pooled, tuple(task_ids)), tuple(task_ids), pooled)
+            return ModelOutput(row_logits(self.heads, pooled, tuple(task_ids)), tuple(task_ids), pooled)
         task = cast(str, task)  # narrowed by the count check above
         if task not in self.heads:
             raise KeyError(f"unknown task {task!r}; the model holds: {', '.join(self.heads) or 'none'}")
         self.route(task=task)
         pooled = self.features(input_ids, attention_mask, **extra)  # (B, D)
         return ModelOutput(self.heads[task](pooled), (task,) * input_ids.shape[0], pooled)  # (B, C)
-
-    def _logits(self, pooled: Tensor, rows: Sequence[str]) -> Tensor:
-        """Row b scored by head ``rows[b]``: (B, C_max), padded with -inf beyond a head's classes."""
-        width = max(self.heads[t].linear.out_features for t in set(rows))
-        out = pooled.new_full((pooled.shape[0], width), float("-inf"))  # (B, C_max)
-        for t in dict.fromkeys(rows):
-            idx = torch.tensor([b for b, r in enumerate(rows) if r == t], device=pooled.device)  # (b,)
-            logits = self.heads[t](pooled[idx])  # (b, C_t)
-            out[idx, : logits.shape[1]] = logits.to(out.dtype)
-        return out
 
     def add_head(self, name: str, labels: Sequence[str], *, head_dropout: float = 0.1) -> None:
         """A classification head with no expert of its own (for baselines that share one learner
@@ -375,6 +401,8 @@ class AdaptBankModel(nn.Module):
         """``{"adapter": {"<path>.<key>": t}, "head": {...}}``; a shared A is exported by its group."""
         adapter = {f"{p}.{k}": v.detach().clone() for p, layer in self.layers_of(name).items()
                    for k, v in layer.expert_state(name).items()}
+        if name in self.virtual:
+            adapter = self.virtual.state_of(name)  # "prompt" or "prefix.key"/"prefix.value", collapsed
         head = {k: v.detach().clone() for k, v in self.heads[name].linear.state_dict().items()}
         return {"adapter": adapter, "head": head}
 
@@ -388,6 +416,7 @@ class AdaptBankModel(nn.Module):
         """Add task ``name`` and load its tensors; any missing key, extra key or shape mismatch is an
         error naming the layer and both shapes, and leaves the model without the task."""
         info = self.add_task(name, method, labels, shared_group=shared_group)
+        self.virtual.collapse(name)  # stored prefixes are plain tensors, never the training-time MLP
         try:
             expected = self.export_task(name)
             if shared_group is not None and info.owns_shared:
@@ -407,6 +436,8 @@ class AdaptBankModel(nn.Module):
     def _set_tensor(self, name: str, part: str, key: str, value: Tensor) -> None:
         if part == "head":
             target = self.heads[name].linear.get_parameter(key)
+        elif name in self.virtual:
+            return self.virtual.set_tensor(name, key, value)
         else:
             path = next(p for p in self.tasks[name].paths if key.startswith(p + "."))
             target = self.backbone.get_submodule(path).experts[name].get_parameter(key[len(path) + 1:])

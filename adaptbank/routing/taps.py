@@ -25,7 +25,7 @@ from adaptbank.core.pooling import mean_pool
 from adaptbank.routing.lda import LDARouter, topk_gates
 from adaptbank.routing.state import RoutingState
 
-__all__ = ["RouterTrace", "RouterTap", "layer_list"]
+__all__ = ["RouterTrace", "RouterTap", "layer_list", "install_taps", "remove_taps"]
 
 
 @dataclass(eq=False)
@@ -88,3 +88,23 @@ class RouterTap(nn.Module):
             index, weight = topk_gates(scores, self.top_k, self.temperature)  # (B, k), (B, k)
             self.state.route(self.to_model[index], weight)  # type: ignore[index]
         return out
+
+
+def install_taps(layers: nn.ModuleList, router: LDARouter, state: RoutingState, trace: RouterTrace, top_k: int,
+                 temperature: float, to_model: Tensor) -> None:
+    """Wrap layers ``0 .. router.layers - 1`` in taps (re-using taps already there); the last one runs
+    ``router`` with ``top_k``/``temperature`` and maps its columns to the model's order by ``to_model``."""
+    for i in range(router.layers):
+        tap = layers[i] if isinstance(layers[i], RouterTap) else RouterTap(layers[i], state, trace, first=i == 0,
+                                                                           last=False)
+        tap.first, tap.last, tap.router = i == 0, i == router.layers - 1, router
+        layers[i] = tap
+    last = layers[router.layers - 1]
+    last.top_k, last.temperature, last.to_model = top_k, temperature, to_model  # type: ignore[union-attr]
+
+
+def remove_taps(layers: nn.ModuleList) -> None:
+    """Put every tapped layer back as it was."""
+    for i, layer in enumerate(layers):
+        if isinstance(layer, RouterTap):
+            layers[i] = layer.layer

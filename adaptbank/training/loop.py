@@ -24,7 +24,9 @@ and the caller's global RNG is left as it was. A NaN or Inf loss or gradient sto
 
 ``train_task`` is the bank's use of it: the head starts as a logistic-regression probe on the frozen
 features (LP-FT, Kumar et al. 2022, https://arxiv.org/abs/2202.10054), then the task's expert and head
-train together. A new expert starts at zero, so training starts exactly at the probe's accuracy.
+train together. A new linear expert starts at zero, so training starts exactly at the probe's accuracy
+(a soft prompt or prefix cannot start without effect). After :func:`fit`, ``model.finalize`` brings the
+expert into its stored form (a prefix's reparameterisation MLP is collapsed into plain prefixes).
 """
 
 from __future__ import annotations
@@ -241,6 +243,7 @@ def train_task(model: AdaptBankModel, name: str, texts: Sequence[str], labels: S
         raise ValueError(f"labels of task {name!r} must be in [0, {n_classes}), got {bad[0]!r}")
     if not texts:
         raise ValueError(f"task {name!r} has no training examples")
+    model.check_length(name, cfg.max_length)
     ids = tokenize(model.tokenizer, texts, cfg.max_length)
     start = time.perf_counter()
     probe_accuracy = None
@@ -264,6 +267,7 @@ def train_task(model: AdaptBankModel, name: str, texts: Sequence[str], labels: S
         if grads is None:
             raise
         raise TrainingError(f"{err}\n{diagnose_report(diagnosis(grads))}") from err
+    model.finalize(name)  # training-time reparameterisations (a prefix's MLP) become the stored form
     if grads is not None:
         result.diagnostics = diagnosis(grads, rank_suggestions(model, name))
     result.probe_accuracy = probe_accuracy
