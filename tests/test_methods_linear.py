@@ -316,3 +316,68 @@ def test_train_task_beats_chance_and_moves_only_the_task(method, tiny_bert_dir):
     moved = [not torch.equal(p, before[n]) for n, p in model.named_parameters()
              if id(p) in {id(q) for q in model.expert_parameters("weather")}]
     assert moved and all(moved)
+
+
+# --------------------------------------------------------------------------- peers and the bank's edges
+@pytest.mark.parametrize("family", ["bert", "distilbert", "gpt2", "llama"])
+def test_ia3_equals_peft_ia3_with_the_same_vectors(family, inputs):
+    """peft's IA3 with ``feedforward_modules`` on the same layers and the same vectors gives the same
+    features: output scaling of keys and values, input scaling of the feed-forward output projection."""
+    import copy
+
+    from peft import IA3Config as PeftIA3Config
+    from peft import get_peft_model
+
+    from adaptbank.core.inject import FAMILY_ROLES
+    from adaptbank.core.pooling import pool
+
+    backbone = tiny_backbone(family)
+    peer = copy.deepcopy(backbone.model)
+    model = AdaptBankModel(backbone)
+    model.add_task("a", IA3Config(), ["x", "y"])
+    randomize(model, "a")
+    roles = FAMILY_ROLES[family]
+    peft_model = get_peft_model(peer, PeftIA3Config(
+        target_modules="|".join(f".*{roles[r]}" for r in ("k", "v", "ffn_out")),
+        feedforward_modules=f".*{roles['ffn_out']}"))
+    copied = 0
+    for name, module in peft_model.named_modules():
+        if "default" in getattr(module, "ia3_l", {}):
+            path = name.removeprefix("base_model.model.")
+            ours = model.backbone.get_submodule(path).experts["a"]
+            assert module.is_feedforward == isinstance(ours, IA3InputExpert), path
+            with torch.no_grad():
+                module.ia3_l["default"].copy_(ours.scale.reshape(module.ia3_l["default"].shape))
+            copied += 1
+    assert copied == len(model.layers_of("a"))
+    model.route(task="a")
+    theirs = pool(peft_model.eval()(**inputs).last_hidden_state, inputs["attention_mask"], model.pooling)
+    torch.testing.assert_close(model.features(**inputs), theirs, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_save_expert_and_load_expert_round_trip_bit_exact(method, tmp_path, inputs):
+    from adaptbank.bank.expert_io import load_expert, save_expert
+
+    model = AdaptBankModel(tiny_backbone("llama"))
+    model.add_task("a", METHODS[method], ["x", "y"])
+    randomize(model, "a")
+    save_expert(model, "a", tmp_path / "a")
+    other = AdaptBankModel(tiny_backbone("llama"))
+    load_expert(other, tmp_path / "a", name="b")
+    saved, loaded = model.export_task("a"), other.export_task("b")
+    for part in ("adapter", "head"):
+        assert set(saved[part]) == set(loaded[part])
+        assert all(torch.equal(saved[part][k], loaded[part][k]) for k in saved[part])
+    model.route(task="a")
+    other.route(task="b")
+    assert torch.equal(model.features(**inputs), other.features(**inputs))
+
+
+def test_graph_compares_ia3_scales_by_their_change():
+    from adaptbank.bank.graph import _flat_similarity
+
+    a, b = torch.tensor([0.5, 0.0, 0.0]), torch.tensor([0.0, -0.5, 0.0])  # orthogonal changes of the scale
+    e1, e2 = {"x.scale": 1 + a}, {"x.scale": 1 + b}
+    assert _flat_similarity(e1, e2) > 0.7  # the raw vectors look alike: both are near one
+    assert _flat_similarity(e1, e2, shift=1.0) == pytest.approx(0.0)

@@ -5,13 +5,17 @@ stacked for a layer, k experts selected per example, r LoRA rank, m bottleneck w
 
 Every expert kind honours one contract, so the router can mix any of them:
 
-* ``expert(x, h) -> h'`` is the single-expert path. ``x`` is the wrapped layer's input ``(B, T, I)``
-  and ``h`` its output ``(B, T, O)``; the expert returns ``h`` plus its own change.
+* ``expert(x, base(expert.before(x))) -> h'`` is the single-expert path. ``x`` is the wrapped layer's
+  input ``(B, T, I)`` and ``h`` its output ``(B, T, O)``; the expert returns ``h`` with its own change.
+  ``before`` is the identity except for ``pre`` experts, which change the input of the base matmul.
 * ``Kind.stack(experts)`` packs a list of experts (``None`` for "no expert here") into padded
-  tensors, and ``Kind.gathered(x, h, stack, index, weight)`` applies, per example, the k experts named
-  by ``index (B, k)`` weighted by ``weight (B, k)`` or per token ``(B, T, k)``: two batched matmuls
-  whatever the number of experts held, with no Python loop over experts. The gathered path applies
-  no expert dropout; it is the path for inference and for training routers over frozen experts.
+  tensors, and ``Kind.gathered(x, h, stack, index, weight)`` (``Kind.gathered_before(x, ...)`` for
+  ``pre`` kinds) applies, per example, the k experts named by ``index (B, k)`` weighted by
+  ``weight (B, k)`` or per token ``(B, T, k)``: one gather and at most two batched matmuls whatever
+  the number of experts held, with no Python loop over experts. The gathered path applies no expert
+  dropout; it is the path for inference and for training routers over frozen experts.
+* ``expert.merged(W, b, transposed=...)`` folds the expert into a linear layer's weight and bias
+  (LoRA, BitFit, (IA)^3); the bottleneck adapters cannot be folded and raise ``TypeError``.
 
 Kinds:
 
