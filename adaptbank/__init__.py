@@ -28,7 +28,12 @@ _EXPORTS: dict[str, str] = {
     "AdapterBank": "bank.facade",
     "AdapterConfig": "core.config",
     "Backbone": "core.backbone",
+    "BitFitConfig": "core.config",
+    "BitFitExpert": "core.experts",
     "DEFAULT_BACKBONE": "core.backbone",
+    "IA3Config": "core.config",
+    "IA3Expert": "core.experts",
+    "IA3InputExpert": "core.experts",
     "LoRAConfig": "core.config",
     "LoRAExpert": "core.experts",
     "ModelOutput": "core.model",
@@ -63,12 +68,21 @@ if TYPE_CHECKING:  # pragma: no cover
     from adaptbank.core.backbone import DEFAULT_BACKBONE, Backbone, load_backbone
     from adaptbank.core.config import (
         AdapterConfig,
+        BitFitConfig,
+        IA3Config,
         LoRAConfig,
         ParallelAdapterConfig,
         RouterConfig,
         TrainConfig,
     )
-    from adaptbank.core.experts import LoRAExpert, ParallelAdapterExpert, SerialAdapterExpert
+    from adaptbank.core.experts import (
+        BitFitExpert,
+        IA3Expert,
+        IA3InputExpert,
+        LoRAExpert,
+        ParallelAdapterExpert,
+        SerialAdapterExpert,
+    )
     from adaptbank.core.inject import inject, iter_adapted, resolve_targets
     from adaptbank.core.model import AdaptBankModel, ModelOutput, TaskInfo
     from adaptbank.metrics import AccuracyMatrix

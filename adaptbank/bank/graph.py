@@ -3,7 +3,8 @@
 Similarity of two LoRA tasks is the cosine of their dense updates, averaged over the layers both
 adapt, computed without forming ``dW = s B A`` (O x I): with ``dW_1 = s_1 B_1 A_1`` and
 ``dW_2 = s_2 B_2 A_2``, ``<dW_1, dW_2>_F = s_1 s_2 sum((B_1^T B_2) * (A_1 A_2^T))``, an ``r x r``
-product. Tasks of other kinds compare by the cosine of their flattened expert tensors.
+product. Tasks of other kinds compare by the cosine of their flattened expert tensors; (IA)^3 scales
+``l`` (which start at one) compare by their change ``l - 1``, so two untrained tasks are not "similar".
 """
 
 from __future__ import annotations
@@ -46,12 +47,13 @@ def lora_similarity(e1: dict[str, Tensor], e2: dict[str, Tensor]) -> float | Non
     return sum(sims) / len(sims) if sims else None
 
 
-def _flat_similarity(e1: dict[str, Tensor], e2: dict[str, Tensor]) -> float | None:
+def _flat_similarity(e1: dict[str, Tensor], e2: dict[str, Tensor], *, shift: float = 0.0) -> float | None:
+    """Cosine of the tensors both experts hold, flattened, less ``shift`` (1 for (IA)^3 scales)."""
     keys = sorted(set(e1) & set(e2))
     if not keys or any(e1[k].shape != e2[k].shape for k in keys):
         return None
-    v1 = torch.cat([e1[k].double().flatten() for k in keys])
-    v2 = torch.cat([e2[k].double().flatten() for k in keys])
+    v1 = torch.cat([e1[k].double().flatten() for k in keys]) - shift
+    v2 = torch.cat([e2[k].double().flatten() for k in keys]) - shift
     if v1.norm() == 0 or v2.norm() == 0:
         return None
     return float(torch.dot(v1, v2) / (v1.norm() * v2.norm()))
@@ -82,7 +84,10 @@ def bank_graph(bank: AdapterBank) -> nx.Graph:
     sims: dict[str, list[tuple[float, str]]] = {name: [] for name in configs}
     for a, b in combinations(configs, 2):
         kinds = {configs[a]["method"]["kind"], configs[b]["method"]["kind"]}
-        sim = lora_similarity(experts[a], experts[b]) if kinds == {"lora"} else _flat_similarity(experts[a], experts[b])
+        if kinds == {"lora"}:
+            sim = lora_similarity(experts[a], experts[b])
+        else:
+            sim = _flat_similarity(experts[a], experts[b], shift=1.0 if kinds == {"ia3"} else 0.0)
         if sim is not None:
             sims[a].append((sim, b))
             sims[b].append((sim, a))

@@ -17,10 +17,28 @@ Forward reads the model's :class:`~adaptbank.routing.state.RoutingState`:
   S-LoRA gathered matmul). Stacks of frozen experts are cached and rebuilt only when the expert set
   or a parameter changes (``Tensor._version`` counts in-place updates).
 
-Merge folds one LoRA expert into the base weight, computed in fp32, and is recorded in
-``self.merged``; a second merge, or a merge while rows mix experts, is refused. The merged weight is a
-new tensor and the original is kept aside, so ``unmerge`` restores it exactly and a merge never
-writes into frozen weights that another model may share (``core.records.share_frozen``).
+Several kinds may share one layer (LoRA and (IA)^3 on v, a serial adapter and (IA)^3 on the
+feed-forward output, BitFit everywhere). Per forward the layer applies them by side
+(``core.experts.SIDES``), each mixed over the row's k experts with its weights w::
+
+    x_b = x * (1 + sum_k w_k (l_k - 1))           pre:    (IA)^3 input scales
+    h   = base(x_b)                                one base matmul
+    h   = h * (1 + sum_k w_k (l_k - 1))           scale:  (IA)^3 output scales, on the base output (bias
+                                                           included), as peft does
+    h   = h + sum_k w_k delta_k(x)                input:  LoRA, parallel adapters and BitFit read the
+                                                           unscaled x, so their deltas do not depend on
+                                                           another expert's scale
+    h   = h + sum_k w_k up_k(f(down_k(h)))        output: serial adapters read h after all the above
+
+A row with one expert (k = 1, w = 1) therefore gets exactly its single-task output: every other kind's
+term is the identity (a zero shift, a zero delta). The single-expert path computes
+``expert(x, base(expert.before(x)))``.
+
+Merge folds one LoRA, BitFit or (IA)^3 expert into the base weight and bias, computed in fp32, and is
+recorded in ``self.merged``; a second merge, or a merge while rows mix experts, is refused. The merged
+weight and bias are new tensors and the original objects are kept aside (a bias that was None stays
+None after ``unmerge``), so ``unmerge`` restores them exactly and a merge never writes into frozen
+weights that another model may share (``core.records.share_frozen``).
 """
 
 from __future__ import annotations
@@ -28,8 +46,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from adaptbank.core.config import AdapterConfig, LoRAConfig, ParallelAdapterConfig
-from adaptbank.core.experts import Expert, LoRAExpert, Stack, make_expert
+from adaptbank.core.config import AdapterConfig, BitFitConfig, IA3Config, LoRAConfig, ParallelAdapterConfig
+from adaptbank.core.experts import SIDES, Expert, LoRAExpert, Stack, make_expert
 from adaptbank.routing.state import RoutingState
 
 __all__ = ["AdaptedLinear", "is_adaptable", "linear_shape"]
@@ -68,8 +86,8 @@ class AdaptedLinear(nn.Module):
         self.shared_A = nn.ParameterDict()
         self.state = state  # a plain object: not registered as a submodule
         self.merged: str | None = None
-        self._unmerged: nn.Parameter | None = None
-        """The base weight as it was before ``merge`` (the merged weight is a new tensor)."""
+        self._unmerged: tuple[nn.Parameter, nn.Parameter | None] | None = None
+        """The base weight and bias objects as they were before ``merge`` (merged ones are new tensors)."""
         self.token_gate: nn.Linear | None = None
         """Token-level router gate ``(E, I)`` over the model's expert order (see ``routing.token``)."""
         self.gate_probs: Tensor | None = None
@@ -89,9 +107,10 @@ class AdaptedLinear(nn.Module):
         return self.base.bias
 
     # ----------------------------------------------------------------------------- experts
-    def add_expert(self, name: str, cfg: LoRAConfig | AdapterConfig | ParallelAdapterConfig,
-                   *, shared_group: str | None = None) -> Expert:
-        """Create the expert for task ``name``; ``shared_group`` makes a LoRA task-B expert."""
+    def add_expert(self, name: str, cfg: LoRAConfig | AdapterConfig | ParallelAdapterConfig | BitFitConfig | IA3Config,
+                   *, shared_group: str | None = None, feedforward: bool = False) -> Expert:
+        """Create the expert for task ``name``; ``shared_group`` makes a LoRA task-B expert;
+        ``feedforward`` makes an (IA)^3 expert scale this layer's input instead of its output."""
         if name in self.experts:
             raise KeyError(f"expert {name!r} already exists in this layer")
         shared = None
@@ -102,7 +121,7 @@ class AdaptedLinear(nn.Module):
                 first = LoRAExpert(self.d_in, self.d_out, cfg)  # Kaiming-initialised A for the group
                 self.shared_A[shared_group] = first.A
             shared = self.shared_A[shared_group]
-        expert = make_expert(self.d_in, self.d_out, cfg, shared_A=shared)
+        expert = make_expert(self.d_in, self.d_out, cfg, shared_A=shared, feedforward=feedforward)
         expert.to(device=self.base.weight.device, dtype=self.base.weight.dtype)
         if shared is not None:
             expert.A = shared  # keep the one object after .to()
@@ -129,28 +148,37 @@ class AdaptedLinear(nn.Module):
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
-        h = self.base(x)  # (B, T, O)
         st = self.state
         if self.merged is not None:
             if st.active not in (None, self.merged) or st.mixing:
                 raise RuntimeError(f"expert {self.merged!r} is merged into the base weights; "
                                    "unmerge() before routing to other experts")
-            return h
+            return self.base(x)  # (B, T, O)
         if st.active is not None:
             expert = self.experts[st.active] if st.active in self.experts else None
-            return h if expert is None else expert(x, h)
+            if expert is None:
+                return self.base(x)  # (B, T, O)
+            return expert(x, self.base(expert.before(x)))  # (B, T, O)
         if st.token and self.token_gate is not None and len(self.experts):
             probs = self.token_gate(x).float().softmax(-1)  # (B, T, E)
             self.gate_probs = probs
             index = torch.arange(probs.shape[-1], device=x.device).expand(probs.shape[0], -1)  # (B, E)
-            for kind, stack in self._current_stacks():
-                h = kind.gathered(x, h, stack, index, probs.to(x.dtype))
-            return h
+            return self._mixed(x, index, probs.to(x.dtype))
         if st.index is None or len(self.experts) == 0:
-            return h
-        weight = st.weight.to(x.dtype)  # type: ignore[union-attr]
-        for kind, stack in self._current_stacks():
-            h = kind.gathered(x, h, stack, st.index, weight)
+            return self.base(x)  # (B, T, O)
+        return self._mixed(x, st.index, st.weight.to(x.dtype))  # type: ignore[union-attr]
+
+    def _mixed(self, x: Tensor, index: Tensor, weight: Tensor) -> Tensor:
+        """Per-example experts ``index (B, k)`` weighted ``(B, k)`` or ``(B, T, k)``, side by side
+        in the order of the module docstring."""
+        stacks = self._current_stacks()
+        xb = x
+        for kind, stack in stacks:
+            if kind.side == "pre":
+                xb = kind.gathered_before(xb, stack, index, weight)  # (B, T, I)
+        h = self.base(xb)  # (B, T, O)
+        for kind, stack in stacks:
+            h = kind.gathered(x, h, stack, index, weight)  # (B, T, O)
         return h
 
     def _current_stacks(self) -> list[tuple[type[Expert], Stack]]:
@@ -177,7 +205,7 @@ class AdaptedLinear(nn.Module):
             for members in groups.values():
                 kind = type(next(m for m in members if m is not None))
                 stacks.append((kind, kind.stack(members)))
-        stacks.sort(key=lambda s: s[0].side != "input")  # input-side experts first, then output-side
+        stacks.sort(key=lambda s: SIDES.index(s[0].side))  # pre, scale, input, output: see the docstring
         if not trains:
             key = (self.state.version, self.state.experts, tuple((p._version, p.data_ptr()) for p in params))
             self._stack_key, self._stacks, self._stack_params = key, stacks, params
@@ -187,7 +215,7 @@ class AdaptedLinear(nn.Module):
 
     # ----------------------------------------------------------------------------- merge
     def merge(self, name: str) -> None:
-        """Fold LoRA expert ``name`` into the base weight: ``W += (alpha/r) B A`` (fp32 delta)."""
+        """Fold expert ``name`` (LoRA, BitFit or (IA)^3) into the base weight and bias (fp32 arithmetic)."""
         if self.merged is not None:
             raise RuntimeError(f"expert {self.merged!r} is already merged; unmerge() before merging {name!r}")
         if self.state.mixing:
@@ -198,24 +226,22 @@ class AdaptedLinear(nn.Module):
         self.merged = name
 
     def unmerge(self) -> None:
-        """Put the original base weight back (exactly); a no-op when nothing is merged."""
+        """Put the original base weight and bias objects back (exactly); a no-op when nothing is merged."""
         if self.merged is None:
             return
-        self.base.weight = self._unmerged
+        self.base.weight, self.base.bias = self._unmerged  # type: ignore[misc]
         self._unmerged, self.merged = None, None
 
     def _merge_weight(self, name: str) -> None:
-        expert = self.experts[name]
-        if not isinstance(expert, LoRAExpert):
-            raise TypeError(f"only LoRA experts can be merged; {name!r} is {type(expert).__name__}")
-        delta = expert.delta_weight()  # (O, I) fp32
-        W = self.base.weight
-        if not isinstance(self.base, nn.Linear):
-            delta = delta.T  # Conv1D stores (I, O)
-        with torch.no_grad():
-            merged = (W.float() + delta).to(W.dtype)
-        self._unmerged = W
-        self.base.weight = nn.Parameter(merged, requires_grad=False)
+        expert: Expert = self.experts[name]  # type: ignore[assignment]
+        W, b = self.base.weight, self.base.bias
+        with torch.no_grad():  # Conv1D stores (I, O)
+            weight, bias = expert.merged(W, b, transposed=not isinstance(self.base, nn.Linear))
+        self._unmerged = (W, b)
+        if weight is not None:
+            self.base.weight = nn.Parameter(weight.to(W.dtype), requires_grad=False)
+        if bias is not None:
+            self.base.bias = nn.Parameter(bias.to(W.dtype if b is None else b.dtype), requires_grad=False)
 
     # ----------------------------------------------------------------------------- state
     def expert_state(self, name: str) -> dict[str, Tensor]:

@@ -5,13 +5,17 @@ stacked for a layer, k experts selected per example, r LoRA rank, m bottleneck w
 
 Every expert kind honours one contract, so the router can mix any of them:
 
-* ``expert(x, h) -> h'`` is the single-expert path. ``x`` is the wrapped layer's input ``(B, T, I)``
-  and ``h`` its output ``(B, T, O)``; the expert returns ``h`` plus its own change.
+* ``expert(x, base(expert.before(x))) -> h'`` is the single-expert path. ``x`` is the wrapped layer's
+  input ``(B, T, I)`` and ``h`` its output ``(B, T, O)``; the expert returns ``h`` with its own change.
+  ``before`` is the identity except for ``pre`` experts, which change the input of the base matmul.
 * ``Kind.stack(experts)`` packs a list of experts (``None`` for "no expert here") into padded
-  tensors, and ``Kind.gathered(x, h, stack, index, weight)`` applies, per example, the k experts named
-  by ``index (B, k)`` weighted by ``weight (B, k)`` or per token ``(B, T, k)``: two batched matmuls
-  whatever the number of experts held, with no Python loop over experts. The gathered path applies
-  no expert dropout; it is the path for inference and for training routers over frozen experts.
+  tensors, and ``Kind.gathered(x, h, stack, index, weight)`` (``Kind.gathered_before(x, ...)`` for
+  ``pre`` kinds) applies, per example, the k experts named by ``index (B, k)`` weighted by
+  ``weight (B, k)`` or per token ``(B, T, k)``: one gather and at most two batched matmuls whatever
+  the number of experts held, with no Python loop over experts. The gathered path applies no expert
+  dropout; it is the path for inference and for training routers over frozen experts.
+* ``expert.merged(W, b, transposed=...)`` folds the expert into a linear layer's weight and bias
+  (LoRA, BitFit, (IA)^3); the bottleneck adapters cannot be folded and raise ``TypeError``.
 
 Kinds:
 
@@ -31,8 +35,24 @@ Kinds:
 
   It sits on the projection's output, before the block's dropout and LayerNorm, which differs
   slightly from the hook placement of the adapters library.
+* :class:`BitFitExpert` (Ben Zaken et al. 2021, https://arxiv.org/abs/2106.10199)::
 
-Up-projections and B start at zero, so a new expert leaves the model's outputs bit-identical.
+      h' = h + b_task                   b_task: (O,) zero; a layer without a base bias gets the delta alone
+
+* :class:`IA3Expert` and :class:`IA3InputExpert` ((IA)^3, Liu et al. 2022, https://arxiv.org/abs/2205.05638)::
+
+      h' = l * h = l * (W x + b)        keys and values: the base output, bias included, is scaled (as peft)
+      h' = W (l * x) + b                the feed-forward output projection: its input is scaled, before the
+                                        base matmul (one matmul, not a second one)        l: ones
+
+Each kind says where it acts by ``side``, and a layer applies the sides in this order (see
+``core.adapted``): ``pre`` (scale x) -> base -> ``scale`` (scale the base output) -> ``input`` (add a
+delta that reads x) -> ``output`` (add a delta that reads h). Mixed per example, a multiplicative kind
+applies the weighted scale ``1 + sum_k w_k (l_k - 1)`` once, an additive kind the weighted sum of its
+deltas ``sum_k w_k delta_k``.
+
+Up-projections, B and bias deltas start at zero and scales at one, so a new expert leaves the model's
+outputs bit-identical.
 """
 
 from __future__ import annotations
@@ -46,9 +66,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adaptbank.core.config import AdapterConfig, LoRAConfig, ParallelAdapterConfig
+from adaptbank.core.config import AdapterConfig, BitFitConfig, IA3Config, LoRAConfig, ParallelAdapterConfig
 
-__all__ = ["Expert", "LoRAExpert", "ParallelAdapterExpert", "SerialAdapterExpert", "Stack"]
+__all__ = ["Expert", "LoRAExpert", "ParallelAdapterExpert", "SerialAdapterExpert", "BitFitExpert", "IA3Expert",
+           "IA3InputExpert", "Stack", "SIDES", "make_expert"]
+
+SIDES: tuple[str, ...] = ("pre", "scale", "input", "output")
+"""Where an expert acts, in the order a layer applies them (see the module docstring)."""
 
 
 
@@ -79,11 +103,16 @@ class Expert(nn.Module):
     """Base of all expert kinds: the shared contract, no parameters of its own."""
 
     side: ClassVar[str] = "input"
-    """``input`` experts read the layer input x; ``output`` experts read the layer output h."""
+    """One of :data:`SIDES`: ``pre`` experts change x before the base matmul, ``scale`` experts scale
+    the base output, ``input`` experts add a delta read from x, ``output`` experts one read from h."""
 
     def group_key(self) -> tuple[object, ...]:
         """Experts with equal keys can be stacked together in one gathered matmul."""
         return (type(self),)
+
+    def before(self, x: Tensor) -> Tensor:
+        """The input the base layer sees: ``x`` itself except for ``pre`` experts."""
+        return x
 
     @classmethod
     def stack(cls, experts: Sequence[Expert | None]) -> Stack:
@@ -92,6 +121,17 @@ class Expert(nn.Module):
     @staticmethod
     def gathered(x: Tensor, h: Tensor, stack: Stack, index: Tensor, weight: Tensor) -> Tensor:
         raise NotImplementedError
+
+    @staticmethod
+    def gathered_before(x: Tensor, stack: Stack, index: Tensor, weight: Tensor) -> Tensor:
+        """The per-example input of the base layer (``pre`` kinds only)."""
+        return x
+
+    def merged(self, weight: Tensor, bias: Tensor | None, *, transposed: bool) -> tuple[Tensor | None, Tensor | None]:
+        """The base ``weight`` and ``bias`` with this expert folded in, as new fp32 tensors (None: that
+        tensor is unchanged); ``transposed`` for a weight stored ``(I, O)`` (GPT-2's Conv1D). Kinds that
+        cannot be folded into a linear layer (the bottleneck adapters) raise ``TypeError``."""
+        raise TypeError(f"{type(self).__name__} cannot be merged into the base weights")
 
 
 class LoRAExpert(Expert):
@@ -122,6 +162,11 @@ class LoRAExpert(Expert):
     def delta_weight(self) -> Tensor:
         """The dense update ``(alpha/r) B A`` of shape (O, I), in fp32 (used by merge only)."""
         return (self.B.float() @ self.A.float()) * self.scaling  # (O, I)
+
+    def merged(self, weight: Tensor, bias: Tensor | None, *, transposed: bool) -> tuple[Tensor | None, Tensor | None]:
+        """``W + (alpha/r) B A``; the bias is unchanged."""
+        delta = self.delta_weight()  # (O, I) fp32
+        return weight.float() + (delta.T if transposed else delta), None  # (O, I) or Conv1D's (I, O)
 
     @classmethod
     def stack(cls, experts: Sequence[Expert | None]) -> Stack:
@@ -228,13 +273,125 @@ class SerialAdapterExpert(_Bottleneck):
         return h + _Bottleneck._gathered_delta(h, stack, index, weight).reshape(h.shape)
 
 
-def make_expert(d_in: int, d_out: int, cfg: LoRAConfig | AdapterConfig | ParallelAdapterConfig,
-                *, shared_A: nn.Parameter | None = None) -> Expert:
-    """The expert class for ``cfg.kind``."""
+class BitFitExpert(Expert):
+    """A task bias delta ``h + delta`` (O,), zero at first; stored apart from the frozen base bias."""
+
+    side: ClassVar[str] = "input"  # additive; it reads neither x nor h
+
+    def __init__(self, d_in: int, d_out: int, cfg: BitFitConfig) -> None:
+        super().__init__()
+        self.delta = nn.Parameter(torch.zeros(d_out))  # (O,)
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        return h + self.delta  # (B, T, O)
+
+    def merged(self, weight: Tensor, bias: Tensor | None, *, transposed: bool) -> tuple[Tensor | None, Tensor | None]:
+        """``b + delta``; a layer without a bias gets the delta as its bias."""
+        delta = self.delta.float()  # (O,)
+        return None, delta.clone() if bias is None else bias.float() + delta
+
+    @classmethod
+    def stack(cls, experts: Sequence[Expert | None]) -> Stack:
+        ref = next(e for e in experts if isinstance(e, BitFitExpert))
+        delta = ref.delta.new_zeros(len(experts), ref.delta.shape[0])  # (E, O)
+        for i, e in enumerate(experts):
+            if isinstance(e, BitFitExpert):
+                delta[i] = e.delta
+        return Stack({"delta": delta})
+
+    @staticmethod
+    def gathered(x: Tensor, h: Tensor, stack: Stack, index: Tensor, weight: Tensor) -> Tensor:
+        delta = torch.einsum("btk,bko->bto", _weights(weight), stack["delta"][index])  # (B, 1|T, O)
+        return (_flat(h) + delta).reshape(h.shape)
+
+
+class _Scaling(Expert):
+    """A learned vector ``l`` (ones at first) that multiplies a layer's output or input."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(width))  # (O,) or (I,)
+
+    @classmethod
+    def stack(cls, experts: Sequence[Expert | None]) -> Stack:
+        """``l - 1`` per expert, zero (scale one) for rows of other experts: a weighted sum stays exact."""
+        ref = next(e for e in experts if isinstance(e, _Scaling))
+        shift = ref.scale.new_zeros(len(experts), ref.scale.shape[0])  # (E, O|I)
+        for i, e in enumerate(experts):
+            if isinstance(e, _Scaling):
+                shift[i] = e.scale - 1
+        return Stack({"shift": shift})
+
+    @staticmethod
+    def _gathered_scale(stack: Stack, index: Tensor, weight: Tensor) -> Tensor:
+        """``1 + sum_k w_k (l_k - 1)``: one scale per example (or token), applied once."""
+        return 1 + torch.einsum("btk,bkd->btd", _weights(weight), stack["shift"][index])  # (B, 1|T, O|I)
+
+
+class IA3Expert(_Scaling):
+    """(IA)^3 on a layer's output (keys, values): ``l * (W x + b)``, bias included as in peft."""
+
+    side: ClassVar[str] = "scale"
+
+    def __init__(self, d_in: int, d_out: int, cfg: IA3Config) -> None:
+        super().__init__(d_out)
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        return h * self.scale  # (B, T, O)
+
+    def merged(self, weight: Tensor, bias: Tensor | None, *, transposed: bool) -> tuple[Tensor | None, Tensor | None]:
+        """``W' = diag(l) W`` and ``b' = l * b``."""
+        s = self.scale.float()  # (O,)
+        w = weight.float() * (s[None, :] if transposed else s[:, None])  # (I, O) or (O, I)
+        return w, None if bias is None else bias.float() * s
+
+    @staticmethod
+    def gathered(x: Tensor, h: Tensor, stack: Stack, index: Tensor, weight: Tensor) -> Tensor:
+        return (_flat(h) * _Scaling._gathered_scale(stack, index, weight)).reshape(h.shape)  # (B, T, O)
+
+
+class IA3InputExpert(_Scaling):
+    """(IA)^3 on the feed-forward output projection: ``W (l * x) + b``, the input scaled before the
+    base matmul (the intermediate activation ``f(W_in x)`` of the paper)."""
+
+    side: ClassVar[str] = "pre"
+
+    def __init__(self, d_in: int, d_out: int, cfg: IA3Config) -> None:
+        super().__init__(d_in)
+
+    def before(self, x: Tensor) -> Tensor:
+        return x * self.scale  # (B, T, I)
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        return h  # the work is done in ``before``
+
+    def merged(self, weight: Tensor, bias: Tensor | None, *, transposed: bool) -> tuple[Tensor | None, Tensor | None]:
+        """``W' = W diag(l)``; the bias is unchanged."""
+        s = self.scale.float()  # (I,)
+        return weight.float() * (s[:, None] if transposed else s[None, :]), None  # (I, O) or (O, I)
+
+    @staticmethod
+    def gathered(x: Tensor, h: Tensor, stack: Stack, index: Tensor, weight: Tensor) -> Tensor:
+        return h
+
+    @staticmethod
+    def gathered_before(x: Tensor, stack: Stack, index: Tensor, weight: Tensor) -> Tensor:
+        return (_flat(x) * _Scaling._gathered_scale(stack, index, weight)).reshape(x.shape)  # (B, T, I)
+
+
+def make_expert(d_in: int, d_out: int, cfg: LoRAConfig | AdapterConfig | ParallelAdapterConfig | BitFitConfig | IA3Config,
+                *, shared_A: nn.Parameter | None = None, feedforward: bool = False) -> Expert:
+    """The expert class for ``cfg.kind``; ``feedforward`` puts an (IA)^3 scale on the layer's input."""
     if isinstance(cfg, LoRAConfig):
         return LoRAExpert(d_in, d_out, cfg, shared_A=shared_A)
     if shared_A is not None:
         raise ValueError(f"a shared A is only for LoRA experts, not {cfg.kind!r}")
+    if isinstance(cfg, IA3Config):
+        return IA3InputExpert(d_in, d_out, cfg) if feedforward else IA3Expert(d_in, d_out, cfg)
+    if feedforward:
+        raise ValueError(f"feedforward (input) scaling is only for ia3 experts, not {cfg.kind!r}")
+    if isinstance(cfg, BitFitConfig):
+        return BitFitExpert(d_in, d_out, cfg)
     if isinstance(cfg, AdapterConfig):
         return SerialAdapterExpert(d_in, d_out, cfg)
     if isinstance(cfg, ParallelAdapterConfig):

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from adaptbank.core.adapted import AdaptedLinear
 from adaptbank.core.backbone import Backbone, fingerprint
-from adaptbank.core.config import LoRAConfig, MethodConfig, validate_name
+from adaptbank.core.config import BitFitConfig, IA3Config, LoRAConfig, MethodConfig, validate_name
 from adaptbank.core.experts import LoRAExpert
 from adaptbank.core.heads import ClassificationHead, row_logits
 from adaptbank.core.inject import inject, iter_adapted, resolve_targets
@@ -110,10 +110,12 @@ class AdaptBankModel(nn.Module):
         owns = shared_group is not None and shared_group not in self.shared_groups
         if shared_group is not None and not owns:
             self._check_group_fits(shared_group, method, paths)
+        feedforward = self._feedforward_paths(method, paths)
         layers = inject(self.backbone, paths, self.state)
         try:
-            for layer in layers.values():
-                layer.add_expert(name, method, shared_group=shared_group).train(self.training)  # the model's mode
+            for path, layer in layers.items():
+                layer.add_expert(name, method, shared_group=shared_group,  # type: ignore[arg-type]
+                                 feedforward=path in feedforward).train(self.training)  # the model's mode
         except Exception:
             for layer in layers.values():
                 if name in layer.experts:
@@ -141,6 +143,13 @@ class AdaptBankModel(nn.Module):
                 raise ValueError(f"targets {method.targets!r} select only layers below {self.reserved_layers}, which "
                                  "are reserved for the router's features")
         return paths
+
+    def _feedforward_paths(self, method: MethodConfig, paths: Sequence[str]) -> set[str]:
+        """Of ``paths``, those an (IA)^3 expert scales on their input (``IA3Config.feedforward``; peft's
+        ``feedforward_modules``); empty for every other method."""
+        if not isinstance(method, IA3Config):
+            return set()
+        return set(resolve_targets(self.backbone, method.feedforward)) & set(paths)
 
     def _layer_paths(self) -> list[str]:
         """Paths of the transformer layers, in order."""
@@ -368,12 +377,13 @@ class AdaptBankModel(nn.Module):
 
     # ----------------------------------------------------------------------------- merge
     def merge(self, name: str) -> None:
-        """Fold LoRA task ``name`` into the base weights: inference then costs what the base costs."""
+        """Fold task ``name`` (LoRA, BitFit or (IA)^3) into the base weights and biases: inference then
+        costs what the base costs. See ``AdaptedLinear.merge`` for each kind's rule."""
         info = self._info(name)
         if self.merged is not None:
             raise RuntimeError(f"task {self.merged!r} is already merged; unmerge() before merging {name!r}")
-        if not isinstance(info.method, LoRAConfig):
-            raise TypeError(f"only LoRA tasks can be merged; {name!r} uses {info.method.kind!r}")
+        if not isinstance(info.method, (LoRAConfig, BitFitConfig, IA3Config)):
+            raise TypeError(f"only LoRA, bitfit and ia3 tasks can be merged; {name!r} uses {info.method.kind!r}")
         if self.state.mixing:
             raise RuntimeError("cannot merge while gates mix several experts per example; route one task first")
         done: list[AdaptedLinear] = []
