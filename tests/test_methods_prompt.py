@@ -227,7 +227,7 @@ def test_errors_name_the_bad_value_and_what_is_allowed(batch):
     model.state.tokens()
     with pytest.raises(ValueError, match="token-level gates cannot apply prompt/prefix tasks"):
         model.features(ids, mask)
-    with pytest.raises(TypeError, match="only LoRA tasks can be merged; 'prompt' uses 'prompt'"):
+    with pytest.raises(TypeError, match="only LoRA, bitfit and ia3 tasks can be merged; 'prompt' uses 'prompt'"):
         model.merge("prompt")
     with pytest.raises(ValueError, match="--share-a works with LoRA only, not 'prefix'"):
         model.add_task("s", METHODS["prefix"], LABELS, shared_group="g")

@@ -16,8 +16,8 @@ from adaptbank.cli.errors import friendly
 from adaptbank.cli.options import ADAPTER_WIDTHS, also_note, config_option, given, lock_timeout_option
 from adaptbank.cli.output import emit, human, pct
 from adaptbank.core.config import (
-    TARGET_PRESETS,
     METHOD_KINDS,
+    TARGET_PRESETS,
     AdapterConfig,
     BitFitConfig,
     IA3Config,

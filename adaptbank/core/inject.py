@@ -17,9 +17,10 @@ from collections.abc import Iterator
 from torch import nn
 
 from adaptbank.core.adapted import AdaptedLinear, is_adaptable
+from adaptbank.core.config import IA3Config, MethodConfig
 from adaptbank.routing.state import RoutingState
 
-__all__ = ["PRESET_ROLES", "FAMILY_ROLES", "resolve_targets", "inject", "iter_adapted", "family_of"]
+__all__ = ["PRESET_ROLES", "FAMILY_ROLES", "resolve_targets", "inject", "add_experts", "iter_adapted", "family_of"]
 
 PRESET_ROLES: dict[str, tuple[str, ...]] = {
     "qv": ("q", "v"),
@@ -144,3 +145,23 @@ def iter_adapted(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
     for name, module in model.named_modules():
         if isinstance(module, AdaptedLinear):
             yield name, module
+
+
+def add_experts(model: nn.Module, paths: list[str], state: RoutingState, name: str, method: MethodConfig, *,
+                shared_group: str | None = None, training: bool = False) -> dict[str, AdaptedLinear]:
+    """Wrap ``paths`` (see :func:`inject`) and give each wrapped layer task ``name``'s expert of
+    ``method``, in train mode when ``training``. An (IA)^3 expert scales its layer's input where the path
+    is also one of ``method.feedforward`` (peft's ``feedforward_modules``), its output elsewhere. On any
+    error the experts added so far are removed again."""
+    feedforward = set(resolve_targets(model, method.feedforward)) & set(paths) if isinstance(method, IA3Config) else set()
+    layers = inject(model, paths, state)
+    try:
+        for path, layer in layers.items():
+            layer.add_expert(name, method, shared_group=shared_group,  # type: ignore[arg-type]
+                             feedforward=path in feedforward).train(training)
+    except Exception:
+        for layer in layers.values():
+            if name in layer.experts:
+                layer.remove_expert(name)
+        raise
+    return layers

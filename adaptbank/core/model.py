@@ -34,7 +34,7 @@ from adaptbank.core.backbone import Backbone, fingerprint
 from adaptbank.core.config import BitFitConfig, IA3Config, LoRAConfig, MethodConfig, validate_name
 from adaptbank.core.experts import LoRAExpert
 from adaptbank.core.heads import ClassificationHead, row_logits
-from adaptbank.core.inject import inject, iter_adapted, resolve_targets
+from adaptbank.core.inject import add_experts, inject, iter_adapted, resolve_targets
 from adaptbank.core.pooling import pool
 from adaptbank.core.prompts import check_positions
 from adaptbank.core.records import ModelOutput, TaskInfo, load_checked, share_frozen
@@ -110,17 +110,7 @@ class AdaptBankModel(nn.Module):
         owns = shared_group is not None and shared_group not in self.shared_groups
         if shared_group is not None and not owns:
             self._check_group_fits(shared_group, method, paths)
-        feedforward = self._feedforward_paths(method, paths)
-        layers = inject(self.backbone, paths, self.state)
-        try:
-            for path, layer in layers.items():
-                layer.add_expert(name, method, shared_group=shared_group,  # type: ignore[arg-type]
-                                 feedforward=path in feedforward).train(self.training)  # the model's mode
-        except Exception:
-            for layer in layers.values():
-                if name in layer.experts:
-                    layer.remove_expert(name)
-            raise
+        add_experts(self.backbone, paths, self.state, name, method, shared_group=shared_group, training=self.training)
         if shared_group is not None:
             self.shared_groups.setdefault(shared_group, tuple(paths))
         return self._register(TaskInfo(name, method, tuple(labels), tuple(paths), shared_group, owns), head_dropout)
@@ -143,13 +133,6 @@ class AdaptBankModel(nn.Module):
                 raise ValueError(f"targets {method.targets!r} select only layers below {self.reserved_layers}, which "
                                  "are reserved for the router's features")
         return paths
-
-    def _feedforward_paths(self, method: MethodConfig, paths: Sequence[str]) -> set[str]:
-        """Of ``paths``, those an (IA)^3 expert scales on their input (``IA3Config.feedforward``; peft's
-        ``feedforward_modules``); empty for every other method."""
-        if not isinstance(method, IA3Config):
-            return set()
-        return set(resolve_targets(self.backbone, method.feedforward)) & set(paths)
 
     def _layer_paths(self) -> list[str]:
         """Paths of the transformer layers, in order."""
