@@ -41,8 +41,8 @@ except ImportError:  # pragma: no cover - transformers always ships it today
 
 
 def is_adaptable(module: nn.Module) -> bool:
-    """True for the layer types an expert can wrap: ``nn.Linear`` and GPT-2's ``Conv1D``."""
-    return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
+    """True for the layer types an expert can wrap: ``nn.Linear``, GPT-2's ``Conv1D``, a quantised linear."""
+    return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D)) or _is_quantized(module)
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
@@ -51,7 +51,16 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
         return module.in_features, module.out_features
     if bool(Conv1D) and isinstance(module, Conv1D):
         return module.weight.shape[0], module.weight.shape[1]
+    if _is_quantized(module):
+        return module.in_features, module.out_features
     raise TypeError(f"can only adapt nn.Linear or Conv1D, got {type(module).__name__}")
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    """A weight-only quantised linear (``core.quantize.QuantizedLinear``, which sits above this module, so
+    it is recognised by its methods): computes ``x W^T + b`` with ``W = dequantized_weight()`` ``(O, I)``,
+    and merges a delta by ``requantized(delta)``, a new layer (see ``_merge_weight``)."""
+    return callable(getattr(module, "dequantized_weight", None)) and callable(getattr(module, "requantized", None))
 
 
 class AdaptedLinear(nn.Module):
@@ -68,8 +77,9 @@ class AdaptedLinear(nn.Module):
         self.shared_A = nn.ParameterDict()
         self.state = state  # a plain object: not registered as a submodule
         self.merged: str | None = None
-        self._unmerged: nn.Parameter | None = None
-        """The base weight as it was before ``merge`` (the merged weight is a new tensor)."""
+        self._unmerged: nn.Parameter | nn.Module | None = None
+        """The base weight as it was before ``merge`` (the merged weight is a new tensor); for a quantised
+        base the whole layer."""
         self.token_gate: nn.Linear | None = None
         """Token-level router gate ``(E, I)`` over the model's expert order (see ``routing.token``)."""
         self.gate_probs: Tensor | None = None
@@ -201,7 +211,10 @@ class AdaptedLinear(nn.Module):
         """Put the original base weight back (exactly); a no-op when nothing is merged."""
         if self.merged is None:
             return
-        self.base.weight = self._unmerged
+        if isinstance(self._unmerged, nn.Module):  # a quantised base (see _merge_weight)
+            self.base = self._unmerged
+        else:
+            self.base.weight = self._unmerged
         self._unmerged, self.merged = None, None
 
     def _merge_weight(self, name: str) -> None:
@@ -209,6 +222,9 @@ class AdaptedLinear(nn.Module):
         if not isinstance(expert, LoRAExpert):
             raise TypeError(f"only LoRA experts can be merged; {name!r} is {type(expert).__name__}")
         delta = expert.delta_weight()  # (O, I) fp32
+        if _is_quantized(self.base):  # dequantise, add, re-quantise: a new layer; the old one kept aside whole
+            self._unmerged, self.base = self.base, self.base.requantized(delta)
+            return
         W = self.base.weight
         if not isinstance(self.base, nn.Linear):
             delta = delta.T  # Conv1D stores (I, O)
