@@ -123,7 +123,8 @@ class QuantizedLinear(nn.Module):
         out_features, in_features = weight.shape
         W = weight.detach().float().contiguous()  # (O, I)
         if kind == "nf4":
-            flat = F.pad(W.reshape(-1), (0, W.numel() % 2))  # (N,) padded to even: bitsandbytes compiles odd N
+            # (N,) padded to even length: bitsandbytes sends an odd N to a torch.compile path, compiled per shape
+            flat = F.pad(W.reshape(-1), (0, W.numel() % 2))
             codes, state = bnbf.quantize_4bit(flat, blocksize=NF4_BLOCK, quant_type="nf4", compress_statistics=True)
             tensors = {"codes": codes,  # (ceil(N/2), 1) uint8: two 4-bit codes a byte
                        "absmax": state.absmax,  # (G,) uint8: the blocks' absmax, double-quantised
