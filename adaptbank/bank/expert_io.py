@@ -15,7 +15,9 @@ that is not the expected JSON object, a file that is a symlink out of the folder
 files whose header fails :func:`adaptbank._tensorfile.check_safetensors` (forged sizes, header
 bombs, unexpected dtypes or keys), all before a tensor is read.  It then checks every tensor's
 shape against the model (an error names the layer and both shapes) and, unless
-``check_base=False``, that the base model's fingerprint matches the one the expert was trained on.
+``check_base=False``, that the base model's fingerprint matches the one the expert was trained on
+(a weight-only quantised base, see :mod:`adaptbank.core.quantize`, has another fingerprint than its
+full-precision original, and the error says which quantisation each side has).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from adaptbank._tensorfile import check_safetensors
 from adaptbank._version import __version__
 from adaptbank.core.config import method_from_dict
 from adaptbank.core.model import AdaptBankModel, TaskInfo
+from adaptbank.core.quantize import quantization_of
 
 __all__ = ["save_expert", "load_expert"]
 
@@ -53,7 +56,8 @@ def _write_files(model: AdaptBankModel, name: str, folder: Path) -> None:
         atomic_write_bytes(folder / f"{stem}.safetensors", blob, sync_dir=False)
     config: dict[str, Any] = {"adaptbank_version": __version__, "task": name, "method": info.method.to_dict(),
                               "labels": list(info.labels), "shared_group": info.shared_group,
-                              "base": {"name": model.backbone_name, "fingerprint": model.base_fingerprint()}}
+                              "base": {"name": model.backbone_name, "fingerprint": model.base_fingerprint(),
+                                       "quantize": quantization_of(model.backbone)}}
     atomic_write_bytes(folder / _CONFIG, json.dumps(config, indent=2).encode(), sync_dir=False)
     fsync_dir(folder)
 
@@ -122,6 +126,10 @@ def _tensor_file(src: Path, stem: str) -> Path:
     return path
 
 
+def _held(kind: object) -> str:
+    return f"{kind!s:.20}-quantised" if kind else "full-precision (not quantised)"
+
+
 def load_expert(model: AdaptBankModel, directory: str | Path, *, name: str | None = None,
                 check_base: bool = True) -> TaskInfo:
     """Add the expert saved in ``directory`` to ``model`` as task ``name`` (default: its saved name)."""
@@ -131,8 +139,10 @@ def load_expert(model: AdaptBankModel, directory: str | Path, *, name: str | Non
     config = _read_config(src)
     base = config.get("base", {})
     if check_base and base.get("fingerprint") not in (None, model.base_fingerprint()):
+        theirs, ours = base.get("quantize"), quantization_of(model.backbone)
+        quant = f"; the expert was trained on a {_held(theirs)} base, this model's is {_held(ours)}" if theirs != ours else ""
         raise ValueError(f"{src} was trained on base {base.get('name')!r} (fingerprint {base.get('fingerprint')}), "
-                         f"not on this model's base (fingerprint {model.base_fingerprint()}); pass "
+                         f"not on this model's base (fingerprint {model.base_fingerprint()}){quant}; pass "
                          "check_base=False to load it anyway")
     group = config.get("shared_group")
     stems = ["adapter", "head"] + (["shared_A"] if group and group not in model.shared_groups else [])

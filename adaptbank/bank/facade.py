@@ -30,6 +30,7 @@ from adaptbank.bank.trust import allow_base, base_to_load, canonical
 from adaptbank.core.backbone import DEFAULT_ALIASES, DEFAULT_BACKBONE, Backbone, load_backbone
 from adaptbank.core.config import LoRAConfig, MethodConfig, RouterConfig, TrainConfig, method_from_dict
 from adaptbank.core.model import AdaptBankModel, share_frozen
+from adaptbank.core.quantize import quantize_loaded
 from adaptbank.data.load import TaskData, load_task
 from adaptbank.data.specs import TaskSpec, load_task_spec, validate_task_name
 from adaptbank.data.tokens import tokenize
@@ -73,13 +74,13 @@ class AdapterBank:
 
     # ----------------------------------------------------------------------------- open / init
     @classmethod
-    def init(cls, path: str | Path, *, base: str = DEFAULT_BACKBONE, router: RouterConfig | None = None) -> AdapterBank:
+    def init(cls, path: str | Path, *, base: str = DEFAULT_BACKBONE, router: RouterConfig | None = None, quantize: str | None = None) -> AdapterBank:
         """Create an empty bank for backbone ``base`` (a path, a .gguf file or the bundled default).
 
-        ``router.layers`` L: the router reads the embeddings and layers 0..L-1, which therefore
-        hold no experts (see ``routing.lda``); the rest of ``router`` sets its defaults."""
+        ``router.layers`` L: the router reads the embeddings and layers 0..L-1, which therefore hold no experts
+        (see ``routing.lda``); ``router`` sets the rest. ``quantize`` (nf4, int8): see ``core.quantize``."""
         router = router or RouterConfig()
-        backbone = load_backbone(base)
+        backbone = quantize_loaded(load_backbone(base), quantize)
         model = AdaptBankModel(backbone)
         n_layers = len(layer_list(model.encoder))
         if not router.layers < n_layers:
@@ -88,7 +89,7 @@ class AdapterBank:
         cfg = backbone.model.config
         info = {"name": base, "fingerprint": model.base_fingerprint(), "model_type": cfg.model_type,
                 "hidden_size": model.hidden_size, "layers": n_layers, "router_layers": router.layers,
-                "router": router.to_dict()}
+                "router": router.to_dict(), "quantize": quantize}
         if base not in DEFAULT_ALIASES:  # informational: trust.base_to_load trusts only the user's own records
             info |= {"path": canonical(base), "allowed_by": "init"}
         bank = cls(BankStore.create(path, base=info))
@@ -129,13 +130,13 @@ class AdapterBank:
         gets its own module tree sharing the frozen weights (``core.records.share_frozen``), so experts,
         heads, routers and merges of one model never show in another. It comes in eval mode."""
         if self._base is None:  # the manifest's base is loaded only if the user allows it (bank.trust)
-            backbone = load_backbone(base_to_load(self.base, self.path))
+            backbone = quantize_loaded(load_backbone(base_to_load(self.base, self.path)), kind := self.base.get("quantize"))
             backbone.name = self.base["name"]
             found = AdaptBankModel(backbone).base_fingerprint()
             if found != self.base["fingerprint"]:
-                raise BankError(f"{self.path}: the bank was made for base {self.base['name']!r} with fingerprint "
-                                f"{self.base['fingerprint']}, but the backbone loaded now has fingerprint "
-                                f"{found}; refusing to mix experts of another base model")
+                raise BankError(f"{self.path}: the bank was made for base {self.base['name']!r} (quantised: {kind or 'no'}) with "
+                                f"fingerprint {self.base['fingerprint']}, but the backbone loaded now has fingerprint {found}; "
+                                "refusing to mix experts of another base model")
             self._base, self._fingerprint = backbone, found
         b = self._base
         model = AdaptBankModel(Backbone(name=b.name, model=share_frozen(b.model), tokenizer=b.tokenizer, path=b.path),

@@ -46,14 +46,18 @@ _BANK = click.argument("bank", type=click.Path(file_okay=False))
 @config_option(RouterConfig, "temperature")
 @config_option(RouterConfig, "shrinkage", "--router-shrinkage")
 @config_option(RouterConfig, "share_distance")
+@click.option("--quantize", default=None, metavar="nf4|int8", help="Hold the base's frozen linear layers "
+              "weight-only quantised (QLoRA-style nf4, or int8); experts train in full precision on top. "
+              "Needs bitsandbytes (pip install 'adaptbank[quantize]').")
 @_friendly
-def init(bank: str, base: str | None, **router: Any) -> None:
+def init(bank: str, base: str | None, quantize: str | None, **router: Any) -> None:
     """Create an empty bank BANK for one frozen base model, with its router settings."""
     from adaptbank.bank.facade import AdapterBank
     from adaptbank.core.backbone import DEFAULT_BACKBONE
 
-    b = AdapterBank.init(bank, base=base or DEFAULT_BACKBONE, router=RouterConfig(**given(**router)))
-    click.echo(f"created bank {b.path} for base {b.base['name']} (fingerprint {b.base['fingerprint'][:12]})")
+    b = AdapterBank.init(bank, base=base or DEFAULT_BACKBONE, router=RouterConfig(**given(**router)), quantize=quantize)
+    held = f", {quantize}-quantised" if quantize else ""
+    click.echo(f"created bank {b.path} for base {b.base['name']} (fingerprint {b.base['fingerprint'][:12]}{held})")
 
 
 def _method_config(method: str, targets: str | None, rank: int | None, *, prompt: dict[str, Any],

@@ -59,8 +59,8 @@ except ImportError:  # pragma: no cover - transformers always ships it today
 
 
 def is_adaptable(module: nn.Module) -> bool:
-    """True for the layer types an expert can wrap: ``nn.Linear`` and GPT-2's ``Conv1D``."""
-    return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
+    """True for the layer types an expert can wrap: ``nn.Linear``, GPT-2's ``Conv1D``, a quantised linear."""
+    return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D)) or _is_quantized(module)
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
@@ -69,7 +69,16 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
         return module.in_features, module.out_features
     if bool(Conv1D) and isinstance(module, Conv1D):
         return module.weight.shape[0], module.weight.shape[1]
+    if _is_quantized(module):
+        return module.in_features, module.out_features
     raise TypeError(f"can only adapt nn.Linear or Conv1D, got {type(module).__name__}")
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    """A weight-only quantised linear (``core.quantize.QuantizedLinear``, which sits above this module, so
+    it is recognised by its methods): computes ``x W^T + b`` with ``W = dequantized_weight()`` ``(O, I)``,
+    and merges a delta by ``requantized(delta)``, a new layer (see ``_merge_weight``)."""
+    return callable(getattr(module, "dequantized_weight", None)) and callable(getattr(module, "requantized", None))
 
 
 class AdaptedLinear(nn.Module):
@@ -86,8 +95,9 @@ class AdaptedLinear(nn.Module):
         self.shared_A = nn.ParameterDict()
         self.state = state  # a plain object: not registered as a submodule
         self.merged: str | None = None
-        self._unmerged: tuple[nn.Parameter, nn.Parameter | None] | None = None
-        """The base weight and bias objects as they were before ``merge`` (merged ones are new tensors)."""
+        self._unmerged: tuple[nn.Parameter, nn.Parameter | None] | nn.Module | None = None
+        """The base weight and bias objects as they were before ``merge`` (merged ones are new tensors);
+        for a quantised base the whole layer."""
         self.token_gate: nn.Linear | None = None
         """Token-level router gate ``(E, I)`` over the model's expert order (see ``routing.token``)."""
         self.gate_probs: Tensor | None = None
@@ -229,11 +239,24 @@ class AdaptedLinear(nn.Module):
         """Put the original base weight and bias objects back (exactly); a no-op when nothing is merged."""
         if self.merged is None:
             return
-        self.base.weight, self.base.bias = self._unmerged  # type: ignore[misc]
+        if isinstance(self._unmerged, nn.Module):  # a quantised base (see _merge_weight)
+            self.base = self._unmerged
+        else:
+            self.base.weight, self.base.bias = self._unmerged  # type: ignore[misc]
         self._unmerged, self.merged = None, None
 
     def _merge_weight(self, name: str) -> None:
         expert: Expert = self.experts[name]  # type: ignore[assignment]
+        if _is_quantized(self.base):  # dequantise, merge, re-quantise: a new layer; the old one kept aside whole
+            W = self.base.dequantized_weight()  # (O, I)
+            with torch.no_grad():
+                weight, bias = expert.merged(W, self.base.bias, transposed=False)
+                delta = torch.zeros_like(W, dtype=torch.float32) if weight is None else weight.float() - W.float()
+            merged = self.base.requantized(delta)
+            if bias is not None:
+                merged.bias = nn.Parameter(bias.to(W.dtype), requires_grad=False)
+            self._unmerged, self.base = self.base, merged
+            return
         W, b = self.base.weight, self.base.bias
         with torch.no_grad():  # Conv1D stores (I, O)
             weight, bias = expert.merged(W, b, transposed=not isinstance(self.base, nn.Linear))
