@@ -284,3 +284,31 @@ def test_bank_trains_stores_and_loads_each_kind(method, tiny_bert_dir, tmp_path)
     fresh.finalize("weather")
     start = fresh.export_task("weather")["adapter"]
     assert all(not torch.equal(start[k], v) for k, v in stored.items())  # the expert itself trained
+
+
+@pytest.mark.parametrize("family", PREFIX_FAMILIES)
+def test_a_batch_of_eight_methods_equals_the_single_task_runs(family):
+    """Issue 11, item 8: one batched forward over rows of every expert kind (LoRA, serial and parallel
+    adapters, BitFit, (IA)^3, prompt, prefix, P-tuning v2) equals, row by row, each task run alone."""
+    from adaptbank.core.config import AdapterConfig, BitFitConfig, IA3Config, ParallelAdapterConfig
+
+    kinds = {**METHODS, "l": LoRAConfig(rank=2, dropout=0.0, targets="qv"), "ad": AdapterConfig(bottleneck=4),
+             "pa": ParallelAdapterConfig(bottleneck=4), "bf": BitFitConfig(), "ia": IA3Config()}
+    model = model_with(family, kinds)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():  # every linear kind starts at identity: move them all off it
+        for name in ("l", "ad", "pa", "bf", "ia"):
+            for p in model.expert_parameters(name):
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    tasks = ["prompt", "l", "ad", "pa", "bf", "ia", "prefix", "ptuning-v2"]
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(1, 120, (len(tasks), 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    mask[6, 3:] = 0
+    mixed = model(ids, mask, task_ids=tasks).pooled  # (B, D): one forward
+    base = run(model, ids, mask, None)
+    for i, t in enumerate(tasks):
+        alone = run(model, ids, mask, t)[i]
+        torch.testing.assert_close(mixed[i], alone, atol=1e-5, rtol=0)
+        assert (alone - base[i]).abs().max() > 1e-4, f"task {t!r} has no effect, so the test would prove nothing"
