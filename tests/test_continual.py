@@ -307,3 +307,22 @@ def test_cli_run_then_report(tiny_bert_dir, tmp_path: Path) -> None:
     assert html.exit_code == 0 and page.read_text().startswith("<!DOCTYPE html>")
     missing = runner.invoke(report, [str(tmp_path / "nope")])
     assert missing.exit_code == 1 and "no such file" in missing.output and "Traceback" not in missing.output
+
+
+@pytest.mark.parametrize("kind", ["ia3", "prompt"])
+def test_bank_run_with_another_method_kind(tiny_bert_dir, tmp_path: Path, kind: str) -> None:
+    """A run spec's [method] kind selects any expert kind; the bank strategy trains, routes and scores it."""
+    spec = tmp_path / "k.toml"
+    extra = "prompt_length = 3\n" if kind == "prompt" else ""
+    spec.write_text(f'[run]\nname = "k"\nbackbone = "{tiny_bert_dir}"\ntasks = ["weather", "topic"]\n'
+                    f'strategy = "bank"\n[method]\nkind = "{kind}"\n{extra}[train]\nepochs = 1\nmax_length = 16\n'
+                    'max_train = 24\nmax_test = 12\n')
+    out = tmp_path / "out"
+    result = CliRunner().invoke(run, [str(spec), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    stored = load_run(out)
+    assert stored["config"]["method"]["kind"] == kind and stored["finished"]
+    for mode in ("oracle", "routed"):  # the bank of this kind was evaluated after each task, with and without ids
+        assert stored[mode], f"no {mode} results"
+    bank_cfg = json.loads(next((out / "bank").rglob("config.json")).read_text())
+    assert bank_cfg["method"]["kind"] == kind
