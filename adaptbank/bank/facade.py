@@ -199,7 +199,7 @@ class AdapterBank:
         if name in self.tasks() and not replace:
             raise TaskExistsError(f"task {name!r} already exists in bank {self.path}; pass --replace to retrain it")
         if replace:
-            router_memory.precheck(self.store, name, dim=self._router_dim, doing="replacing", allow_drift=allow_router_drift)
+            router_memory.precheck(self.store, name, doing="replacing", allow_drift=allow_router_drift)
         if parent is not None and parent not in self.tasks():
             raise KeyError(f"parent task {parent!r} is not in bank {self.path}")
         if share_a is not None and not isinstance(method, LoRAConfig):
@@ -286,7 +286,7 @@ class AdapterBank:
         """Delete task ``name`` (and its shared group when it was the last member); the router drops
         its output and its scatter in the same commit. An old bank's task (no stored scatter) is refused
         unless ``allow_router_drift`` (see ``bank.router_memory``)."""
-        router_memory.precheck(self.store, name, dim=self._router_dim, doing="removing", allow_drift=allow_router_drift)
+        router_memory.precheck(self.store, name, doing="removing", allow_drift=allow_router_drift)
         self.store.remove_task(name, router=self._router_update(drop=name, allow_drift=allow_router_drift))
 
     # ----------------------------------------------------------------------------- router
@@ -296,7 +296,7 @@ class AdapterBank:
 
     def _router_update(self, **change: Any) -> Any:
         """A store callback: the router statistics with ``change`` (see ``router_memory.router_update``)."""
-        return router_memory.router_update(self.store, dim=self._router_dim, layers=self.router_layers,
+        return router_memory.router_update(self.store, dim=lambda: self._router_dim, layers=self.router_layers,
                                            shrinkage=self.router_config.shrinkage, **change)
 
     def fit_router(self) -> list[str]:

@@ -111,23 +111,24 @@ def check_exact_removal(where: object, stats: RouterStats, name: str, scatter: T
     return True
 
 
-def precheck(store: BankStore, name: str, *, dim: int, doing: str, allow_drift: bool) -> None:
+def precheck(store: BankStore, name: str, *, doing: str, allow_drift: bool) -> None:
     """:func:`check_exact_removal` on the committed bank, before any work (it is checked again at commit)."""
-    if name in store.tasks():
+    current = store.read_router()
+    if current is not None and name in store.tasks() and "memory" in store.stems(name):
         old = memory_stats(store.read_tensors(name, "memory"))[2]
-        check_exact_removal(store.path, stats_from(store.read_router(), dim), name, old, doing=doing,
-                            allow_drift=allow_drift)
+        check_exact_removal(store.path, stats_from(current, 0), name, old, doing=doing, allow_drift=allow_drift)
 
 
-def router_update(store: BankStore, *, dim: int, layers: int, shrinkage: float,
+def router_update(store: BankStore, *, dim: Callable[[], int], layers: int, shrinkage: float,
                   add: tuple[str, TaskStats] | None = None, drop: str | None = None,
                   allow_drift: bool = False) -> Callable[..., tuple[dict, dict, list[str]]]:
     """A store callback (``store.RouterUpdate``): the stored statistics plus task ``add`` (replacing the
     same name's old version in its place) or minus ``drop``, each removal subtracting the task's own
-    stored scatter (read as committed before the change), then the router refitted."""
+    stored scatter (read as committed before the change), then the router refitted. ``dim()``: the
+    feature width F, asked for only when the bank has no router yet."""
 
     def update(current: Any, tasks: list[str], previous: Callable[[str, str], dict[str, Tensor]]) -> Any:
-        stats = stats_from(current, dim)
+        stats = stats_from(current, dim() if current is None else 0)
 
         def old_share(name: str, doing: str) -> tuple[Tensor | None, bool]:
             old = memory_stats(previous(name, "memory"))[2]
