@@ -112,9 +112,10 @@ def check_exact_removal(where: object, stats: RouterStats, name: str, scatter: T
 
 
 def precheck(store: BankStore, name: str, *, doing: str, allow_drift: bool) -> None:
-    """:func:`check_exact_removal` on the committed bank, before any work (it is checked again at commit)."""
+    """:func:`check_exact_removal` on the committed bank, before any work: a refusal comes before training
+    (it is checked again, and any warning given, at commit)."""
     current = store.read_router()
-    if current is not None and name in store.tasks() and "memory" in store.stems(name):
+    if not allow_drift and current is not None and name in store.tasks() and "memory" in store.stems(name):
         old = memory_stats(store.read_tensors(name, "memory"))[2]
         check_exact_removal(store.path, stats_from(current, 0), name, old, doing=doing, allow_drift=allow_drift)
 
