@@ -126,6 +126,7 @@ def build(args: argparse.Namespace, bank_dir: Path, work: Path) -> tuple[dict, l
 
     from adaptbank import LoRAConfig, TrainConfig, __version__
     from adaptbank.bank.facade import AdapterBank
+    from adaptbank.bank.router_memory import task_memory
 
     if args.base == "tiny":
         sys.path.insert(0, str(REPO / "tests"))
@@ -144,6 +145,7 @@ def build(args: argparse.Namespace, bank_dir: Path, work: Path) -> tuple[dict, l
     template = model.export_task("template")
     model.remove_task("template")
     dim = (bank.router_layers + 1) * model.hidden_size
+    memory = task_memory(torch.randn(1000, dim, generator=torch.Generator().manual_seed(1)))
     shapes = {part: {k: list(v.shape) for k, v in t.items()} for part, t in template.items()}
     names = [f"task{i:04d}" for i in range(args.tasks)]
     g = torch.Generator().manual_seed(0)
@@ -151,7 +153,8 @@ def build(args: argparse.Namespace, bank_dir: Path, work: Path) -> tuple[dict, l
     for i, name in enumerate(names):
         files = {part: {k: torch.randn(v.shape, generator=g) * 0.02 for k, v in t.items()}
                  for part, t in template.items()}
-        files["memory"] = {"mean": torch.randn(dim, generator=g), "count": torch.tensor([1000])}
+        files["memory"] = {key: torch.randn(v.shape, generator=g, dtype=v.dtype) if v.is_floating_point() else v
+                           for key, v in memory.items()}  # mean and packed scatter factor of 1000 examples
         config = {"adaptbank_version": __version__, "name": name, "type": "classification", "method": method.to_dict(),
                   "spec": {"name": name, "type": "classification", "train": f"data/{name}/train.jsonl",
                            "test": f"data/{name}/test.jsonl", "text_field": "text", "label_field": "label",

@@ -2,7 +2,8 @@
 
 ``store`` (torch-free: atomic transactions, locking, reads), ``manifest`` (its schema, validation and
 errors), ``files`` (checksummed reads, durable writes) and ``maintenance`` (verify, repair) know nothing
-of models; ``facade.AdapterBank`` trains tasks and stores them; ``expert_io`` and
+of models; ``facade.AdapterBank`` trains tasks and stores them; ``router_memory`` keeps each task's
+exact share of the router (added and subtracted on add / replace / remove); ``expert_io`` and
 ``graph`` are the edges (portable expert folders, the lineage/similarity graph).
 
 ``AdapterBank`` and ``BankError`` load lazily, so ``adaptbank.bank.store`` imports without torch.

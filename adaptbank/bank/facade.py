@@ -7,8 +7,9 @@ test split and commits everything in one atomic step; a failure at any point (ba
 Ctrl-C, a full disk) leaves the bank as it was.
 
 Per task the bank stores ``adapter.safetensors`` (the expert, keys free of the task name),
-``head.safetensors``, ``memory.safetensors`` (the task's mean router feature and example count: its
-bounded share of the router's memory; the pooled covariance lives with the router)
+``head.safetensors``, ``memory.safetensors`` (the task's mean router feature, example count and packed
+within-task scatter factor: its bounded share of the router's memory, see ``bank.router_memory``; the
+pooled covariance lives with the router)
 and ``config.json`` (method, task spec, labels, lineage, creation time, training settings, metrics).
 The shared A of a shared-A / task-B LoRA group is stored once under ``shared/``.
 """
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 from adaptbank._version import __version__
+from adaptbank.bank import router_memory
 from adaptbank.bank.store import DEFAULT_LOCK_TIMEOUT, BankError, BankStore, Problem, TaskExistsError
 from adaptbank.bank.trust import allow_base, base_to_load, canonical
 from adaptbank.core.backbone import DEFAULT_ALIASES, DEFAULT_BACKBONE, Backbone, load_backbone
@@ -35,7 +37,7 @@ from adaptbank.data.load import TaskData, load_task
 from adaptbank.data.specs import TaskSpec, load_task_spec, validate_task_name
 from adaptbank.data.tokens import tokenize
 from adaptbank.metrics import confusion_table, expert_usage, gate_entropy
-from adaptbank.routing.lda import LDARouter, RouterStats, shrunk_covariance
+from adaptbank.routing.lda import LDARouter, shrunk_covariance
 from adaptbank.routing.predict import predict, routed_hit
 from adaptbank.routing.taps import layer_list
 from adaptbank.routing.token import fit_token_router, load_token_gates, token_gate_tensors
@@ -180,13 +182,15 @@ class AdapterBank:
                  train: TrainConfig | None = None, *, name: str | None = None, share_a: str | None = None,
                  replace: bool = False, parent: str | None = None,
                  on_step: Callable[[int, float], None] | None = None,
-                 log: Callable[[str], None] | None = None, diagnose: int = 0) -> AddResult:
+                 log: Callable[[str], None] | None = None, diagnose: int = 0,
+                 allow_router_drift: bool = False) -> AddResult:
         """Train task ``spec``'s expert and head, evaluate on its test split, store both atomically.
 
         ``share_a`` puts a LoRA task in a shared-A group (``"auto"`` picks the most similar group or
         starts one). Everything is validated before training; on any failure the bank is unchanged.
         ``diagnose`` > 0: gradient diagnostics (``train_task``), stored in the config's ``metrics.diagnostics``.
-        """
+        Replacing an old bank's task (no stored scatter) is refused unless ``allow_router_drift`` (see
+        ``bank.router_memory``)."""
         say = log or (lambda _msg: None)
         method = method or LoRAConfig()
         train = train or TrainConfig()
@@ -194,6 +198,8 @@ class AdapterBank:
         name = validate_task_name(spec.name if name is None else name)
         if name in self.tasks() and not replace:
             raise TaskExistsError(f"task {name!r} already exists in bank {self.path}; pass --replace to retrain it")
+        if replace:
+            router_memory.precheck(self.store, name, doing="replacing", allow_drift=allow_router_drift)
         if parent is not None and parent not in self.tasks():
             raise KeyError(f"parent task {parent!r} is not in bank {self.path}")
         if share_a is not None and not isinstance(method, LoRAConfig):
@@ -203,8 +209,9 @@ class AdapterBank:
         model = self.new_model()  # the task trains alone: other experts would be frozen anyway
         train_ids = tokenize(model.tokenizer, [e.text for e in data.train], train.max_length)
         pooled, router_feats = frozen_pass(model, train_ids, router_layers=self.router_layers)  # (N, D), (N, F)
-        mean, scatter = RouterStats.task_stats(router_feats)  # (F,), (F, F)
-        group, reason = (self._choose_group(share_a, mean, scatter, len(data.train), method) if share_a
+        memory = router_memory.task_memory(router_feats)
+        mean, count, scatter = task_stats = router_memory.memory_stats(memory)  # (F,), N, (F, F)
+        group, reason = (self._choose_group(share_a, mean, scatter, count, method) if share_a
                          else (None, None))
         owns = group is not None and group not in self.store.manifest["shared"]
         if group is not None and not owns:
@@ -217,7 +224,7 @@ class AdapterBank:
         acc = evaluate(model, name, [e.text for e in data.test], [e.label for e in data.test],
                        max_length=train.max_length)
         files = model.export_task(name)
-        files["memory"] = {"mean": mean.float(), "count": torch.tensor([len(data.train)])}
+        files["memory"] = memory
         config = self._task_config(name, spec, method, train, data, group, owns, parent, reason, metrics={
             "test_accuracy": acc, "n_train": len(data.train), "n_test": len(data.test),
             "probe_accuracy": result.probe_accuracy, "train_seconds": result.seconds,
@@ -227,7 +234,7 @@ class AdapterBank:
             "final_loss": result.losses[-1] if result.losses else None, "diagnostics": result.diagnostics})
         shared_files = {"A": model.export_shared(group)} if owns and group else None
         self.store.write_task(name, files, config, shared=group, shared_files=shared_files, replace=replace,
-                              router=self._router_update(add=(name, mean, len(data.train), scatter)))
+                              router=self._router_update(add=(name, task_stats), allow_drift=allow_router_drift))
         self.store.reload()
         return AddResult(name=name, test_accuracy=acc, probe_accuracy=result.probe_accuracy,
                          trainable_params=config["metrics"]["trainable_params"],
@@ -254,7 +261,7 @@ class AdapterBank:
             if share_a in groups:
                 return share_a, f"joined the named group {share_a!r}"
             return share_a, f"started the named group {share_a!r}"
-        stats = self._stats_from(self.store.read_router(), self.router_layers)
+        stats = router_memory.stats_from(self.store.read_router(), self._router_dim)
         stats.add("\0new", mean, count, scatter)
         cov = shrunk_covariance(stats, self.router_config.shrinkage)  # (F, F)
         best, best_d = None, float("inf")
@@ -275,62 +282,28 @@ class AdapterBank:
                f"{self.router_config.share_distance}" if best is not None else f"started group {new!r}: no compatible group yet")
         return new, why
 
-    def remove(self, name: str) -> None:
+    def remove(self, name: str, *, allow_router_drift: bool = False) -> None:
         """Delete task ``name`` (and its shared group when it was the last member); the router drops
-        its output in the same commit."""
-        self.store.remove_task(name, router=self._router_update(drop=name))
+        its output and its scatter in the same commit. An old bank's task (no stored scatter) is refused
+        unless ``allow_router_drift`` (see ``bank.router_memory``)."""
+        router_memory.precheck(self.store, name, doing="removing", allow_drift=allow_router_drift)
+        self.store.remove_task(name, router=self._router_update(drop=name, allow_drift=allow_router_drift))
 
     # ----------------------------------------------------------------------------- router
-    def _router_update(self, *, add: tuple[str, torch.Tensor, int, torch.Tensor] | None = None,
-                       drop: str | None = None) -> Any:
-        """A store callback: the stored router statistics plus task ``add`` (or minus ``drop``), refit."""
-        layers = self.router_layers
+    @property
+    def _router_dim(self) -> int:
+        return (self.router_layers + 1) * int(self.base["hidden_size"])
 
-        def update(current: Any, tasks: list[str]) -> Any:
-            stats = self._stats_from(current, layers)
-            if drop is not None and drop in stats.names:
-                stats.remove(drop)
-            if add is not None:
-                name, mean, count, scatter = add
-                if name in stats.names:  # --replace: the new version takes the old one's place
-                    stats.remove(name)
-                stats.add(name, mean, count, scatter)
-            for name in [n for n in stats.names if n not in tasks]:
-                stats.remove(name)
-            return self._router_files(stats, layers)
-
-        return update
-
-    def _stats_from(self, current: Any, layers: int) -> RouterStats:
-        dim = (layers + 1) * int(self.base["hidden_size"])
-        if current is None:
-            return RouterStats(dim)
-        files, meta = current
-        return RouterStats.from_tensors(meta["expert_order"], files["stats"])
-
-    def _router_files(self, stats: RouterStats, layers: int) -> tuple[dict, dict, list[str]]:
-        files = {"stats": stats.to_tensors()}
-        shrinkage = self.router_config.shrinkage
-        if stats.names:
-            lda = LDARouter.fit(stats, layers=layers, shrinkage=shrinkage)
-            files["lda"] = {"weight": lda.weight.clone(), "bias": lda.bias.clone()}
-        meta = {"kind": "lda", "layers": layers, "shrinkage": shrinkage, "expert_order": list(stats.names),
-                "adaptbank_version": __version__}
-        return files, meta, list(stats.names)
+    def _router_update(self, **change: Any) -> Any:
+        """A store callback: the router statistics with ``change`` (see ``router_memory.router_update``)."""
+        return router_memory.router_update(self.store, dim=lambda: self._router_dim, layers=self.router_layers,
+                                           shrinkage=self.router_config.shrinkage, **change)
 
     def fit_router(self) -> list[str]:
-        """Refit the router from the bank's memory: the stored statistics, plus the mean of any task
-        they lack (such a task's scatter is unknown; the pooled covariance of the others stands in).
-        Returns the expert order."""
-        stored = self.store.read_router()
-        stats = self._stats_from(stored, self.router_layers)
-        for name in [n for n in stats.names if n not in self.tasks()]:
-            stats.remove(name)
-        for name in self.tasks():
-            if name not in stats.names:
-                memory = self.store.read_tensors(name, "memory")
-                stats.add(name, memory["mean"].double(), int(memory["count"][0]), None)
-        files, meta, order = self._router_files(stats, self.router_layers)
+        """Refit the router from the bank's memory (``router_memory.refit``: from scratch on the tasks'
+        stored means, counts and scatters when all hold one). Returns the expert order."""
+        files, meta, order = router_memory.refit(self.store, dim=self._router_dim, layers=self.router_layers,
+                                                 shrinkage=self.router_config.shrinkage)
         self.store.write_router(files, meta, order)
         return order
 

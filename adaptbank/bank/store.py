@@ -73,9 +73,10 @@ __all__ = [
     "RouterUpdate", "TaskExistsError", "TaskNotFoundError",
 ]
 
-RouterUpdate = Callable[[tuple[dict, dict[str, Any]] | None, list[str]], tuple[dict, dict[str, Any], list[str]] | None]
-"""Called under the bank lock with the stored router ``(files, meta)`` (or None) and the bank's task
-names after the change; returns the new ``(files, meta, expert_order)`` or None to leave it."""
+RouterUpdate = Callable[[tuple[dict, dict[str, Any]] | None, list[str], Callable[[str, str], "dict[str, torch.Tensor]"]],
+                        tuple[dict, dict[str, Any], list[str]] | None]
+"""Called under the lock with the stored router ``(files, meta)`` (or None), the task names after the change and
+``previous(task, stem)``, a task's tensors as committed before it; returns ``(files, meta, expert_order)`` or None."""
 _T = TypeVar("_T")
 DEFAULT_LOCK_TIMEOUT = 300.0
 """Seconds a writer waits for the bank lock by default: long enough for another add-task's commit, short
@@ -194,13 +195,12 @@ class BankStore:
         """``(files, meta)`` as given to :meth:`write_router`, or None when no router is stored."""
         if self._manifest["router"] is None:
             return None
+        return self._fresh(self._router, lambda e: self._load_router(e, check))
 
-        def read(e: dict[str, Any]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-            stems = [r[: -len(".safetensors")] for r in e["files"] if r.endswith(".safetensors")]
-            files = {s: self._files.load_tensors(e, s, check, "router") for s in stems}
-            return files, self._files.load_json(e, "router.json", check, "router")
-
-        return self._fresh(self._router, read)
+    def _load_router(self, e: dict[str, Any], check: Check) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+        stems = [r[: -len(".safetensors")] for r in e["files"] if r.endswith(".safetensors")]
+        files = {s: self._files.load_tensors(e, s, check, "router") for s in stems}
+        return files, self._files.load_json(e, "router.json", check, "router")
 
     def router_expert_order(self) -> list[str] | None:
         """Task names in the order the stored router's outputs refer to them."""
@@ -242,6 +242,7 @@ class BankStore:
 
         def apply(m: dict[str, Any], records: dict[str, dict[str, Any]]) -> list[str]:
             _check_task_write(m, self.path, name, shared, creating, replace)
+            before = list(m["tasks"])
             entry = {"name": name, "dir": tdir, "files": records[tdir], "shared": shared, "created": _now()}
             idx = next((i for i, t in enumerate(m["tasks"]) if t["name"] == name), None)
             doomed: list[str] = []
@@ -257,7 +258,7 @@ class BankStore:
                 m["shared"][shared] = {"dir": sdir, "files": records[sdir], "tasks": [name], "created": _now()}
             elif shared is not None and name not in m["shared"][shared]["tasks"]:
                 m["shared"][shared]["tasks"].append(name)
-            return doomed + self._apply_router(m, router, uid)
+            return doomed + self._apply_router(m, router, uid, before)
 
         new = {tdir: payload} | ({sdir: spayload} if spayload is not None else {})
         self._transaction(f"writing task {name!r}", uid, new, apply)
@@ -272,22 +273,23 @@ class BankStore:
             old = _find_task(m, name, self.path)
             m["tasks"].remove(old)
             doomed = [old["dir"]] + (_drop_member(m, old["shared"], name) if old["shared"] else [])
-            return doomed + self._apply_router(m, router, uid)
+            return doomed + self._apply_router(m, router, uid, [*m["tasks"], old])
 
         self._transaction(f"removing task {name!r}", uid, {}, apply)
 
-    def _apply_router(self, m: dict[str, Any], update: RouterUpdate | None, uid: str) -> list[str]:
-        """Under the lock: compute the new router from the current one and write it as ``router/<uid>``
-        into manifest ``m`` (not yet committed). Returns the superseded router dir."""
+    def _apply_router(self, m: dict[str, Any], update: RouterUpdate | None, uid: str,
+                      before: list[dict[str, Any]]) -> list[str]:
+        """Under the lock: compute the new router from the current one (``before``: the task entries before the
+        change) and write it as ``router/<uid>`` into manifest ``m`` (not committed). Returns the superseded dir."""
         if update is None:
             return []
-        current = None
-        if m["router"] is not None:
-            e = m["router"]
-            stems = [r[: -len(".safetensors")] for r in e["files"] if r.endswith(".safetensors")]
-            current = ({st: self._files.load_tensors(e, st, "full", "router") for st in stems},
-                       self._files.load_json(e, "router.json", "full", "router"))
-        result = update(current, [t["name"] for t in m["tasks"]])
+        current = None if m["router"] is None else self._load_router(m["router"], "full")
+
+        def previous(task: str, stem: str) -> dict[str, torch.Tensor]:
+            entry = _find_task({"tasks": before}, task, self.path)
+            return self._files.load_tensors(entry, validate_name(stem, "stem"), "full", f"task {task!r}")
+
+        result = update(current, [t["name"] for t in m["tasks"]], previous)
         if result is None:
             return []
         files, meta, order = result

@@ -117,6 +117,8 @@ def _method_config(method: str, targets: str | None, rank: int | None, *, prompt
 @config_option(TrainConfig, "max_test")
 @config_option(TrainConfig, "seed")
 @click.option("--replace", is_flag=True, help="Retrain and replace a task that exists already.")
+@click.option("--allow-router-drift", is_flag=True, help="With --replace of a task stored before tasks kept "
+              "their router scatter: leave the old version's share in the router's pooled covariance.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--diagnose", is_flag=True, help="Gradient norms per expert parameter group over the first 10 steps, "
               "warnings on the usual faults, and a LoRA rank suggestion (stored with the task; stderr or --json).")
@@ -124,8 +126,8 @@ def _method_config(method: str, targets: str | None, rank: int | None, *, prompt
 @_friendly
 def add_task(bank: str, spec: str, method: str, rank: int | None, alpha: float | None, dropout: float | None,
              prompt_length: int | None, prompt_init: str | None, prefix_length: int | None, targets: str | None,
-             share_a: str | None, name: str | None, parent: str | None, replace: bool, as_json: bool,
-             lock_timeout: float, diagnose: bool, **train: Any) -> None:
+             share_a: str | None, name: str | None, parent: str | None, replace: bool, allow_router_drift: bool,
+             as_json: bool, lock_timeout: float, diagnose: bool, **train: Any) -> None:
     """Train SPEC's expert and head, evaluate on its test split, and store them in BANK.
 
     SPEC is a task spec file (TOML) or the name of a spec in tasks/ (e.g. ag_news, weather).
@@ -149,7 +151,7 @@ def add_task(bank: str, spec: str, method: str, rank: int | None, alpha: float |
     try:
         r = b.add_task(spec, cfg, train_cfg, name=name, share_a=share_a, replace=replace, parent=parent,
                        on_step=on_step, log=lambda msg: click.echo(msg, err=True),
-                       diagnose=DEFAULT_STEPS if diagnose else 0)
+                       diagnose=DEFAULT_STEPS if diagnose else 0, allow_router_drift=allow_router_drift)
     finally:
         bar.close()
     summary = {"task": r.name, "test_accuracy": r.test_accuracy, "probe_accuracy": r.probe_accuracy,
@@ -214,13 +216,15 @@ def show(bank: str, task: str, as_json: bool) -> None:
 @click.command()
 @_BANK
 @click.argument("task")
+@click.option("--allow-router-drift", is_flag=True, help="For a task stored before tasks kept their router "
+              "scatter: remove it anyway, leaving its share in the router's pooled covariance.")
 @lock_timeout_option
 @_friendly
-def remove(bank: str, task: str, lock_timeout: float) -> None:
+def remove(bank: str, task: str, allow_router_drift: bool, lock_timeout: float) -> None:
     """Remove TASK from BANK."""
     from adaptbank.bank.facade import AdapterBank
 
-    AdapterBank.open(bank, lock_timeout=lock_timeout).remove(task)
+    AdapterBank.open(bank, lock_timeout=lock_timeout).remove(task, allow_router_drift=allow_router_drift)
     click.echo(f"removed {task}")
 
 

@@ -1,0 +1,182 @@
+"""Each task's share of the router's memory, and the router updates that add and take it out exactly.
+
+Letters in shape comments: N examples, F router features ((layers + 1) * hidden), r = min(N, F).
+
+**What a task keeps.** ``memory.safetensors`` holds the task's router-feature mean (F,) (float64), its
+example count, and its within-task scatter ``S_e = (X - mu)^T (X - mu)`` as the packed upper trapezoid
+of the R factor of a QR decomposition of the centred features, ``S_e = R^T R`` (``RouterStats.task_factor``):
+``scatter_factor`` (float32, ``r F - r (r - 1) / 2`` numbers) and ``scatter_rank`` r. Bytes per task,
+``8 F + 4 (r F - r (r - 1) / 2)``; for MiniLM (F = 3 * 384 = 1152): 0.53 MB at N = 120 and at most 2.66 MB
+(any N >= 1152), against 5.3 MB for a float32 F x F scatter, 2.65 MB for its packed triangle and
+10.6 MB in float64.
+
+**Why a float32 factor suffices, and the pool is float64.** The task's contribution to the pooled
+scatter is *defined* as ``R^T R`` computed in float64 from the stored float32 ``R``, at add time and
+again at remove time, so the subtraction takes out bit for bit what was added: what float32 storage
+rounds (about 6e-8 relative, the precision of the float32 features themselves) never turns into
+drift. The pool itself is float64, where each add or subtract rounds by at most 1.1e-16 of its
+largest entry (see ``RouterStats``).
+
+**Old banks.** A task stored before the factor existed has none, but its scatter is in the pool.
+Removing or replacing it would leave that share behind, so the bank refuses (:class:`RouterDriftError`,
+naming the task and the fix) unless the caller passes ``allow_router_drift=True``, which keeps the
+share in the pool with a warning (the old behaviour). Once every task holds its factor,
+:func:`refit` (``adaptbank router fit``) rebuilds the pool exactly from them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from adaptbank._version import __version__
+from adaptbank.bank.store import BankError, BankStore
+from adaptbank.routing.lda import LDARouter, RouterStats
+
+__all__ = ["RouterDriftError", "task_memory", "memory_stats", "stats_from", "router_files", "router_update",
+           "refit", "check_exact_removal", "precheck"]
+
+TaskStats = tuple[Tensor, int, "Tensor | None"]
+"""A task's router statistics: mean (F,), example count, scatter (F, F) or None when not stored."""
+
+
+class RouterDriftError(BankError):
+    """Removing or replacing a task whose scatter the bank cannot subtract (an old bank's task)."""
+
+
+def task_memory(features: Tensor) -> dict[str, Tensor]:
+    """The memory file of a task with router features ``features`` (N, F): mean, count, packed factor."""
+    mean, factor = RouterStats.task_factor(features)  # (F,), (r, F)
+    rows, cols = torch.triu_indices(*factor.shape)  # (K,) each, K = r F - r (r - 1) / 2
+    return {"mean": mean, "count": torch.tensor([features.shape[0]]),
+            "scatter_factor": factor[rows, cols].float(), "scatter_rank": torch.tensor([factor.shape[0]])}
+
+
+def memory_stats(memory: dict[str, Tensor]) -> TaskStats:
+    """Mean, count and scatter ``R^T R`` (float64, from the stored float32 R) of a task's memory file."""
+    mean, count = memory["mean"].double(), int(memory["count"][0])  # (F,)
+    if "scatter_factor" not in memory:
+        return mean, count, None
+    rank, dim = int(memory["scatter_rank"][0]), mean.shape[0]
+    rows, cols = torch.triu_indices(rank, dim)
+    packed = memory["scatter_factor"]  # (K,)
+    if packed.shape != rows.shape:
+        raise BankError(f"router memory: scatter_factor has {packed.numel()} numbers, expected {rows.numel()} "
+                        f"for rank {rank} and {dim} features")
+    factor = torch.zeros(rank, dim, dtype=torch.float64)  # (r, F)
+    factor[rows, cols] = packed.double()
+    return mean, count, factor.T @ factor  # (F, F)
+
+
+def stats_from(current: tuple[dict, dict[str, Any]] | None, dim: int) -> RouterStats:
+    """The router statistics of a stored router ``(files, meta)``, or empty ones."""
+    if current is None:
+        return RouterStats(dim)
+    files, meta = current
+    return RouterStats.from_tensors(meta["expert_order"], files["stats"])
+
+
+def router_files(stats: RouterStats, layers: int, shrinkage: float) -> tuple[dict, dict, list[str]]:
+    """``(files, meta, expert_order)`` for the store: the statistics and the LDA router fitted on them."""
+    files = {"stats": stats.to_tensors()}
+    if stats.names:
+        lda = LDARouter.fit(stats, layers=layers, shrinkage=shrinkage)
+        files["lda"] = {"weight": lda.weight.clone(), "bias": lda.bias.clone()}
+    meta = {"kind": "lda", "layers": layers, "shrinkage": shrinkage, "expert_order": list(stats.names),
+            "adaptbank_version": __version__}
+    return files, meta, list(stats.names)
+
+
+def check_exact_removal(where: object, stats: RouterStats, name: str, scatter: Tensor | None, *,
+                        doing: str, allow_drift: bool) -> bool:
+    """Whether task ``name``'s share must stay in the pool when it goes (``keep_scatter``): False when
+    its ``scatter`` is known or not pooled; for an old bank's task :class:`RouterDriftError`, naming the
+    task and the fix, or with ``allow_drift`` a warning and True. ``doing``: "removing" or "replacing"."""
+    if scatter is not None or name not in stats.names or not stats.pooled[stats.names.index(name)]:
+        return False
+    reason = (f"task {name!r} of bank {where} was stored before adaptbank kept each task's router scatter (its "
+              f"memory.safetensors has no 'scatter_factor'), so {doing} it cannot take its share out of the router's "
+              "pooled covariance")
+    if not allow_drift:
+        raise RouterDriftError(
+            f"{reason}: the router would drift from a fit on the tasks present. To go ahead and leave that share "
+            "in, pass allow_router_drift=True (CLI: --allow-router-drift). To make the router exact again, re-add "
+            "every such task with --replace --allow-router-drift, then run `adaptbank router fit`.")
+    warnings.warn(f"{reason}; its share stays in (allow_router_drift); once every task holds its scatter, "
+                  "`adaptbank router fit` rebuilds the pool exactly", stacklevel=2)
+    return True
+
+
+def precheck(store: BankStore, name: str, *, doing: str, allow_drift: bool) -> None:
+    """:func:`check_exact_removal` on the committed bank, before any work: a refusal comes before training
+    (it is checked again, and any warning given, at commit)."""
+    current = store.read_router()
+    if not allow_drift and current is not None and name in store.tasks() and "memory" in store.stems(name):
+        old = memory_stats(store.read_tensors(name, "memory"))[2]
+        check_exact_removal(store.path, stats_from(current, 0), name, old, doing=doing, allow_drift=allow_drift)
+
+
+def router_update(store: BankStore, *, dim: Callable[[], int], layers: int, shrinkage: float,
+                  add: tuple[str, TaskStats] | None = None, drop: str | None = None,
+                  allow_drift: bool = False) -> Callable[..., tuple[dict, dict, list[str]]]:
+    """A store callback (``store.RouterUpdate``): the stored statistics plus task ``add`` (replacing the
+    same name's old version in its place) or minus ``drop``, each removal subtracting the task's own
+    stored scatter (read as committed before the change), then the router refitted. ``dim()``: the
+    feature width F, asked for only when the bank has no router yet."""
+
+    def update(current: Any, tasks: list[str], previous: Callable[[str, str], dict[str, Tensor]]) -> Any:
+        stats = stats_from(current, dim() if current is None else 0)
+
+        def old_share(name: str, doing: str) -> tuple[Tensor | None, bool]:
+            old = memory_stats(previous(name, "memory"))[2]
+            return old, check_exact_removal(store.path, stats, name, old, doing=doing, allow_drift=allow_drift)
+
+        if drop is not None and drop in stats.names:
+            old, keep = old_share(drop, "removing")
+            stats.remove(drop, old, keep_scatter=keep)
+        if add is not None and add[0] in stats.names:
+            old, keep = old_share(add[0], "replacing")
+            stats.replace(add[0], *add[1], old_scatter=old, keep_scatter=keep)
+        elif add is not None:
+            stats.add(add[0], *add[1])
+        _drop_vanished(stats, tasks, store.path)
+        if sorted(stats.names) == sorted(tasks):
+            stats.reorder(tasks)
+        return router_files(stats, layers, shrinkage)
+
+    return update
+
+
+def _drop_vanished(stats: RouterStats, tasks: list[str], where: object) -> None:
+    """Tasks the statistics name but the bank no longer holds (a router left stale by hand): their
+    files are gone, so their scatter stays in, with a warning."""
+    for name in [n for n in stats.names if n not in tasks]:
+        warnings.warn(f"router of bank {where}: task {name!r} is gone from the bank but not from the router; its "
+                      "scatter stays in the pooled covariance (run `adaptbank router fit` once every task holds "
+                      "its scatter to rebuild it exactly)", stacklevel=2)
+        stats.remove(name, keep_scatter=True)
+
+
+def refit(store: BankStore, *, dim: int, layers: int, shrinkage: float) -> tuple[dict, dict, list[str]]:
+    """The router refitted from the bank's memory. When every task holds its scatter, from scratch: the
+    tasks' stored means, counts and scatters, nothing else (exact, whatever happened before). Otherwise
+    the stored statistics, with the mean (and scatter, when stored) of any task they lack; such a task's
+    unknown scatter is left out and the pooled covariance of the others stands in."""
+    tasks = store.tasks()
+    memory = {name: memory_stats(store.read_tensors(name, "memory")) for name in tasks}
+    if all(m[2] is not None for m in memory.values()):
+        stats = RouterStats(dim)
+        for name in tasks:
+            stats.add(name, *memory[name])
+        return router_files(stats, layers, shrinkage)
+    stats = stats_from(store.read_router(), dim)
+    _drop_vanished(stats, tasks, store.path)
+    for name in tasks:
+        if name not in stats.names:
+            stats.add(name, *memory[name])
+    stats.reorder(tasks)
+    return router_files(stats, layers, shrinkage)
