@@ -131,6 +131,30 @@ def test_mixed_batch_rows_equal_their_single_task_runs(family, inputs):
                                    atol=1e-5, rtol=1e-5)
 
 
+def test_routed_forward_sends_rows_to_combined_tasks_as_to_any_task(inputs):
+    from adaptbank.core.pooling import mean_pool
+    from adaptbank.routing.lda import LDARouter
+
+    model = AdaptBankModel(tiny_backbone("bert")).eval()
+    model.reserved_layers = 1  # the router reads the embeddings and layer 0
+    for i, (name, cfg) in enumerate({"pl": COMBOS["prefix+lora"], "l": LORA, "bl": COMBOS["bitfit+lora"],
+                                     "la": COMBOS["lora+adapter"]}.items()):
+        model.add_task(name, cfg, LABELS, seed=i)
+        randomize(model, name, seed=i)
+    assert all(not p.startswith("encoder.layer.0.") for t in model.tasks.values() for p in t.paths)
+    with torch.no_grad():
+        hidden = model.encoder(**inputs, output_hidden_states=True).hidden_states
+        feats = torch.cat([mean_pool(h, inputs["attention_mask"]) for h in hidden[:2]], -1)  # (B, 2 D)
+    want = [2, 0, 3, 1]  # row b goes to task want[b]: scores = 10 * one-hot
+    weight = (torch.linalg.pinv(feats) @ (10 * torch.eye(4)[want])).T  # (E, F)
+    model.attach_router(LDARouter(list(model.tasks), weight, torch.zeros(4), layers=1), top_k=1)
+    out = model(**inputs, routed=True)
+    assert out.tasks == tuple(list(model.tasks)[w] for w in want)
+    for i, task in enumerate(out.tasks):
+        torch.testing.assert_close(out.pooled[i: i + 1], features(model, inputs, task, slice(i, i + 1)),
+                                   atol=1e-5, rtol=0)
+
+
 def test_parts_on_one_layer_follow_the_side_order():
     """ia3 + bitfit + lora + adapter on one Linear: ``up(f(down(h))) + h`` with ``h = l * (W x + b) +
     s B A x + b_task``, on the single path and as a row of a mixed batch."""
@@ -221,6 +245,32 @@ def test_combined_tasks_round_trip_through_the_bank_bit_exact(tiny_bert_dir, tmp
         assert bank.info(name)["metrics"]["trainable_params"] == sum(v.numel() for v in stored.values())
     assert "0.prefix.prefix.key" in bank.store.read_tensors("intent", "adapter")  # collapsed, not the MLP
     assert bank.evaluate() == {t: bank.info(t)["metrics"]["test_accuracy"] for t in bank.tasks()}
+    from adaptbank.bank.graph import bank_graph
+
+    graph = bank_graph(bank)
+    assert {graph.nodes[f"task:{n}"]["method"] for n in names} == set(names.values())
+
+
+@pytest.mark.parametrize("family", PREFIX_FAMILIES)
+def test_save_expert_and_load_expert_round_trip_bit_exact(family, tmp_path, inputs):
+    from adaptbank.bank.expert_io import load_expert, save_expert
+
+    model = AdaptBankModel(tiny_backbone(family))
+    model.add_task("a", COMBOS["prefix+lora"], LABELS)
+    model.add_task("b", COMBOS["ia3+lora"], LABELS)
+    for name in ("a", "b"):
+        randomize(model, name)
+        model.finalize(name)
+        save_expert(model, name, tmp_path / name)
+    other = AdaptBankModel(tiny_backbone(family))
+    for name in ("b", "a"):  # another order: the files do not depend on the expert order
+        load_expert(other, tmp_path / name, name=f"{name}2")
+    for name in ("a", "b"):
+        saved, loaded = model.export_task(name), other.export_task(f"{name}2")
+        for part in ("adapter", "head"):
+            assert set(saved[part]) == set(loaded[part])
+            assert all(torch.equal(saved[part][k], loaded[part][k]) for k in saved[part])
+        assert torch.equal(features(model, inputs, name), features(other, inputs, f"{name}2"))
 
 
 # ----------------------------------------------------------------------------- training
@@ -335,3 +385,18 @@ def test_cli_add_task_trains_a_combined_task(tiny_bert_dir, tmp_path):
     assert summary["trainable_params"] > 0
     assert {type(e) for layer in AdapterBank.open(bank).load().layers_of("weather").values()
             for _, e in expert_parts(layer.experts["weather"])} == {BitFitExpert, LoRAExpert}
+
+
+def test_gradient_diagnostics_group_each_part_and_suggest_the_lora_rank():
+    from adaptbank.training.diagnostics import parameter_groups, rank_suggestions
+
+    model = AdaptBankModel(tiny_backbone("bert"))
+    model.add_task("c", COMBOS["bitfit+lora"], LABELS)
+    randomize(model, "c")
+    groups = parameter_groups(model, "c")
+    q = "encoder.layer.0.attention.self.query"
+    assert {f"0.bitfit.{q}.delta", f"1.lora.{q}.A", f"1.lora.{q}.B", "head"} <= set(groups)
+    trained = {id(p) for p in model.expert_parameters("c")}
+    assert {id(p) for k, ps in groups.items() if k != "head" for p in ps} == trained  # every part, once
+    ranks = rank_suggestions(model, "c")
+    assert ranks is not None and ranks["rank"] == LORA.rank and f"1.lora.{q}" in ranks["per_layer"]
