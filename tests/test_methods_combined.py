@@ -1,4 +1,4 @@
-"""Combinations of methods in one task (``CombinedConfig``: lora+adapter, bitfit+lora, prefix+lora, ...) on
+"""Combinations of methods in one task (``CombinedConfig``: lora+adapter, bitfit+lora, prefix+lora, prompt+lora) on
 tiny models of several families: a new combined task is the base model, mixed batches equal single-task
 runs, parts on one layer follow the side order, merge folds the parts, a bank round trip is bit-exact,
 the sizes are the sums of the parts, training on ``weather`` moves every part, and the errors."""
@@ -20,6 +20,7 @@ from adaptbank.core.config import (
     IA3Config,
     LoRAConfig,
     PrefixConfig,
+    PromptTuningConfig,
     PTuningV2Config,
     TrainConfig,
     method_from_dict,
@@ -108,19 +109,20 @@ def test_new_combined_task_is_bit_identical_to_the_base(family, inputs):
 @pytest.mark.parametrize("family", PREFIX_FAMILIES)
 def test_mixed_batch_rows_equal_their_single_task_runs(family, inputs):
     model = AdaptBankModel(tiny_backbone(family))
-    tasks = {"la": COMBOS["lora+adapter"], "bl": COMBOS["bitfit+lora"], "pl": COMBOS["prefix+lora"], "l": LORA}
+    tasks = {"la": COMBOS["lora+adapter"], "bl": COMBOS["bitfit+lora"], "pl": COMBOS["prefix+lora"], "l": LORA,
+             "pr": CombinedConfig(parts=(PromptTuningConfig(prompt_length=2, prompt_init="random"), LORA))}
     for i, (name, cfg) in enumerate(tasks.items()):
         model.add_task(name, cfg, LABELS, seed=i)
         randomize(model, name, seed=i)
     model.eval()
     base = AdaptBankModel(tiny_backbone(family)).eval()
-    rows = ["pl", "la", "l", "bl"]
-    model.route(task_ids=rows)
-    mixed = model.features(**inputs)
-    for i, task in enumerate(rows):
-        one = features(model, inputs, task, slice(i, i + 1))
-        torch.testing.assert_close(mixed[i: i + 1], one, atol=1e-5, rtol=1e-5)
-        assert not torch.allclose(one, features(base, inputs, None, slice(i, i + 1)), atol=1e-4), task
+    for rows in (["pl", "la", "l", "bl"], ["pr", "pl", "bl", "pr"]):
+        model.route(task_ids=rows)
+        mixed = model.features(**inputs)
+        for i, task in enumerate(rows):
+            one = features(model, inputs, task, slice(i, i + 1))
+            torch.testing.assert_close(mixed[i: i + 1], one, atol=1e-5, rtol=1e-5)
+            assert not torch.allclose(one, features(base, inputs, None, slice(i, i + 1)), atol=1e-4), task
     # top-2 with weights (1, 0) over two combined tasks: the second vanishes; the rows stay their own
     order = {n: i for i, n in enumerate(model.state.experts)}
     index = torch.tensor([[order["la"], order["bl"]], [order["bl"], order["la"]]] * 2)  # (B, 2)
