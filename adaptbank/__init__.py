@@ -30,6 +30,8 @@ _EXPORTS: dict[str, str] = {
     "Backbone": "core.backbone",
     "BitFitConfig": "core.config",
     "BitFitExpert": "core.experts",
+    "CombinedConfig": "core.config",
+    "ComposedExpert": "core.composed",
     "DEFAULT_BACKBONE": "core.backbone",
     "IA3Config": "core.config",
     "IA3Expert": "core.experts",
@@ -66,9 +68,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from adaptbank.bank.facade import AdapterBank
     from adaptbank.core.adapted import AdaptedLinear
     from adaptbank.core.backbone import DEFAULT_BACKBONE, Backbone, load_backbone
+    from adaptbank.core.composed import ComposedExpert
     from adaptbank.core.config import (
         AdapterConfig,
         BitFitConfig,
+        CombinedConfig,
         IA3Config,
         LoRAConfig,
         ParallelAdapterConfig,

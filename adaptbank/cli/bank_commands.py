@@ -20,6 +20,7 @@ from adaptbank.core.config import (
     TARGET_PRESETS,
     AdapterConfig,
     BitFitConfig,
+    CombinedConfig,
     IA3Config,
     LoRAConfig,
     MethodConfig,
@@ -29,6 +30,7 @@ from adaptbank.core.config import (
     PTuningV2Config,
     RouterConfig,
     TrainConfig,
+    combined_kinds,
 )
 
 __all__ = ["init", "add_task", "list_", "show", "remove", "verify", "graph", "register"]
@@ -60,24 +62,47 @@ def init(bank: str, base: str | None, quantize: str | None, **router: Any) -> No
     click.echo(f"created bank {b.path} for base {b.base['name']} (fingerprint {b.base['fingerprint'][:12]}{held})")
 
 
+_TAKES: dict[str, set[str]] = {
+    "lora": {"targets", "rank", "alpha", "dropout"}, "adapter": {"targets", "rank"},
+    "parallel-adapter": {"targets", "rank"}, "bitfit": {"targets"}, "ia3": {"targets"},
+    "prompt": {"prompt_length", "prompt_init"}, "prefix": {"prefix_length"}, "ptuning-v2": {"prefix_length"}}
+"""The add-task flags each method kind takes (by parameter name)."""
+
+
+def _flags(names: set[str] | list[str]) -> str:
+    return ", ".join("--" + k.replace("_", "-") for k in sorted(names))
+
+
+class MethodChoice(click.Choice):  # type: ignore[type-arg]
+    """``--method``: one of ``METHOD_KINDS``, or several joined by ``+`` (a combined method, one task)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and "+" in value:
+            try:
+                combined_kinds(value)
+            except ValueError as err:
+                self.fail(str(err), param, ctx)
+            return value
+        return super().convert(value, param, ctx)
+
+
 def _method_config(method: str, targets: str | None, rank: int | None, *, prompt: dict[str, Any],
                    **lora: Any) -> MethodConfig:
     """The method config of add-task's flags: ``--rank`` is LoRA's rank or an adapter's bottleneck width;
     ``--targets`` a preset or comma-separated patterns; ``--alpha``/``--dropout`` apply to LoRA only;
     ``--prompt-length``/``--prompt-init`` to prompt tuning, ``--prefix-length`` to prefix and P-tuning v2.
-    A flag given for a method that does not take it is an error naming both."""
+    A flag given for a method that does not take it is an error naming both. A combined ``a+b`` gives
+    each flag to the part that takes it (``--rank`` to the LoRA part where there is one, else the first
+    taker); its parts keep their default targets, so ``--targets`` is refused there."""
+    if "+" in method:
+        return _combined_config(method, targets, rank, prompt=prompt, **lora)
     kw: dict[str, Any] = {}
     if targets is not None:
         kw["targets"] = targets if "," not in targets and targets in TARGET_PRESETS else tuple(targets.split(","))
-    takes = {"lora": {"targets", "rank", "alpha", "dropout"}, "adapter": {"targets", "rank"},
-             "parallel-adapter": {"targets", "rank"}, "bitfit": {"targets"}, "ia3": {"targets"},
-             "prompt": {"prompt_length", "prompt_init"}, "prefix": {"prefix_length"}, "ptuning-v2": {"prefix_length"}}
     flags = {"targets": targets, "rank": rank, **lora, **prompt}
-    wrong = [k for k, v in flags.items() if v is not None and k not in takes[method]]
+    wrong = [k for k, v in flags.items() if v is not None and k not in _TAKES[method]]
     if wrong:
-        bad = ", ".join("--" + k.replace("_", "-") for k in wrong)
-        raise click.UsageError(f"{bad} does not apply to --method {method}; it takes: "
-                               f"{', '.join('--' + k.replace('_', '-') for k in sorted(takes[method]))}")
+        raise click.UsageError(f"{_flags(wrong)} does not apply to --method {method}; it takes: {_flags(_TAKES[method])}")
     if method == "lora":
         return LoRAConfig(**kw, **given(rank=rank, **lora))
     if method in ("adapter", "parallel-adapter"):
@@ -91,11 +116,35 @@ def _method_config(method: str, targets: str | None, rank: int | None, *, prompt
     return (BitFitConfig if method == "bitfit" else IA3Config)(**kw)
 
 
+def _combined_config(method: str, targets: str | None, rank: int | None, *, prompt: dict[str, Any],
+                     **lora: Any) -> CombinedConfig:
+    kinds = combined_kinds(method)
+    if targets is not None:
+        raise click.UsageError(f"--targets does not apply to the combined --method {method}: each part keeps its "
+                               "default targets; give per-part targets in a run spec's [method] parts")
+    given_flags = {k: v for k, v in {"rank": rank, **lora, **prompt}.items() if v is not None}
+    per_part: list[dict[str, Any]] = [{} for _ in kinds]
+    for flag, value in given_flags.items():
+        takers = [i for i, kind in enumerate(kinds) if flag in _TAKES[kind]]
+        if not takers:
+            raise click.UsageError(f"{_flags([flag])} does not apply to --method {method}; its parts take: "
+                                   f"{_flags(set().union(*(_TAKES[k] for k in kinds)) - {'targets'})}")
+        per_part[next((i for i in takers if kinds[i] == "lora"), takers[0])][flag] = value
+    parts = []
+    for kind, kw in zip(kinds, per_part):
+        got = {k: kw.get(k) for k in ("prompt_length", "prompt_init", "prefix_length")}
+        parts.append(_method_config(kind, None, kw.get("rank"), prompt=got, alpha=kw.get("alpha"),
+                                    dropout=kw.get("dropout")))
+    return CombinedConfig(parts=tuple(parts))  # type: ignore[arg-type]
+
+
 @click.command("add-task")
 @_BANK
 @click.argument("spec")
-@click.option("--method", type=click.Choice(list(METHOD_KINDS)), default="lora", show_default=True,
-              help="The expert kind (README, Methods).")
+@click.option("--method", type=MethodChoice(list(METHOD_KINDS)), default="lora", show_default=True,
+              help="The expert kind (README, Methods), or several joined by '+' for one task with several parts "
+              "(lora+adapter, bitfit+lora, prefix+lora), each on its default targets; a part flag goes to the "
+              "part that takes it (--rank to LoRA).")
 @config_option(LoRAConfig, "rank", note=also_note(ADAPTER_WIDTHS))
 @config_option(LoRAConfig, "alpha")
 @config_option(LoRAConfig, "dropout")

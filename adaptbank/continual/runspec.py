@@ -11,8 +11,8 @@ A run spec (``tasks/runs/*.toml``) is data only; nothing in it is executed::
     eval = ["oracle", "routed"]            # oracle is always computed; routed needs a router (bank, shared-a)
 
     [method]                               # LoRAConfig / AdapterConfig fields; kind defaults to "lora"
-    kind = "lora"
-    rank = 8
+    kind = "lora"                          # or a combination, "lora+adapter" with [[method.parts]] tables
+    rank = 8                               # (see ``core.config``)
 
     [train]                                # TrainConfig fields (not seed: that is [run] seed)
     epochs = 2
@@ -242,7 +242,8 @@ def run_spec_from_dict(doc: dict[str, Any], *, source: str = "<string>", base_di
                          "it seeds the data subsets and the training of every task")
     base = Path(base_dir) if base_dir is not None else None
     try:
-        method = method_from_dict({"kind": "lora", **tables["method"]})
+        given = tables["method"]
+        method = method_from_dict(given if "kind" in given or "parts" in given else {"kind": "lora", **given})
         train = TrainConfig.from_dict(tables["train"])
         check_keys(tables["options"], [f.name for f in dataclasses.fields(StrategyOptions)], f"[options] of {source}")
         options = StrategyOptions(**tables["options"])

@@ -32,9 +32,11 @@ feed-forward output, BitFit everywhere). Per forward the layer applies them by s
 
 A row with one expert (k = 1, w = 1) therefore gets exactly its single-task output: every other kind's
 term is the identity (a zero shift, a zero delta). The single-expert path computes
-``expert(x, base(expert.before(x)))``.
+``expert(x, base(expert.before(x)))``. A combined task (``lora+adapter``, ``bitfit+lora``) holds a
+``core.composed.ComposedExpert`` per layer whose parts apply in this same order, and join their kinds'
+stacks on the gathered path (at most one part of each expert class per layer and task).
 
-Merge folds one LoRA, BitFit or (IA)^3 expert into the base weight and bias, computed in fp32, and is
+Merge folds one LoRA, BitFit or (IA)^3 expert (or a composition of them) into the base weight and bias, computed in fp32, and is
 recorded in ``self.merged``; a second merge, or a merge while rows mix experts, is refused. The merged
 weight and bias are new tensors and the original objects are kept aside (a bias that was None stays
 None after ``unmerge``), so ``unmerge`` restores them exactly and a merge never writes into frozen
@@ -46,6 +48,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from adaptbank.core.composed import ComposedExpert, expert_parts
 from adaptbank.core.config import AdapterConfig, BitFitConfig, IA3Config, LoRAConfig, ParallelAdapterConfig
 from adaptbank.core.experts import SIDES, Expert, LoRAExpert, Stack, make_expert
 from adaptbank.routing.state import RoutingState
@@ -139,6 +142,18 @@ class AdaptedLinear(nn.Module):
         self._stack_key = None
         return expert
 
+    def add_parts(self, name: str, parts: dict[int, tuple[LoRAConfig | AdapterConfig | ParallelAdapterConfig | BitFitConfig
+                                                        | IA3Config, bool]]) -> ComposedExpert:
+        """Create combined task ``name``'s parts on this layer: ``{part index: (config, feedforward)}``, made
+        in index order and held as one :class:`~adaptbank.core.composed.ComposedExpert`."""
+        if name in self.experts:
+            raise KeyError(f"expert {name!r} already exists in this layer")
+        made = {i: make_expert(self.d_in, self.d_out, cfg, feedforward=ff) for i, (cfg, ff) in sorted(parts.items())}
+        expert = ComposedExpert(made, {i: cfg.kind for i, (cfg, _) in parts.items()})
+        self.experts[name] = expert.to(device=self.base.weight.device, dtype=self.base.weight.dtype)
+        self._stack_key = None
+        return expert
+
     def set_shared(self, group: str, A: Tensor) -> None:
         """Hold a shared A ``(r, I)`` for ``group`` (frozen), e.g. loaded from a bank."""
         if A.dim() != 2 or A.shape[1] != self.d_in:
@@ -206,9 +221,9 @@ class AdaptedLinear(nn.Module):
         groups: dict[tuple[object, ...], list[Expert | None]] = {}
         order = self.state.experts
         for i, name in enumerate(order):
-            if name in self.experts:
-                e: Expert = self.experts[name]  # type: ignore[assignment]
-                groups.setdefault(e.group_key(), [None] * len(order))[i] = e
+            if name in self.experts:  # a combined task's parts join their kinds' stacks, one row each
+                for _, e in expert_parts(self.experts[name]):  # type: ignore[arg-type]
+                    groups.setdefault(e.group_key(), [None] * len(order))[i] = e
         stacks = []
         trains = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         with torch.set_grad_enabled(trains):

@@ -4,16 +4,38 @@ Every config is ``@dataclass(frozen=True, kw_only=True)``, validated in ``__post
 name the bad value, the CLI flag and what is allowed), serialised with ``to_dict``/``from_dict``, and
 ``from_dict`` rejects unknown keys with the closest valid one. Each field is documented once, by the
 attribute docstring under it.
+
+A combination of methods in one task (:class:`CombinedConfig`, kind ``"lora+adapter"``: the parts'
+kinds joined by ``+``) is written in a run spec's ``[method]`` table as one sub-table per part, in
+order, each with its own fields (``kind`` of a part may be left out: the combined kind names it)::
+
+    [method]
+    kind = "lora+adapter"       # LoRA on q and v, a serial adapter on the feed-forward output
+    [[method.parts]]
+    rank = 4
+    [[method.parts]]
+    bottleneck = 16
+
+or inline, ``parts = [{rank = 4}, {bottleneck = 16}]``; ``kind = "bitfit+lora"`` alone gives every part
+its defaults. That is also the ``to_dict`` form (``{"kind": ..., "parts": [part.to_dict(), ...]}``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import math
-import re
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, TypeVar, get_args
+from typing import Any, ClassVar, Literal, get_args
+
+from adaptbank.core.config_base import (  # re-exported: the names every config user imports from here
+    NAME_RULE,
+    TARGET_PRESETS,
+    Activation,
+    _check_targets,
+    _choice,
+    _Config,
+    _positive,
+    check_keys,
+    validate_name,
+)
 
 __all__ = [
     "NAME_RULE",
@@ -28,84 +50,15 @@ __all__ = [
     "PrefixConfig",
     "PTuningV2Config",
     "METHOD_KINDS",
+    "PartConfig",
+    "CombinedConfig",
+    "combined_kinds",
     "MethodConfig",
     "TrainConfig",
     "method_from_dict",
     "check_keys",
     "TARGET_PRESETS",
 ]
-
-TARGET_PRESETS: tuple[str, ...] = ("qv", "attn", "all-linear", "v", "houlsby", "pfeiffer", "ffn", "ia3")
-"""Named target sets; ``inject.py`` maps each to module roles per model family."""
-
-Activation = Literal["relu", "gelu", "silu", "tanh"]
-
-C = TypeVar("C", bound="_Config")
-
-NAME_RULE = "1-100 characters from [A-Za-z0-9_-], starting with a letter or digit"
-"""Task, group and file-stem names: safe path components, and no '.' (names key torch ModuleDicts and
-appear inside dotted module paths)."""
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
-
-
-def validate_name(value: object, what: str = "task name") -> str:
-    """Return ``value`` if it is a valid name (:data:`NAME_RULE`), else raise ``ValueError`` naming it."""
-    if not isinstance(value, str):
-        raise ValueError(f"{what} must be a string, got {type(value).__name__} {value!r}; rule: {NAME_RULE}")
-    if not 1 <= len(value) <= 100 or _NAME_RE.fullmatch(value) is None:
-        raise ValueError(f"invalid {what} {value!r}; rule: {NAME_RULE}")
-    return value
-
-
-def check_keys(given: dict[Any, Any], allowed: list[str] | tuple[str, ...], where: str = "") -> None:
-    """Raise ``ValueError`` for the first key of ``given`` not in ``allowed``, naming ``where`` it was
-    found and suggesting the closest allowed key. The one unknown-key check of configs, specs and run specs."""
-    for key in given:
-        if key not in allowed:
-            close = difflib.get_close_matches(str(key), list(allowed), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            place = f" in {where}" if where else ""
-            raise ValueError(f"unknown key {key!r}{place}{hint} allowed: {', '.join(sorted(allowed))}")
-
-
-def _positive(name: str, flag: str, value: float, *, integer: bool = False) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) if integer else isinstance(value, (int, float))
-    if not ok or not math.isfinite(float(value)) or value <= 0:
-        kind = "a positive integer" if integer else "a positive number"
-        raise ValueError(f"{name} must be {kind} ({flag}), got {value!r}")
-
-
-def _choice(name: str, flag: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(allowed)} ({flag}), got {value!r}")
-
-
-def _check_targets(targets: str | tuple[str, ...]) -> None:
-    if isinstance(targets, str):
-        _choice("targets", "--targets", targets, TARGET_PRESETS)
-    elif not targets or not all(isinstance(t, str) and t for t in targets):
-        raise ValueError(f"targets must be a preset ({', '.join(TARGET_PRESETS)}) or non-empty patterns, got {targets!r}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class _Config:
-    kind: ClassVar[str] = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out = {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
-        if self.kind:
-            out["kind"] = self.kind
-        return out
-
-    @classmethod
-    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
-        fields = [f.name for f in dataclasses.fields(cls)]
-        data = {k: v for k, v in data.items() if not (k == "kind" and v == cls.kind)}
-        check_keys(data, fields, f"{cls.__name__}")
-        data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return cls(**data)
-
 
 @dataclass(frozen=True, kw_only=True)
 class LoRAConfig(_Config):
@@ -262,19 +215,117 @@ class PTuningV2Config(PrefixConfig):
                              "(use method 'prefix' for the MLP)")
 
 
-MethodConfig = (LoRAConfig | AdapterConfig | ParallelAdapterConfig | BitFitConfig | IA3Config | PromptTuningConfig
-                | PrefixConfig | PTuningV2Config)
+PartConfig = (LoRAConfig | AdapterConfig | ParallelAdapterConfig | BitFitConfig | IA3Config | PromptTuningConfig
+              | PrefixConfig | PTuningV2Config)
+"""A config of one method kind: a task's whole method, or one part of a :class:`CombinedConfig`."""
 _METHODS: dict[str, type[_Config]] = {c.kind: c for c in (LoRAConfig, AdapterConfig, ParallelAdapterConfig, BitFitConfig,
                                                           IA3Config, PromptTuningConfig, PrefixConfig, PTuningV2Config)}
 METHOD_KINDS: tuple[str, ...] = tuple(_METHODS)
-"""Every ``--method`` value."""
+"""Every single ``--method`` value; a combination joins several with ``+`` (:func:`combined_kinds`)."""
+_VIRTUAL = (PromptTuningConfig, PrefixConfig)
+
+
+def combined_kinds(kind: str) -> tuple[str, ...]:
+    """The part kinds of a combined kind such as ``"lora+adapter"``; ``ValueError`` naming an unknown or
+    empty part and the allowed kinds."""
+    if not isinstance(kind, str) or "+" not in kind:
+        raise ValueError(f"a combined method kind joins part kinds with '+' (e.g. lora+adapter), got {kind!r}")
+    names = tuple(kind.split("+"))
+    for name in names:
+        if name not in _METHODS:
+            raise ValueError(f"unknown part kind {name!r} in method {kind!r} (--method); allowed part kinds: "
+                             f"{', '.join(_METHODS)}, joined by '+'")
+    return names
+
+
+@dataclass(frozen=True, kw_only=True)
+class CombinedConfig(_Config):
+    """Several methods in one task (issue 11, item 6): each part acts where its own config says (its
+    targets, or the input sequence for a prompt/prefix part) under the one task name, and the task is
+    stored, loaded and routed as one. Where parts meet on one wrapped sub-layer they compose in the order
+    of ``core.adapted``: input scaling, base, output scaling, additive deltas, serial adapter
+    (``core.composed``). The kind is the parts' kinds joined by ``+``, e.g. ``lora+adapter``."""
+
+    parts: tuple[PartConfig, ...] = ()
+    """The methods combined, in order: at least two, at most one prompt/prefix kind ([method] parts)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.parts, list):
+            object.__setattr__(self, "parts", tuple(self.parts))
+        if not isinstance(self.parts, tuple) or len(self.parts) < 2:
+            raise ValueError(f"a combined method needs at least two parts, got {self.parts!r}")
+        for i, part in enumerate(self.parts):
+            if isinstance(part, CombinedConfig):
+                raise ValueError(f"part {i} of a combined method is itself combined ({part.kind!r}); list its parts instead")
+            if type(part) not in _METHODS.values():
+                raise ValueError(f"part {i} of a combined method must be a method config of kind "
+                                 f"{', '.join(_METHODS)}, got {part!r}")
+        virtual = [i for i, part in enumerate(self.parts) if isinstance(part, _VIRTUAL)]
+        if len(virtual) > 1:
+            a, b = (self.parts[i].kind for i in virtual[:2])
+            raise ValueError(f"parts {virtual[0]} ({a}) and {virtual[1]} ({b}) of method {self.kind!r} are both "
+                             "prompt/prefix kinds; a task holds at most one (they would share the task's one "
+                             "virtual-token slot)")
+
+    @property  # type: ignore[misc]
+    def kind(self) -> str:  # type: ignore[override]
+        return "+".join(part.kind for part in self.parts)
+
+    @property
+    def virtual_part(self) -> int | None:
+        """Index of the prompt/prefix part, or None."""
+        return next((i for i, part in enumerate(self.parts) if isinstance(part, _VIRTUAL)), None)
+
+    @property
+    def linear_parts(self) -> dict[int, PartConfig]:
+        """The parts that wrap linear sub-layers, by index."""
+        return {i: part for i, part in enumerate(self.parts) if not isinstance(part, _VIRTUAL)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "parts": [part.to_dict() for part in self.parts]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CombinedConfig:  # type: ignore[override]
+        """From ``{"kind": "a+b", "parts": [{...}, {...}]}``: either key may be left out (``kind`` alone
+        gives default parts; a part without ``kind`` takes it from its place in ``kind``)."""
+        check_keys(data, ["kind", "parts"], "a combined [method]")
+        kind, parts = data.get("kind"), data.get("parts")
+        names = combined_kinds(kind) if kind is not None else None
+        if parts is None:
+            if names is None:
+                raise ValueError("a combined method needs kind = 'a+b' (e.g. lora+adapter) or a parts list")
+            parts = [{} for _ in names]
+        if not isinstance(parts, (list, tuple)) or not all(isinstance(p, dict) for p in parts):
+            raise ValueError(f"parts of a combined method must be a list of tables, got {parts!r}")
+        if names is not None and len(names) != len(parts):
+            raise ValueError(f"method kind {kind!r} names {len(names)} parts but parts lists {len(parts)}")
+        built = []
+        for i, part in enumerate(parts):
+            given = part.get("kind", names[i] if names else None)
+            if names is not None and given != names[i]:
+                raise ValueError(f"part {i} has kind {given!r} but method kind {kind!r} puts {names[i]!r} there")
+            if given not in _METHODS:
+                raise ValueError(f"part {i} of a combined method needs a kind from {', '.join(_METHODS)}, got {given!r}")
+            try:
+                built.append(_METHODS[given].from_dict({**part, "kind": given}))
+            except ValueError as err:
+                raise ValueError(f"part {i} ({given}): {err}") from None
+        return cls(parts=tuple(built))  # type: ignore[arg-type]
+
+
+MethodConfig = PartConfig | CombinedConfig
+"""Any task's method: one kind, or a combination."""
 
 
 def method_from_dict(data: dict[str, Any]) -> MethodConfig:
-    """Build a method config from its ``to_dict`` form; ``kind`` selects the class."""
+    """Build a method config from its ``to_dict`` form; ``kind`` selects the class (a kind with ``+``,
+    or a ``parts`` list, a :class:`CombinedConfig`)."""
     kind = data.get("kind")
+    if (isinstance(kind, str) and "+" in kind) or "parts" in data:
+        return CombinedConfig.from_dict(data)
     if kind not in _METHODS:
-        raise ValueError(f"method kind must be one of {', '.join(_METHODS)} (--method), got {kind!r}")
+        raise ValueError(f"method kind must be one of {', '.join(_METHODS)} (--method), or several joined by '+' "
+                         f"(e.g. lora+adapter), got {kind!r}")
     return _METHODS[kind].from_dict(data)  # type: ignore[return-value]
 
 

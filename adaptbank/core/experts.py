@@ -69,7 +69,7 @@ from torch import Tensor, nn
 from adaptbank.core.config import AdapterConfig, BitFitConfig, IA3Config, LoRAConfig, ParallelAdapterConfig
 
 __all__ = ["Expert", "LoRAExpert", "ParallelAdapterExpert", "SerialAdapterExpert", "BitFitExpert", "IA3Expert",
-           "IA3InputExpert", "Stack", "SIDES", "make_expert"]
+           "IA3InputExpert", "Stack", "SIDES", "expert_class", "make_expert"]
 
 SIDES: tuple[str, ...] = ("pre", "scale", "input", "output")
 """Where an expert acts, in the order a layer applies them (see the module docstring)."""
@@ -379,21 +379,26 @@ class IA3InputExpert(_Scaling):
         return (_flat(x) * _Scaling._gathered_scale(stack, index, weight)).reshape(x.shape)  # (B, T, I)
 
 
-def make_expert(d_in: int, d_out: int, cfg: LoRAConfig | AdapterConfig | ParallelAdapterConfig | BitFitConfig | IA3Config,
-                *, shared_A: nn.Parameter | None = None, feedforward: bool = False) -> Expert:
+def expert_class(cfg: LoRAConfig | AdapterConfig | ParallelAdapterConfig | BitFitConfig | IA3Config, *,
+                 feedforward: bool = False) -> type[Expert]:
     """The expert class for ``cfg.kind``; ``feedforward`` puts an (IA)^3 scale on the layer's input."""
-    if isinstance(cfg, LoRAConfig):
-        return LoRAExpert(d_in, d_out, cfg, shared_A=shared_A)
-    if shared_A is not None:
-        raise ValueError(f"a shared A is only for LoRA experts, not {cfg.kind!r}")
     if isinstance(cfg, IA3Config):
-        return IA3InputExpert(d_in, d_out, cfg) if feedforward else IA3Expert(d_in, d_out, cfg)
+        return IA3InputExpert if feedforward else IA3Expert
     if feedforward:
         raise ValueError(f"feedforward (input) scaling is only for ia3 experts, not {cfg.kind!r}")
-    if isinstance(cfg, BitFitConfig):
-        return BitFitExpert(d_in, d_out, cfg)
-    if isinstance(cfg, AdapterConfig):
-        return SerialAdapterExpert(d_in, d_out, cfg)
-    if isinstance(cfg, ParallelAdapterConfig):
-        return ParallelAdapterExpert(d_in, d_out, cfg)
-    raise TypeError(f"unknown method config {cfg!r}")
+    kinds: dict[type, type[Expert]] = {LoRAConfig: LoRAExpert, BitFitConfig: BitFitExpert,
+                                       AdapterConfig: SerialAdapterExpert, ParallelAdapterConfig: ParallelAdapterExpert}
+    if type(cfg) not in kinds:
+        raise TypeError(f"no linear expert for method config {cfg!r}")
+    return kinds[type(cfg)]
+
+
+def make_expert(d_in: int, d_out: int, cfg: LoRAConfig | AdapterConfig | ParallelAdapterConfig | BitFitConfig | IA3Config,
+                *, shared_A: nn.Parameter | None = None, feedforward: bool = False) -> Expert:
+    """A new expert of :func:`expert_class`; ``shared_A`` makes a LoRA task-B expert."""
+    cls = expert_class(cfg, feedforward=feedforward)
+    if shared_A is not None:
+        if cls is not LoRAExpert:
+            raise ValueError(f"a shared A is only for LoRA experts, not {cfg.kind!r}")
+        return LoRAExpert(d_in, d_out, cfg, shared_A=shared_A)  # type: ignore[arg-type]
+    return cls(d_in, d_out, cfg)  # type: ignore[call-arg]

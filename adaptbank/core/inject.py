@@ -17,10 +17,13 @@ from collections.abc import Iterator
 from torch import nn
 
 from adaptbank.core.adapted import AdaptedLinear, is_adaptable
-from adaptbank.core.config import IA3Config, MethodConfig
+from adaptbank.core.composed import check_composable
+from adaptbank.core.config import CombinedConfig, IA3Config, MethodConfig
+from adaptbank.core.experts import expert_class
 from adaptbank.routing.state import RoutingState
 
-__all__ = ["PRESET_ROLES", "FAMILY_ROLES", "resolve_targets", "inject", "add_experts", "iter_adapted", "family_of"]
+__all__ = ["PRESET_ROLES", "FAMILY_ROLES", "resolve_targets", "inject", "add_experts", "add_parts", "iter_adapted",
+           "family_of"]
 
 PRESET_ROLES: dict[str, tuple[str, ...]] = {
     "qv": ("q", "v"),
@@ -159,6 +162,32 @@ def add_experts(model: nn.Module, paths: list[str], state: RoutingState, name: s
         for path, layer in layers.items():
             layer.add_expert(name, method, shared_group=shared_group,  # type: ignore[arg-type]
                              feedforward=path in feedforward).train(training)
+    except Exception:
+        for layer in layers.values():
+            if name in layer.experts:
+                layer.remove_expert(name)
+        raise
+    return layers
+
+
+def add_parts(model: nn.Module, paths: dict[int, list[str]], state: RoutingState, name: str, method: CombinedConfig, *,
+              training: bool = False) -> dict[str, AdaptedLinear]:
+    """Combined task ``name``'s linear parts: part ``i`` on ``paths[i]``; each wrapped layer gets one
+    ``ComposedExpert`` of the parts that target it. Every layer is checked (``check_composable``) before
+    any expert is made; on any error the experts added so far are removed again."""
+    per_layer: dict[str, dict[int, tuple[object, bool]]] = {}
+    for i, part_paths in sorted(paths.items()):
+        cfg = method.parts[i]
+        feedforward = set(resolve_targets(model, cfg.feedforward)) if isinstance(cfg, IA3Config) else set()
+        for path in part_paths:
+            per_layer.setdefault(path, {})[i] = (cfg, path in feedforward)
+    for path, parts in per_layer.items():
+        check_composable([(i, method.parts[i].kind, expert_class(cfg, feedforward=ff))  # type: ignore[arg-type]
+                          for i, (cfg, ff) in parts.items()], path, method.kind)
+    layers = inject(model, sorted(per_layer, key=_natural_key), state)
+    try:
+        for path, layer in layers.items():
+            layer.add_parts(name, per_layer[path]).train(training)  # type: ignore[arg-type]
     except Exception:
         for layer in layers.values():
             if name in layer.experts:

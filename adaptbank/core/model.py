@@ -17,8 +17,12 @@ sends to one get a second pass under that task (top-1 only; ``attach_router`` re
 The backbone is never modified except by wrapping target linears (see ``inject``); it is called
 unchanged, and the gates reach the wrapped layers through one :class:`RoutingState`. Per-task state
 (experts inside the wrapped layers, heads here, task facts in ``self.tasks``) is keyed by task name.
-Tasks are stored through ``export_task``/``import_task`` as plain ``dict[str, Tensor]`` whose keys
-do not contain the task name, so files are portable between banks and names.
+Tasks are stored through ``export_task``/``import_task`` (``core.task_io``) as plain ``dict[str, Tensor]``
+whose keys do not contain the task name, so files are portable between banks and names.
+
+A combined method (``CombinedConfig``, e.g. ``prefix+lora``) is one task: its linear parts sit in the
+wrapped layers under the task name (``core.composed``), its prompt/prefix part in ``self.virtual``, its
+head here; it is routed, stored and removed as one.
 """
 
 from __future__ import annotations
@@ -29,15 +33,23 @@ from typing import Literal, cast
 import torch
 from torch import Tensor, nn
 
+from adaptbank.core import task_io
 from adaptbank.core.adapted import AdaptedLinear
 from adaptbank.core.backbone import Backbone, fingerprint
-from adaptbank.core.config import BitFitConfig, IA3Config, LoRAConfig, MethodConfig, validate_name
+from adaptbank.core.config import (
+    BitFitConfig,
+    CombinedConfig,
+    IA3Config,
+    LoRAConfig,
+    MethodConfig,
+    validate_name,
+)
 from adaptbank.core.experts import LoRAExpert
 from adaptbank.core.heads import ClassificationHead, row_logits
-from adaptbank.core.inject import add_experts, inject, iter_adapted, resolve_targets
+from adaptbank.core.inject import add_experts, add_parts, inject, resolve_targets
 from adaptbank.core.pooling import pool
 from adaptbank.core.prompts import check_positions
-from adaptbank.core.records import ModelOutput, TaskInfo, load_checked, share_frozen
+from adaptbank.core.records import ModelOutput, TaskInfo, share_frozen
 from adaptbank.core.seeding import seeded
 from adaptbank.core.virtual import VirtualExperts, is_virtual, virtual_rows
 from adaptbank.routing.lda import LDARouter
@@ -101,9 +113,11 @@ class AdaptBankModel(nn.Module):
             validate_name(name)
         if len(labels) < 2:
             raise ValueError(f"task {name!r} needs at least 2 labels, got {list(labels)!r}")
+        if shared_group is not None and not isinstance(method, LoRAConfig):
+            raise ValueError(f"--share-a works with LoRA only, not {method.kind!r}")
+        if isinstance(method, CombinedConfig):
+            return self._register(self._add_combined(name, method, labels), head_dropout)
         if is_virtual(method):
-            if shared_group is not None:
-                raise ValueError(f"--share-a works with LoRA only, not {method.kind!r}")
             self.virtual.add(name, method, self.encoder, labels, self.tokenizer).train(self.training)
             return self._register(TaskInfo(name, method, tuple(labels), ()), head_dropout)
         paths = self.target_paths(method)
@@ -115,6 +129,21 @@ class AdaptBankModel(nn.Module):
             self.shared_groups.setdefault(shared_group, tuple(paths))
         return self._register(TaskInfo(name, method, tuple(labels), tuple(paths), shared_group, owns), head_dropout)
 
+    def _add_combined(self, name: str, method: CombinedConfig, labels: Sequence[str]) -> TaskInfo:
+        """The linear parts in their target layers (one ``ComposedExpert`` per layer), then the prompt/prefix
+        part; on an error nothing of the task is left."""
+        layers = add_parts(self.backbone, {i: self.target_paths(p) for i, p in method.linear_parts.items()},
+                           self.state, name, method, training=self.training)
+        if method.virtual_part is not None:
+            try:
+                part = method.parts[method.virtual_part]
+                self.virtual.add(name, part, self.encoder, labels, self.tokenizer).train(self.training)
+            except Exception:
+                for layer in layers.values():
+                    layer.remove_expert(name)
+                raise
+        return TaskInfo(name, method, tuple(labels), tuple(layers))
+
     def _register(self, info: TaskInfo, head_dropout: float) -> TaskInfo:
         self._new_head(info.name, info.labels, head_dropout)
         self.tasks[info.name] = info
@@ -122,7 +151,9 @@ class AdaptBankModel(nn.Module):
         return info
 
     def target_paths(self, method: MethodConfig) -> list[str]:
-        """Module paths that ``method.targets`` selects in this backbone."""
+        """Module paths that ``method.targets`` (of a single kind) selects in this backbone."""
+        if isinstance(method, CombinedConfig):
+            raise TypeError(f"a combined method ({method.kind!r}) has targets per part; pass a part")
         paths = resolve_targets(self.backbone, method.targets)
         if self.encoder is not self.backbone:  # encoder-decoder (T5): classification reads the encoder only
             paths = [p for p in paths if p.startswith("encoder.")]
@@ -225,10 +256,8 @@ class AdaptBankModel(nn.Module):
         """Parameters of task ``name``'s experts. A shared A counts when the task owns its group
         (``include_shared=None``), always (True) or never (False)."""
         info = self._info(name)
-        if name in self.virtual:
-            return list(self.virtual.get(name).parameters())
         keep_shared = info.owns_shared if include_shared is None else include_shared
-        out: list[nn.Parameter] = []
+        out = list(self.virtual.get(name).parameters()) if name in self.virtual else []
         for layer in self.layers_of(name).values():
             expert = layer.experts[name]
             shared_A = expert.A if isinstance(expert, LoRAExpert) and info.shared_group else None
@@ -365,8 +394,14 @@ class AdaptBankModel(nn.Module):
         info = self._info(name)
         if self.merged is not None:
             raise RuntimeError(f"task {self.merged!r} is already merged; unmerge() before merging {name!r}")
-        if not isinstance(info.method, (LoRAConfig, BitFitConfig, IA3Config)):
+        parts = info.method.parts if isinstance(info.method, CombinedConfig) else (info.method,)
+        bad = next((p for p in parts if not isinstance(p, (LoRAConfig, BitFitConfig, IA3Config))), None)
+        if bad is not None and bad is info.method:
             raise TypeError(f"only LoRA, bitfit and ia3 tasks can be merged; {name!r} uses {info.method.kind!r}")
+        if bad is not None:
+            why = "a prompt/prefix acts outside the weights" if is_virtual(bad) else "a bottleneck is not linear"
+            raise TypeError(f"only LoRA, bitfit and ia3 tasks, or combinations of only those, can be merged; task "
+                            f"{name!r} uses {info.method.kind!r}, whose {bad.kind} part cannot be folded ({why})")
         if self.state.mixing:
             raise RuntimeError("cannot merge while gates mix several experts per example; route one task first")
         done: list[AdaptedLinear] = []
@@ -391,53 +426,14 @@ class AdaptBankModel(nn.Module):
 
     # ----------------------------------------------------------------------------- export / import
     def export_task(self, name: str) -> dict[str, dict[str, Tensor]]:
-        """``{"adapter": {"<path>.<key>": t}, "head": {...}}``; a shared A is exported by its group."""
-        adapter = {f"{p}.{k}": v.detach().clone() for p, layer in self.layers_of(name).items()
-                   for k, v in layer.expert_state(name).items()}
-        if name in self.virtual:
-            adapter = self.virtual.state_of(name)  # "prompt" or "prefix.key"/"prefix.value", collapsed
-        head = {k: v.detach().clone() for k, v in self.heads[name].linear.state_dict().items()}
-        return {"adapter": adapter, "head": head}
+        """``{"adapter": {key: t}, "head": {...}}``, keys free of the task name (``core.task_io``)."""
+        return task_io.export_task(self, name)
 
     def export_shared(self, group: str) -> dict[str, Tensor]:
         """The shared A of ``group`` in every layer: ``{"<path>.A": (r, I)}``."""
-        return {f"{p}.A": layer.shared_A[group].detach().clone() for p, layer in iter_adapted(self.backbone)
-                if group in layer.shared_A}
+        return task_io.export_shared(self, group)
 
     def import_task(self, name: str, method: MethodConfig, labels: Sequence[str], files: dict[str, dict[str, Tensor]],
                     *, shared_group: str | None = None, shared: dict[str, Tensor] | None = None) -> TaskInfo:
-        """Add task ``name`` and load its tensors; any missing key, extra key or shape mismatch is an
-        error naming the layer and both shapes, and leaves the model without the task."""
-        info = self.add_task(name, method, labels, shared_group=shared_group)
-        self.virtual.collapse(name)  # stored prefixes are plain tensors, never the training-time MLP
-        try:
-            expected = self.export_task(name)
-            if shared_group is not None and info.owns_shared:
-                if shared is None:
-                    raise ValueError(f"task {name!r} is the first of shared-A group {shared_group!r} "
-                                     "but no shared A tensors were given")
-                load_checked(self.export_shared(shared_group), shared, f"shared A of group {shared_group!r}",
-                              lambda k, v: self._set_shared(shared_group, k, v))
-            for part in ("adapter", "head"):
-                load_checked(expected[part], files.get(part, {}), f"{part} of task {name!r}",
-                              lambda k, v, part=part: self._set_tensor(name, part, k, v))
-        except Exception:
-            self.remove_task(name)
-            raise
-        return info
-
-    def _set_tensor(self, name: str, part: str, key: str, value: Tensor) -> None:
-        if part == "head":
-            target = self.heads[name].linear.get_parameter(key)
-        elif name in self.virtual:
-            return self.virtual.set_tensor(name, key, value)
-        else:
-            path = next(p for p in self.tasks[name].paths if key.startswith(p + "."))
-            target = self.backbone.get_submodule(path).experts[name].get_parameter(key[len(path) + 1:])
-        with torch.no_grad():
-            target.copy_(value)
-
-    def _set_shared(self, group: str, key: str, value: Tensor) -> None:
-        path = key[: -len(".A")]
-        with torch.no_grad():
-            self.backbone.get_submodule(path).shared_A[group].copy_(value)
+        """Add task ``name`` and load its tensors, checked first; on an error the model is without the task."""
+        return task_io.import_task(self, name, method, labels, files, shared_group=shared_group, shared=shared)

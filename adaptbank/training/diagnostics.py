@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from adaptbank.core.composed import expert_parts
 from adaptbank.core.experts import LoRAExpert
 from adaptbank.core.model import AdaptBankModel
 
@@ -68,13 +69,15 @@ NONZERO_START = ("A", "down")
 def parameter_groups(model: AdaptBankModel, name: str) -> dict[str, list[nn.Parameter]]:
     """Task ``name``'s trainable parameters by group: ``<layer path>.<role>`` per expert parameter role
     (the first component of the parameter's name in the expert: ``A``, ``B``, ``down``, ``up``) and
-    ``head``. A shared A the task does not own is not trained and is left out."""
+    ``head``; a combined task's groups carry its part's storage prefix (``1.lora.<layer path>.A``). A
+    shared A the task does not own is not trained and is left out."""
     trained = {id(p) for p in model.expert_parameters(name)}
     groups: dict[str, list[nn.Parameter]] = {}
     for path, layer in model.layers_of(name).items():
-        for pname, p in layer.experts[name].named_parameters():
-            if id(p) in trained:
-                groups.setdefault(f"{path}.{pname.split('.')[0]}", []).append(p)
+        for label, part in expert_parts(layer.experts[name]):  # type: ignore[arg-type]
+            for pname, p in part.named_parameters():
+                if id(p) in trained:
+                    groups.setdefault(f"{label}.{path}.{pname.split('.')[0]}".lstrip("."), []).append(p)
     groups["head"] = list(model.heads[name].parameters())
     return groups
 
@@ -190,11 +193,12 @@ def _rank_of(sigma: Tensor, energy: float) -> int:
 def rank_suggestions(model: AdaptBankModel, name: str, energy: float = ENERGY) -> dict[str, Any] | None:
     """Per LoRA layer of task ``name`` the suggested rank, and the overall one (the max over layers);
     None when the task has no LoRA experts."""
-    per_layer = {path: rank_suggestion(e.A, e.B, e.scaling, energy) for path, layer in model.layers_of(name).items()
-                 if isinstance(e := layer.experts[name], LoRAExpert)}
+    loras = {f"{label}.{path}".lstrip("."): e for path, layer in model.layers_of(name).items()
+             for label, e in expert_parts(layer.experts[name]) if isinstance(e, LoRAExpert)}  # type: ignore[arg-type]
+    per_layer = {key: rank_suggestion(e.A, e.B, e.scaling, energy) for key, e in loras.items()}
     if not per_layer:
         return None
-    ranks = [e.rank for layer in model.layers_of(name).values() if isinstance(e := layer.experts[name], LoRAExpert)]
+    ranks = [e.rank for e in loras.values()]
     return {"energy": energy, "rule": "max over layers", "rank": max(ranks), "overall": max(per_layer.values()),
             "per_layer": per_layer}
 
