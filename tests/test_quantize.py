@@ -208,6 +208,8 @@ def test_bitfit_and_ia3_merge_into_a_quantized_base(family, method, inputs):
     model.unmerge()
     assert all(layer.base is originals[p][0] and layer.base.bias is originals[p][1] for p, layer in layers.items())
     assert torch.equal(model.features(**inputs), unmerged)
+    with pytest.raises(TypeError, match=f"task 'a' uses '{method}'"):
+        merge_into_quantized(model, "a", **inputs)
 
 
 @pytest.fixture

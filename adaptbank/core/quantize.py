@@ -296,6 +296,10 @@ def merge_into_quantized(model: AdaptBankModel, name: str, input_ids: Tensor, at
     ``quant(dequant(Q) + (alpha/r) B A)``) and report the error that introduced, on the weights and on
     the pooled features of the batch ``input_ids``, ``attention_mask`` ``(B, T)``. ``unmerge()``
     restores the quantised base exactly."""
+    kind = model.tasks[name].method.kind if name in model.tasks else None
+    if kind != "lora":
+        raise TypeError(f"merge_into_quantized reports the error of a LoRA merge; task {name!r} uses {kind!r} "
+                        "(model.merge folds BitFit and (IA)^3 into a quantised base too, without the report)")
     layers = model.layers_of(name)
     plain = [p for p, layer in layers.items() if not isinstance(layer.base, QuantizedLinear)]
     if plain:
