@@ -12,7 +12,7 @@ there (the update reaches k too), as peft does.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from torch import nn
 
@@ -157,17 +157,9 @@ def add_experts(model: nn.Module, paths: list[str], state: RoutingState, name: s
     is also one of ``method.feedforward`` (peft's ``feedforward_modules``), its output elsewhere. On any
     error the experts added so far are removed again."""
     feedforward = set(resolve_targets(model, method.feedforward)) & set(paths) if isinstance(method, IA3Config) else set()
-    layers = inject(model, paths, state)
-    try:
-        for path, layer in layers.items():
-            layer.add_expert(name, method, shared_group=shared_group,  # type: ignore[arg-type]
-                             feedforward=path in feedforward).train(training)
-    except Exception:
-        for layer in layers.values():
-            if name in layer.experts:
-                layer.remove_expert(name)
-        raise
-    return layers
+    return _fill(inject(model, paths, state), name, training,
+                 lambda path, layer: layer.add_expert(name, method, shared_group=shared_group,  # type: ignore[arg-type]
+                                                      feedforward=path in feedforward))
 
 
 def add_parts(model: nn.Module, paths: dict[int, list[str]], state: RoutingState, name: str, method: CombinedConfig, *,
@@ -184,10 +176,17 @@ def add_parts(model: nn.Module, paths: dict[int, list[str]], state: RoutingState
     for path, parts in per_layer.items():
         check_composable([(i, method.parts[i].kind, expert_class(cfg, feedforward=ff))  # type: ignore[arg-type]
                           for i, (cfg, ff) in parts.items()], path, method.kind)
-    layers = inject(model, sorted(per_layer, key=_natural_key), state)
+    return _fill(inject(model, sorted(per_layer, key=_natural_key), state), name, training,
+                 lambda path, layer: layer.add_parts(name, per_layer[path]))  # type: ignore[arg-type]
+
+
+def _fill(layers: dict[str, AdaptedLinear], name: str, training: bool,
+          add: Callable[[str, AdaptedLinear], nn.Module]) -> dict[str, AdaptedLinear]:
+    """Give every wrapped layer task ``name``'s expert by ``add(path, layer)`` (in train mode when
+    ``training``); on any error the experts added so far are removed again, and the error is raised."""
     try:
         for path, layer in layers.items():
-            layer.add_parts(name, per_layer[path]).train(training)  # type: ignore[arg-type]
+            add(path, layer).train(training)
     except Exception:
         for layer in layers.values():
             if name in layer.experts:
