@@ -161,11 +161,6 @@ def save_head(head, folder: Path) -> None:
     save_file({k: v.contiguous() for k, v in head[1].state_dict().items()}, str(folder / "head.safetensors"))
 
 
-def pooled_mean(hidden, mask):
-    m = mask.to(hidden.dtype)[..., None]  # (B, T, 1)
-    return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, D)
-
-
 def train_peer(encode, params: list, head, data: dict, spec: dict) -> dict:
     """``encode(batch) -> (B, T, D)`` hidden states of the real tokens; trains ``params`` and ``head`` with
     ``train_task``'s batches, optimiser and schedule; returns accuracy, speed and peak memory."""
@@ -173,6 +168,7 @@ def train_peer(encode, params: list, head, data: dict, spec: dict) -> dict:
     import torch.nn.functional as F
 
     from adaptbank.core.config import TrainConfig
+    from adaptbank.core.pooling import mean_pool
     from adaptbank.data.tokens import batches, collate
     from adaptbank.training.loop import make_optimizer, total_steps
 
@@ -194,7 +190,7 @@ def train_peer(encode, params: list, head, data: dict, spec: dict) -> dict:
                 if steps >= total:
                     break
                 batch = collate([ids[i] for i in chunk], pad)
-                loss = F.cross_entropy(head(pooled_mean(encode(batch), batch["attention_mask"])), y_all[chunk])
+                loss = F.cross_entropy(head(mean_pool(encode(batch), batch["attention_mask"])), y_all[chunk])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip > 0:
@@ -210,7 +206,7 @@ def train_peer(encode, params: list, head, data: dict, spec: dict) -> dict:
     with torch.no_grad():
         for chunk in batches(test_ids, 64, shuffle=False):
             batch = collate([test_ids[i] for i in chunk], pad)
-            pred[chunk] = head(pooled_mean(encode(batch), batch["attention_mask"])).argmax(1)
+            pred[chunk] = head(mean_pool(encode(batch), batch["attention_mask"])).argmax(1)
     return {"accuracy": int((pred == y_test).sum()) / len(y_test), "train_ex_per_s": seen / seconds,
             "train_seconds": seconds, "steps": steps, "final_loss": losses[-1], "train_peak_mib": mem.mib,
             "peak_method": mem.method}
