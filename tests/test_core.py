@@ -17,6 +17,7 @@ METHODS = {
     "adapter-houlsby": AdapterConfig(bottleneck=6, targets="houlsby"),
     "adapter-pfeiffer": AdapterConfig(bottleneck=6, targets="pfeiffer"),
     "parallel": ParallelAdapterConfig(bottleneck=6, targets="ffn"),
+    "parallel-block": ParallelAdapterConfig(bottleneck=6),
 }
 
 
@@ -50,7 +51,7 @@ def test_new_expert_is_bit_identical_to_base(family, method, inputs):
 @pytest.mark.parametrize("method", list(METHODS) + ["mixed-kinds"])
 def test_mixed_batch_rows_equal_single_task_runs(family, method, inputs):
     model = AdaptBankModel(tiny_backbone(family))
-    kinds = [METHODS[method]] * 3 if method != "mixed-kinds" else [METHODS["lora"], METHODS["adapter-houlsby"], METHODS["parallel"]]
+    kinds = [METHODS[method]] * 3 if method != "mixed-kinds" else [METHODS["lora"], METHODS["adapter-houlsby"], METHODS["parallel-block"]]
     for i, (name, cfg) in enumerate(zip("abc", kinds)):
         model.add_task(name, cfg, ["x", "y"])
         randomize(model, name, seed=i)

@@ -53,7 +53,7 @@ from adaptbank.core.config import AdapterConfig, BitFitConfig, IA3Config, LoRACo
 from adaptbank.core.experts import SIDES, Expert, LoRAExpert, Stack, make_expert
 from adaptbank.routing.state import RoutingState
 
-__all__ = ["AdaptedLinear", "is_adaptable", "linear_shape"]
+__all__ = ["AdaptedLinear", "ZeroBase", "is_adaptable", "linear_shape"]
 
 try:  # GPT-2 family projections
     from transformers.pytorch_utils import Conv1D
@@ -66,9 +66,28 @@ def is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D)) or _is_quantized(module)
 
 
+class ZeroBase(nn.Module):
+    """The base of an adapted layer that runs beside a whole block (``core.block.AdaptedBlock``) rather
+    than beside one linear: ``x (B, T, D) -> 0 (B, T, D)``, so the layer returns its experts' delta alone.
+    It holds no parameters; an empty buffer carries the device and dtype (``.weight``) experts are made in."""
+
+    def __init__(self, width: int, *, like: Tensor) -> None:
+        super().__init__()
+        self.in_features = self.out_features = width
+        self.register_buffer("anchor", like.new_zeros(0), persistent=False)
+        self.bias = None
+
+    @property
+    def weight(self) -> Tensor:
+        return self.anchor
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)  # (B, T, D)
+
+
 def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """``(d_in, d_out)`` of a Linear or Conv1D."""
-    if isinstance(module, nn.Linear):
+    """``(d_in, d_out)`` of a Linear, Conv1D, quantised linear or :class:`ZeroBase`."""
+    if isinstance(module, (nn.Linear, ZeroBase)):
         return module.in_features, module.out_features
     if bool(Conv1D) and isinstance(module, Conv1D):
         return module.weight.shape[0], module.weight.shape[1]
@@ -126,6 +145,7 @@ class AdaptedLinear(nn.Module):
         ``feedforward`` makes an (IA)^3 expert scale this layer's input instead of its output."""
         if name in self.experts:
             raise KeyError(f"expert {name!r} already exists in this layer")
+        self._check_beside(cfg)
         shared = None
         if shared_group is not None:
             if not isinstance(cfg, LoRAConfig):
@@ -148,11 +168,19 @@ class AdaptedLinear(nn.Module):
         in index order and held as one :class:`~adaptbank.core.composed.ComposedExpert`."""
         if name in self.experts:
             raise KeyError(f"expert {name!r} already exists in this layer")
+        for cfg, _ in parts.values():
+            self._check_beside(cfg)
         made = {i: make_expert(self.d_in, self.d_out, cfg, feedforward=ff) for i, (cfg, ff) in sorted(parts.items())}
         expert = ComposedExpert(made, {i: cfg.kind for i, (cfg, _) in parts.items()})
         self.experts[name] = expert.to(device=self.base.weight.device, dtype=self.base.weight.dtype)
         self._stack_key = None
         return expert
+
+    def _check_beside(self, cfg: object) -> None:
+        """Beside a whole block (a :class:`ZeroBase`) only a parallel adapter has a meaning."""
+        if isinstance(self.base, ZeroBase) and not isinstance(cfg, ParallelAdapterConfig):
+            raise ValueError(f"this layer runs beside a whole feed-forward block, where only a parallel adapter "
+                             f"goes (targets ffn-block); got {getattr(cfg, 'kind', cfg)!r}")
 
     def set_shared(self, group: str, A: Tensor) -> None:
         """Hold a shared A ``(r, I)`` for ``group`` (frozen), e.g. loaded from a bank."""

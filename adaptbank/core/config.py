@@ -106,7 +106,8 @@ class AdapterConfig(_Config):
 
 @dataclass(frozen=True, kw_only=True)
 class ParallelAdapterConfig(_Config):
-    """Parallel adapter (He et al. 2021): ``W x + s * up(f(down(x)))`` beside the wrapped sub-layer."""
+    """Parallel adapter (He et al. 2021): ``FFN(x) + s * up(f(down(x)))`` beside the whole feed-forward block
+    (``ffn-block``, where He et al. put it), or ``W x + s * up(f(down(x)))`` beside one linear sub-layer."""
 
     kind: ClassVar[str] = "parallel-adapter"
     bottleneck: int = 64
@@ -115,8 +116,9 @@ class ParallelAdapterConfig(_Config):
     """Fixed scale s of the adapter branch (He et al. use 4)."""
     activation: Activation = "relu"
     """Non-linearity between down- and up-projection."""
-    targets: str | tuple[str, ...] = "ffn"
-    """Sub-layers to run beside; ``ffn`` is the feed-forward output projection."""
+    targets: str | tuple[str, ...] = "ffn-block"
+    """What to run beside: ``ffn-block`` the whole feed-forward block (reading the block's input, added to
+    its output), or linear sub-layers (``ffn``: the feed-forward output projection; any preset or pattern)."""
 
     def __post_init__(self) -> None:
         _positive("bottleneck", "--rank", self.bottleneck, integer=True)

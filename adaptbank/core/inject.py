@@ -1,7 +1,13 @@
 """Find target sub-layers of a Hugging Face model by preset or pattern, and wrap them.
 
-Presets name roles (q, k, v, o, ffn_in, ffn_out); each model family maps roles to module-name
-regexes, matched against the full dotted module path with ``re.search``. Families: BERT, RoBERTa,
+Presets name roles (q, k, v, o, ffn_in, ffn_out, ffn_block); each model family maps roles to module-name
+regexes, matched against the full dotted module path with ``re.search``. ``ffn_block`` is the whole
+feed-forward block, whose target is ``<block>.beside`` (a ``core.block.AdaptedBlock``'s adapted layer,
+made when the block is first targeted); only parallel adapters go there.
+
+Paths are *logical*: a wrapper (adapted layer, adapted block, router tap) names the module it wraps by
+``transparent_child`` and is looked through, so a sub-layer keeps its path whatever wraps it
+(:func:`logical_modules`, :func:`submodule`). Families: BERT, RoBERTa,
 XLM-R, ELECTRA (and MiniLM, which is a BERT), DistilBERT, GPT-2, LLaMA-style decoders (LLaMA,
 Mistral, Qwen2, SmolLM2), and T5.
 
@@ -17,13 +23,14 @@ from collections.abc import Callable, Iterator
 from torch import nn
 
 from adaptbank.core.adapted import AdaptedLinear, is_adaptable
+from adaptbank.core.block import BESIDE, AdaptedBlock, BlockForm
 from adaptbank.core.composed import check_composable
 from adaptbank.core.config import CombinedConfig, IA3Config, MethodConfig
 from adaptbank.core.experts import expert_class
 from adaptbank.routing.state import RoutingState
 
-__all__ = ["PRESET_ROLES", "FAMILY_ROLES", "resolve_targets", "inject", "add_experts", "add_parts", "iter_adapted",
-           "family_of"]
+__all__ = ["PRESET_ROLES", "FAMILY_ROLES", "FAMILY_BLOCKS", "resolve_targets", "inject", "add_experts", "add_parts",
+           "iter_adapted", "family_of", "logical_modules", "submodule"]
 
 PRESET_ROLES: dict[str, tuple[str, ...]] = {
     "qv": ("q", "v"),
@@ -34,6 +41,7 @@ PRESET_ROLES: dict[str, tuple[str, ...]] = {
     "pfeiffer": ("ffn_out",),
     "ffn": ("ffn_out",),
     "ia3": ("k", "v", "ffn_out"),
+    "ffn-block": ("ffn_block",),
 }
 
 _BERT = {
@@ -62,6 +70,60 @@ FAMILY_ROLES: dict[str, dict[str, str]] = {
 }
 
 
+_BERT_BLOCK: tuple[str, BlockForm] = (r"layer\.\d+\.output$", "residual")
+_LLAMA_BLOCK: tuple[str, BlockForm] = (r"layers\.\d+\.mlp$", "output")
+FAMILY_BLOCKS: dict[str, tuple[str, BlockForm]] = {
+    "bert": _BERT_BLOCK, "roberta": _BERT_BLOCK, "xlm-roberta": _BERT_BLOCK, "electra": _BERT_BLOCK,
+    "camembert": _BERT_BLOCK, "distilbert": (r"layer\.\d+\.ffn$", "output"), "gpt2": (r"h\.\d+\.mlp$", "output"),
+    "llama": _LLAMA_BLOCK, "mistral": _LLAMA_BLOCK, "qwen2": _LLAMA_BLOCK, "qwen3": _LLAMA_BLOCK,
+    "t5": (r"DenseReluDense$", "output"),
+}
+"""Per family: the regex of its feed-forward blocks and how a block is called (see ``core.block``)."""
+for _family, (_pattern, _) in FAMILY_BLOCKS.items():
+    FAMILY_ROLES[_family]["ffn_block"] = _pattern.removesuffix("$") + rf"\.{BESIDE}$"
+del _family, _pattern
+
+
+def logical_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module by its logical path: a wrapper's ``transparent_child`` shares the wrapper's path
+    (``x.base.weight`` reads ``x.weight``), and the outermost module of a path is the one kept."""
+    out: dict[str, nn.Module] = {}
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        out.setdefault(prefix, module)
+        through = getattr(module, "transparent_child", None)
+        for name, child in module.named_children():
+            walk(child, prefix if name == through else f"{prefix}.{name}" if prefix else name)
+
+    walk(model, "")
+    return out
+
+
+def submodule(model: nn.Module, path: str) -> nn.Module:
+    """The module at logical ``path`` (see :func:`logical_modules`); wrappers on the way are looked through."""
+    module = model
+    for part in path.split(".") if path else []:
+        module = _child(module, part, path)
+    return module
+
+
+def _child(module: nn.Module, part: str, path: str) -> nn.Module:
+    owner = _owner(module, part)
+    if owner is None:
+        raise AttributeError(f"{type(module).__name__} has no submodule {part!r} (looking up {path!r})")
+    return owner._modules[part]  # type: ignore[return-value]
+
+
+def _owner(module: nn.Module, part: str) -> nn.Module | None:
+    """The module that holds child ``part``: ``module`` itself or, through wrappers, the module it wraps."""
+    while part not in module._modules:
+        through = getattr(module, "transparent_child", None)
+        if through is None:
+            return None
+        module = getattr(module, through)
+    return module
+
+
 def family_of(model: nn.Module) -> str | None:
     """The model family (``config.model_type``) when adaptbank knows its module names."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -70,12 +132,19 @@ def family_of(model: nn.Module) -> str | None:
 
 def _candidates(model: nn.Module) -> list[str]:
     """Adaptable module names with layer numbers folded, e.g. ``encoder.layer.*.attention.self.query``."""
-    names = {re.sub(r"\.\d+\.", ".*.", n) for n, m in model.named_modules() if _plain_adaptable(m)}
-    return sorted(names)
+    return sorted({re.sub(r"\.\d+\.", ".*.", p) for p in _target_paths(model)})
 
 
-def _plain_adaptable(module: nn.Module) -> bool:
-    return is_adaptable(module) and not isinstance(module, AdaptedLinear)
+def _target_paths(model: nn.Module) -> set[str]:
+    """Logical paths an expert can go on: every linear (wrapped or not) and ``<block>.beside`` of every
+    feed-forward block of a known family (wrapped or not)."""
+    modules = logical_modules(model)
+    paths = {p for p, m in modules.items() if is_adaptable(m) or isinstance(m, AdaptedLinear)}
+    family = family_of(model)
+    if family in FAMILY_BLOCKS:
+        block = re.compile(FAMILY_BLOCKS[family][0])
+        paths |= {f"{p}.{BESIDE}" for p in modules if block.search(p)}
+    return paths
 
 
 def resolve_targets(model: nn.Module, targets: str | tuple[str, ...] | list[str]) -> list[str]:
@@ -84,9 +153,7 @@ def resolve_targets(model: nn.Module, targets: str | tuple[str, ...] | list[str]
     Raises ``ValueError`` for an unknown preset, a family without presets, or a pattern that matches
     no linear layer, listing what the model offers.
     """
-    paths = {n for n, m in model.named_modules() if is_adaptable(m)}
-    # A module already wrapped is found by its own path: its .base child is not a new target.
-    paths = {p[: -len(".base")] if p.endswith(".base") and _is_wrapped(model, p) else p for p in paths}
+    paths = _target_paths(model)
     if isinstance(targets, str):
         if targets not in PRESET_ROLES:
             raise ValueError(f"unknown target preset {targets!r}; allowed: {', '.join(PRESET_ROLES)} "
@@ -113,39 +180,54 @@ def resolve_targets(model: nn.Module, targets: str | tuple[str, ...] | list[str]
     return sorted(chosen, key=_natural_key)
 
 
-def _is_wrapped(model: nn.Module, base_path: str) -> bool:
-    parent = model.get_submodule(base_path[: -len(".base")])
-    return isinstance(parent, AdaptedLinear)
-
-
 def _natural_key(path: str) -> list[object]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
 
 
 def inject(model: nn.Module, paths: list[str], state: RoutingState) -> dict[str, AdaptedLinear]:
-    """Wrap each module at ``paths`` in an :class:`AdaptedLinear` sharing ``state`` (idempotent).
+    """Wrap each module at logical ``paths`` in an :class:`AdaptedLinear` sharing ``state`` (idempotent);
+    a path ``<block>.beside`` wraps the feed-forward block in an :class:`~adaptbank.core.block.AdaptedBlock`
+    and gives its ``beside`` layer.
 
-    Returns the wrapped layers by path. The wrapped module object is kept as ``.base``.
+    Returns the wrapped layers by path. The wrapped module object is kept as ``.base`` (``.block``).
     """
     out: dict[str, AdaptedLinear] = {}
     for path in paths:
-        module = model.get_submodule(path)
+        parent_path, _, child = path.rpartition(".")
+        if child == BESIDE and not isinstance(submodule(model, parent_path), AdaptedBlock):
+            _wrap_block(model, parent_path, state)
+        module = submodule(model, path)
         if isinstance(module, AdaptedLinear):
             out[path] = module
             continue
         if not is_adaptable(module):
             raise TypeError(f"{path} is a {type(module).__name__}; only nn.Linear and Conv1D can be adapted")
-        parent_path, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
         wrapped = AdaptedLinear(module, state)
-        setattr(parent, child, wrapped)
+        _replace(model, path, wrapped)
         out[path] = wrapped
     return out
 
 
+def _wrap_block(model: nn.Module, path: str, state: RoutingState) -> None:
+    family = family_of(model)
+    if family not in FAMILY_BLOCKS or not re.search(FAMILY_BLOCKS[family][0], path):
+        raise TypeError(f"{path} is not a feed-forward block adaptbank knows (families: {', '.join(FAMILY_BLOCKS)})")
+    width = getattr(getattr(model, "config", None), "hidden_size", None)
+    if not isinstance(width, int):
+        raise TypeError(f"cannot tell the hidden size of {type(model).__name__} for the block at {path}")
+    _replace(model, path, AdaptedBlock(submodule(model, path), width, state, FAMILY_BLOCKS[family][1]))
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    owner = _owner(submodule(model, parent_path), child)
+    assert owner is not None, path
+    setattr(owner, child, module)
+
+
 def iter_adapted(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
-    """Every wrapped layer of ``model`` with its path."""
-    for name, module in model.named_modules():
+    """Every wrapped layer of ``model`` with its logical path."""
+    for name, module in logical_modules(model).items():
         if isinstance(module, AdaptedLinear):
             yield name, module
 

@@ -46,7 +46,7 @@ from adaptbank.core.config import (
 )
 from adaptbank.core.experts import LoRAExpert
 from adaptbank.core.heads import ClassificationHead, row_logits
-from adaptbank.core.inject import add_experts, add_parts, inject, resolve_targets
+from adaptbank.core.inject import add_experts, add_parts, inject, resolve_targets, submodule
 from adaptbank.core.pooling import pool
 from adaptbank.core.prompts import check_positions
 from adaptbank.core.records import ModelOutput, TaskInfo, share_frozen
@@ -199,7 +199,7 @@ class AdaptBankModel(nn.Module):
 
     def _check_group_fits(self, group: str, method: MethodConfig, paths: Sequence[str]) -> None:
         held = self.shared_groups[group]
-        rank = self.backbone.get_submodule(held[0]).shared_A[group].shape[0]
+        rank = submodule(self.backbone, held[0]).shared_A[group].shape[0]
         if not isinstance(method, LoRAConfig) or method.rank != rank or set(held) != set(paths):
             raise ValueError(f"shared-A group {group!r} holds rank-{rank} A on {len(held)} layers; the new task asks "
                              f"for {method.kind} rank {getattr(method, 'rank', '-')} on {len(paths)} layers")
@@ -222,7 +222,7 @@ class AdaptBankModel(nn.Module):
         if self.merged == name:
             raise RuntimeError(f"task {name!r} is merged into the base weights; unmerge() first")
         for path in info.paths:
-            self.backbone.get_submodule(path).remove_expert(name)
+            submodule(self.backbone, path).remove_expert(name)
         if name in self.virtual:
             self.virtual.remove(name)
         del self.heads[name]
@@ -249,7 +249,7 @@ class AdaptBankModel(nn.Module):
         return self.tasks[name]
 
     def layers_of(self, name: str) -> dict[str, AdaptedLinear]:
-        return {p: self.backbone.get_submodule(p) for p in self._info(name).paths}  # type: ignore[misc]
+        return {p: submodule(self.backbone, p) for p in self._info(name).paths}  # type: ignore[misc]
 
     # ----------------------------------------------------------------------------- training setup
     def expert_parameters(self, name: str, *, include_shared: bool | None = None) -> list[nn.Parameter]:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from adaptbank.core.composed import expert_parts
 from adaptbank.core.config import CombinedConfig, MethodConfig
-from adaptbank.core.inject import iter_adapted
+from adaptbank.core.inject import iter_adapted, submodule
 from adaptbank.core.records import TaskInfo, load_checked
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ def _set_tensor(model: AdaptBankModel, name: str, part: str, key: str, value: Te
         elif name in model.virtual:
             return model.virtual.set_tensor(name, key, value)
         path = next(p for p in info.paths if key.startswith(p + "."))
-        expert = model.backbone.get_submodule(path).experts[name]
+        expert = submodule(model.backbone, path).experts[name]
         if index is not None:
             expert = expert.parts[index]
         target = expert.get_parameter(key[len(path) + 1:])
@@ -103,4 +103,4 @@ def _set_tensor(model: AdaptBankModel, name: str, part: str, key: str, value: Te
 def _set_shared(model: AdaptBankModel, group: str, key: str, value: Tensor) -> None:
     path = key[: -len(".A")]
     with torch.no_grad():
-        model.backbone.get_submodule(path).shared_A[group].copy_(value)
+        submodule(model.backbone, path).shared_A[group].copy_(value)
