@@ -120,6 +120,12 @@ def parse() -> argparse.Namespace:
     p.add_argument("--adapters-python", default=sys.executable,
                    help="python that can import adapters 1.3.0 (it pins transformers ~= 4.57: a venv of its own)")
     p.add_argument("--json", default=None, help="write the figures here; (task, method) pairs in it are kept (resumable)")
+    p.add_argument("--validation", action="store_true",
+                   help="choose settings without the test split: train on the first 3/4 of the training examples, "
+                        "score on the last 1/4 (reported in the accuracy column)")
+    p.add_argument("--impls", nargs="+", default=None, help="run only these implementations (e.g. adaptbank)")
+    p.add_argument("--lr", nargs="+", default=[], metavar="METHOD=LR",
+                   help="override the learning rate of a method (for every implementation of it), e.g. prefix=1e-3")
     p.add_argument("--redo", action="store_true", help="measure again even what --json already has")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one run, spec JSON path
     return p.parse_args()
@@ -421,13 +427,18 @@ def write_data(task: str, args: argparse.Namespace, folder: Path) -> tuple[Path,
 
     tokenizer = load_backbone().tokenizer
     data = load_task(task, max_train=args.max_train, max_test=args.max_test, seed=args.seed)
+    train, test = list(data.train), list(data.test)
+    if args.validation:  # the test split is never read: the last quarter of train is held out instead
+        cut = len(train) * 3 // 4
+        train, test = train[:cut], train[cut:]
     split = {s: {"texts": [e.text for e in ex], "labels": [e.label for e in ex],
                  "ids": tokenize(tokenizer, [e.text for e in ex], args.max_length)}
-             for s, ex in (("train", data.train), ("test", data.test))}
+             for s, ex in (("train", train), ("test", test))}
     blob = {"labels": list(data.labels), "pad": pad_id(tokenizer), **split}
     path = folder / f"{task}.json"
     path.write_text(json.dumps(blob))
-    return path, {"classes": len(data.labels), "n_train": len(data.train), "n_test": len(data.test)}
+    return path, {"classes": len(data.labels), "n_train": len(train), "n_test": len(test),
+                  "scored_on": "validation (last quarter of train)" if args.validation else "test"}
 
 
 def adapters_available(python: str) -> tuple[bool, str]:
@@ -468,6 +479,11 @@ def main() -> None:
 
     from adaptbank import TrainConfig
 
+    for item in args.lr:
+        method, _, value = item.partition("=")
+        if method not in LR or not value:
+            raise SystemExit(f"--lr {item!r}: expected METHOD=LR with METHOD one of {', '.join(LR)}")
+        LR[method] = float(value)
     print(f"load average at start: {os.getloadavg()}", flush=True)
     have_adapters, adapters_note = adapters_available(args.adapters_python)
     print(("" if have_adapters else "skipping the adapters rows: ") + adapters_note, flush=True)
@@ -488,6 +504,7 @@ def main() -> None:
                 cfg = TrainConfig(epochs=args.epochs, lr=LR[method], head_lr=LR[method], probe_init=False,
                                   seed=args.seed, max_length=args.max_length, batch_size=args.batch_size)
                 impls = IMPLS[method] if i % 2 == 0 else IMPLS[method][::-1]  # alternate who goes first
+                impls = [m for m in impls if args.impls is None or m in args.impls]
                 res: dict = {}
                 for impl in impls:
                     if impl == "adapters" and not have_adapters:
@@ -499,7 +516,7 @@ def main() -> None:
                         res[impl] = run_worker(python, spec, folder) | shape
                     shown = {k: v for k, v in res[impl].items() if k not in ("disk_files", "python")}
                     print(f"   {method:16} {impl:12} {shown}", flush=True)
-                done[method] = {impl: res[impl] for impl in IMPLS[method]}
+                done[method] = {impl: res[impl] for impl in IMPLS[method] if impl in res}
                 write_json(args.json, out, quiet=True)
             summarise(task, done, args.methods, rows, ratio_rows)
     print("\nrows: trainable % of the backbone's parameters (head excluded); accuracy on the test split; "

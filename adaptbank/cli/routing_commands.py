@@ -6,13 +6,14 @@ bank's stored :class:`~adaptbank.core.config.RouterConfig`.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
 import click
 
 from adaptbank.cli.errors import friendly
-from adaptbank.cli.inputs import read_jsonl_texts
+from adaptbank.cli.inputs import chunked, iter_jsonl_texts
 from adaptbank.cli.options import BANK_ROUTER, config_option, given, lock_timeout_option
 from adaptbank.cli.output import emit, pct
 from adaptbank.core.config import RouterConfig, TrainConfig
@@ -66,6 +67,10 @@ def eval_(bank: str, tasks: tuple[str, ...], routed: bool, top_k: int | None, te
     emit(res, as_json, text)
 
 
+PREDICT_CHUNK = 1024
+"""Inputs tokenized and predicted at a time by ``predict``: the input is streamed in chunks of this size."""
+
+
 @click.command()
 @_BANK
 @click.argument("texts", nargs=-1)
@@ -85,9 +90,9 @@ def predict(bank: str, texts: tuple[str, ...], input_file: str | None, task: str
     from adaptbank.bank.facade import AdapterBank
     from adaptbank.routing.predict import predict as run
 
-    items = list(texts) + (read_jsonl_texts(Path(input_file)) if input_file else [])
-    if not items:
+    if not texts and not input_file:
         raise click.UsageError("give TEXT arguments or --input FILE.jsonl")
+    items = itertools.chain(texts, iter_jsonl_texts(Path(input_file)) if input_file else ())
     length = TrainConfig(**given(max_length=max_length)).max_length
     b = AdapterBank.open(bank)
     if not b.tasks():
@@ -95,15 +100,19 @@ def predict(bank: str, texts: tuple[str, ...], input_file: str | None, task: str
     token = router_kind == "token"
     k = b.router_config.top_k if top_k is None else top_k  # also the token gates' head mixing
     model = b.load() if task else b.load_routed(top_k=k, temperature=temperature, token_level=token)
-    preds = run(model, items, task=task, max_length=length, token_level=token, top_k=k)
-    for i, p in enumerate(preds):
-        if p.truncated:
-            click.echo(f"warning: input {i + 1} is longer than {length} tokens and was truncated", err=True)
-        if as_json:
-            click.echo(json.dumps(p.to_dict(), ensure_ascii=False))
-        else:
-            mix = ", ".join(f"{t} {w:.2f}" for t, w in p.routing.items())
-            click.echo(f"{p.task}: {p.label} ({p.score:.2f})  [{mix}]  {p.text[:60]!r}")
+    seen = 0
+    for chunk in chunked(items, PREDICT_CHUNK):  # streamed: memory bounded by the chunk, not the input
+        for i, p in enumerate(run(model, chunk, task=task, max_length=length, token_level=token, top_k=k), seen):
+            if p.truncated:
+                click.echo(f"warning: input {i + 1} is longer than {length} tokens and was truncated", err=True)
+            if as_json:
+                click.echo(json.dumps(p.to_dict(), ensure_ascii=False))
+            else:
+                mix = ", ".join(f"{t} {w:.2f}" for t, w in p.routing.items())
+                click.echo(f"{p.task}: {p.label} ({p.score:.2f})  [{mix}]  {p.text[:60]!r}")
+        seen += len(chunk)
+    if not seen:
+        raise click.ClickException(f"{input_file}: no inputs (only blank lines)")
 
 
 @click.group()

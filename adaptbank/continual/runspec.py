@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adaptbank._limits import MAX_SPEC_BYTES, read_small_text
 from adaptbank.core.config import LoRAConfig, MethodConfig, TrainConfig, check_keys, method_from_dict
 from adaptbank.data.specs import TaskSpec, find_spec_file, list_task_specs, load_task_spec
 
@@ -284,8 +285,5 @@ def load_run_spec(path: str | os.PathLike[str]) -> RunSpec:
     if file is None or not file.is_file():
         raise ValueError(f"run spec {raw!r} not found: not a file, nor a shipped run spec; available: "
                          f"{', '.join(list_task_specs('runs')) or '(none)'}")
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"run spec {file} is not valid UTF-8: {err}") from None
+    text = read_small_text(file, MAX_SPEC_BYTES, "run spec")
     return run_spec_from_toml(text, source=str(file), base_dir=file.resolve().parent)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adaptbank._limits import check_size, max_data_bytes
 from adaptbank.data.builtin import BUILTIN_TASKS, generate
 from adaptbank.data.specs import TaskSpec, expand_source, load_task_spec, parse_builtin_source
 
@@ -163,18 +164,34 @@ class _Checker:
         return examples
 
 
-def _read_bytes(path: Path) -> bytes:
+def _open_checked(path: Path) -> None:
+    """A data file that exists, is a file and is not larger than the data limit (``adaptbank._limits``)."""
     try:
-        return path.read_bytes()
+        check_size(path, max_data_bytes(), "data file", "cut or sample it first, or raise ADAPTBANK_MAX_DATA_BYTES")
     except FileNotFoundError:
         raise DataFileNotFoundError(f"data file {path} not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{path} is a directory, expected a file") from None
+    except ValueError as err:
+        raise DataError(str(err)) from None
+    if path.is_dir():
+        raise DataError(f"{path} is a directory, expected a file")
+
+
+def _read_bytes(path: Path) -> bytes:
+    _open_checked(path)
+    return path.read_bytes()
+
+
+def _lines(path: Path) -> Iterable[bytes]:
+    """The file's lines, read one at a time (without their newline)."""
+    _open_checked(path)
+    with path.open("rb") as fh:
+        for raw in fh:
+            yield raw[:-1] if raw.endswith(b"\n") else raw
 
 
 def _jsonl(path: Path, check: _Checker) -> list[Example]:
     out: list[Example] = []
-    for lineno, raw in enumerate(_read_bytes(path).split(b"\n"), start=1):
+    for lineno, raw in enumerate(_lines(path), start=1):
         if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]  # UTF-8 byte-order mark
         try:

@@ -38,6 +38,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from adaptbank._limits import MAX_SPEC_BYTES, read_small_text
 from adaptbank.core.config import check_keys, validate_name
 from adaptbank.data.builtin import BUILTIN_SPLITS, BUILTIN_TASKS
 
@@ -326,8 +327,5 @@ def load_task_spec(path_or_name: str | os.PathLike[str]) -> TaskSpec:
         raise SpecNotFoundError(
             f"task spec {raw!r} not found (looked in {where}){hint} available: {', '.join(available) or '(none)'}"
         )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"task spec {path} is not valid UTF-8: {exc}") from None
+    text = read_small_text(path, MAX_SPEC_BYTES, "task spec")
     return spec_from_toml(text, origin=str(path), base_dir=path.resolve().parent)
