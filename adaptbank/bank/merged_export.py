@@ -26,11 +26,18 @@ import torch
 from torch import Tensor, nn
 
 from adaptbank.core.adapted import AdaptedLinear
+from adaptbank.core.composed import expert_parts
 from adaptbank.core.config import BitFitConfig, CombinedConfig, IA3Config, LoRAConfig
+from adaptbank.core.experts import BitFitExpert
 from adaptbank.core.inject import logical_modules
 from adaptbank.core.model import AdaptBankModel
 
 __all__ = ["MERGEABLE", "merged_state_dict", "write_merged"]
+
+try:  # GPT-2 family projections
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers always ships it today
+    Conv1D = ()  # type: ignore[assignment,misc]
 
 MERGEABLE = (LoRAConfig, BitFitConfig, IA3Config)
 """The method kinds that fold into the base weights."""
@@ -60,34 +67,33 @@ def _quantized(module: nn.Module) -> bool:
 def merged_state_dict(model: AdaptBankModel, name: str) -> dict[str, Tensor]:
     """The base's state dict under its own names with task ``name`` folded in (see the module docstring)."""
     _check_mergeable(model, name)
-    ref = _reference(model.backbone)
-    ref_modules = dict(ref.named_modules())
-    modules = logical_modules(model.backbone)
-    merged: dict[str, dict[str, Tensor]] = {}
+    ref_modules = dict(_reference(model.backbone).named_modules())  # the original layer classes, by path
     out: dict[str, Tensor] = {}
-    for key, want in ref.state_dict().items():
-        path, _, leaf = key.rpartition(".")
-        module = modules.get(path)
-        if module is None:
-            raise RuntimeError(f"the base has no module {path!r}, which its class {type(ref).__name__} declares")
-        base = module.base if isinstance(module, AdaptedLinear) else module
-        if leaf in ("weight", "bias") and (isinstance(module, AdaptedLinear) or _quantized(base)):
-            if path not in merged:
-                merged[path] = _merged_linear(module, name, conv=not isinstance(ref_modules[path], nn.Linear))
-            if leaf not in merged[path]:
-                raise RuntimeError(f"layer {path!r} has no {leaf} to write")
-            value = merged[path][leaf]
-        else:
-            value = getattr(base, leaf)
-        if tuple(value.shape) != tuple(want.shape):
-            raise RuntimeError(f"{key}: shape {tuple(value.shape)}, but {type(ref).__name__} declares {tuple(want.shape)}")
-        out[key] = value
-    for path, tensors in merged.items():
-        if "bias" in tensors and f"{path}.bias" not in out:
-            raise ValueError(f"task {name!r} puts a bias on layer {path!r}, which has none in {type(ref).__name__}'s "
-                             "checkpoint format (BitFit on a bias-free layer); a merged checkpoint cannot hold it, "
-                             "use --format adaptbank")
-    return out
+    linear: list[str] = []
+    for path, module in logical_modules(model.backbone).items():
+        if any(path.startswith(p + ".") for p in linear):
+            continue  # inside a wrapped or quantised linear: its experts, its shared A, its quantised codes
+        prefix = f"{path}." if path else ""
+        if isinstance(module, AdaptedLinear) or _quantized(module):
+            linear.append(path)
+            if isinstance(module, AdaptedLinear) and module.base.bias is None and name in module.experts:
+                _check_no_new_bias(module, name, path)
+            conv = bool(Conv1D) and isinstance(ref_modules.get(path), Conv1D)
+            out |= {prefix + k: v for k, v in _merged_linear(module, name, conv=conv).items()}
+            continue
+        if getattr(module, "transparent_child", None) is not None:
+            continue  # a wrapper's own tensors are none: its child holds the base's under this path
+        hidden = module._non_persistent_buffers_set
+        out |= {prefix + k: v for k, v in module.named_parameters(recurse=False)}
+        out |= {prefix + k: v for k, v in module.named_buffers(recurse=False) if v is not None and k not in hidden}
+    return {k: v.detach() for k, v in out.items()}
+
+
+def _check_no_new_bias(layer: AdaptedLinear, name: str, path: str) -> None:
+    """BitFit on a layer the base class gives no bias: a merged checkpoint has no name to hold the delta under."""
+    if any(isinstance(part, BitFitExpert) for _, part in expert_parts(layer.experts[name])):  # type: ignore[arg-type]
+        raise ValueError(f"task {name!r} puts a bias on layer {path!r}, which has none in the base's checkpoint "
+                         "format (BitFit on a bias-free layer); a merged checkpoint cannot hold it, use --format adaptbank")
 
 
 def _merged_linear(module: nn.Module, name: str, *, conv: bool) -> dict[str, Tensor]:

@@ -168,8 +168,20 @@ def from_peft(model: AdaptBankModel, adapter: PeftAdapter) -> tuple[PartConfig, 
         raise PeftFormatError(f"peft_type {kind!r} is not supported; adaptbank reads {', '.join(PEFT_TYPES)}")
     if kind in ("PROMPT_TUNING", "PREFIX_TUNING"):
         return _virtual_from_peft(model, adapter)
+    _check_options(adapter.config)
     per_path = _per_module(model, adapter.tensors, ("lora_A.weight", "lora_B.weight") if kind == "LORA" else ("ia3_l",))
     return (_lora_from_peft if kind == "LORA" else _ia3_from_peft)(model, adapter.config, per_path)
+
+
+def _check_options(config: dict[str, Any]) -> None:
+    """Refuse the LoRA / IA3 options whose effect adaptbank cannot hold, all named at once."""
+    kind = config["peft_type"]
+    off = [f"{k}={config[k]!r} ({v})" for k, v in _LORA_OFF.items()
+           if config.get(k) and (kind == "LORA" or k == "modules_to_save")]
+    if kind == "LORA" and config.get("bias", "none") != "none":
+        off.append(f"bias={config['bias']!r} (base biases trained with the LoRA)")
+    if off:
+        raise PeftFormatError(f"{'LoRA' if kind == 'LORA' else kind} options adaptbank cannot hold: {'; '.join(off)}")
 
 
 def _per_module(model: AdaptBankModel, tensors: dict[str, Tensor], leaves: tuple[str, ...]) -> dict[str, dict[str, Tensor]]:
@@ -199,7 +211,10 @@ def _per_module(model: AdaptBankModel, tensors: dict[str, Tensor], leaves: tuple
 def _why(key: str) -> str:
     hints = {"lora_magnitude_vector": "DoRA (use_dora) is not supported", "lora_embedding": "LoRA on an embedding "
              "layer is not supported", "modules_to_save": "modules_to_save copies are not supported",
-             ".bias": "trained biases (bias='all' / 'lora_only') are not supported"}
+             ".bias": "trained biases (bias='all' / 'lora_only') are not supported",
+             "embed": "peft saved the embedding layers (a resized vocabulary, save_embedding_layers): adaptbank keeps "
+             "the base's embeddings frozen", "wte.": "peft saved the embedding layers (a resized vocabulary, "
+             "save_embedding_layers): adaptbank keeps the base's embeddings frozen"}
     return next((v for k, v in hints.items() if k in key), "adaptbank holds LoRA A/B, IA3 scales, prompts and prefixes")
 
 
@@ -210,11 +225,6 @@ def _shape_of(model: AdaptBankModel, path: str) -> tuple[int, int]:
 
 def _lora_from_peft(model: AdaptBankModel, config: dict[str, Any],
                     per_path: dict[str, dict[str, Tensor]]) -> tuple[LoRAConfig, dict[str, Tensor]]:
-    off = [f"{k}={config[k]!r} ({v})" for k, v in _LORA_OFF.items() if config.get(k)]
-    if config.get("bias", "none") != "none":
-        off.append(f"bias={config['bias']!r} (base biases trained with the LoRA)")
-    if off:
-        raise PeftFormatError(f"LoRA options adaptbank cannot hold: {'; '.join(off)}")
     alpha, rslora = float(config.get("lora_alpha", 8)), bool(config.get("use_rslora"))
     alphas = config.get("alpha_pattern") or {}
     scales, pairs = {}, {}
@@ -231,13 +241,15 @@ def _lora_from_peft(model: AdaptBankModel, config: dict[str, Any],
         a = float(alphas[key]) if (key := _pattern_key(alphas, path)) is not None else alpha
         scales[path], pairs[path] = a / (math.sqrt(r) if rslora else r), (A, B)
     rank = max(A.shape[0] for A, _ in pairs.values())
-    ref = next(iter(scales.values()))
+    values = list(scales.values())
+    ref = max(values, key=values.count)  # the commonest scale: those layers keep their B bit for bit
     cfg = LoRAConfig(rank=rank, alpha=ref * rank, dropout=float(config.get("lora_dropout", 0.0)),
                      targets=_exact_patterns(pairs))
     tensors: dict[str, Tensor] = {}
     for path, (A, B) in pairs.items():
         r = A.shape[0]
-        B = B if scales[path] == ref else B * (scales[path] / ref)  # this layer's scale, folded into B
+        if scales[path] != ref:  # this layer's own scale folded into B (rounded once, in float64)
+            B = (B.double() * (scales[path] / ref)).to(B.dtype)
         tensors[f"{path}.A"] = torch.cat([A, A.new_zeros(rank - r, A.shape[1])])  # (R, I)
         tensors[f"{path}.B"] = torch.cat([B, B.new_zeros(B.shape[0], rank - r)], 1)  # (O, R)
     _check_paths(model, cfg, pairs)
@@ -252,9 +264,6 @@ def _pattern_key(patterns: dict[str, Any], path: str) -> str | None:
 
 def _ia3_from_peft(model: AdaptBankModel, config: dict[str, Any],
                    per_path: dict[str, dict[str, Tensor]]) -> tuple[IA3Config, dict[str, Tensor]]:
-    if config.get("modules_to_save"):
-        raise PeftFormatError(f"IA3 option modules_to_save={config['modules_to_save']!r} (full trained copies of "
-                              "base modules) cannot be held by adaptbank")
     tensors, inputs = {}, []
     for path, t in sorted(per_path.items()):
         scale = t["ia3_l"]
