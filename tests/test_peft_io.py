@@ -501,6 +501,10 @@ def test_cli_errors_are_one_line_and_write_nothing(bank, tmp_path):
     out = runner.invoke(main, ["export", str(bank.path), "bits", "--format", "peft", "-o", str(tmp_path / "x")])
     assert out.exit_code == 1 and "'bitfit': BitFit bias deltas" in out.output and "Traceback" not in out.output
     assert not (tmp_path / "x").exists() and tree_digest(bank.path) == before
+    out = runner.invoke(main, ["export", str(bank.path), "bits", "-o", str(tmp_path / "own")])  # adaptbank's format
+    assert out.exit_code == 0 and "adaptbank expert folder" in out.output, out.output
+    out = runner.invoke(main, ["import", str(bank.path), str(tmp_path / "own"), "--task", "z", "--spec", "weather"])
+    assert out.exit_code == 1 and "is an adaptbank expert folder" in out.output and "load_expert" in out.output
     (tmp_path / "empty").mkdir()
     out = runner.invoke(main, ["import", str(bank.path), str(tmp_path / "empty"), "--task", "z", "--spec", "weather"])
     assert out.exit_code == 1 and "holds no adapter_config.json" in out.output

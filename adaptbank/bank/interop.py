@@ -34,6 +34,7 @@ from adaptbank.bank.facade import AdapterBank
 from adaptbank.bank.merged_export import write_merged
 from adaptbank.bank.peft_io import PeftFormatError, from_peft, read_peft_dir, to_peft, write_peft_dir
 from adaptbank.bank.store import TaskExistsError
+from adaptbank.core.backbone import DEFAULT_ALIASES, DEFAULT_BACKBONE
 from adaptbank.core.config import TrainConfig
 from adaptbank.core.model import AdaptBankModel
 from adaptbank.core.quantize import quantization_of
@@ -66,7 +67,8 @@ class ImportResult:
 def export_peft(bank: AdapterBank, task: str, out: str | Path, *, replace: bool = False) -> Path:
     """Write task ``task`` as a peft adapter folder (``bank.peft_io.to_peft``) plus its head file."""
     model = bank.load([task])
-    adapter = to_peft(model, task, base_name=bank.base["name"])  # refused before anything is written
+    name = DEFAULT_BACKBONE if bank.base["name"] in DEFAULT_ALIASES else bank.base["name"]  # a name peft users can load
+    adapter = to_peft(model, task, base_name=name)  # refused before anything is written
 
     def fill(folder: Path) -> None:
         write_peft_dir(adapter, folder)
@@ -195,6 +197,8 @@ def _check_base_name(bank: AdapterBank, theirs: object, allow: bool) -> None:
     if allow or not isinstance(theirs, str) or not theirs.strip():
         return
     ours = [str(bank.base["name"]), str(bank.base.get("path") or bank.base["name"])]
+    if bank.base["name"] in DEFAULT_ALIASES:
+        ours.append(DEFAULT_BACKBONE)
     last = lambda s: s.rstrip("/").rsplit("/", 1)[-1].lower()  # noqa: E731
     same = any(theirs == o or last(theirs) == last(o) for o in ours)
     if not same and Path(theirs).exists():

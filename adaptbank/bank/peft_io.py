@@ -208,14 +208,16 @@ def _per_module(model: AdaptBankModel, tensors: dict[str, Tensor], leaves: tuple
     return out
 
 
+_EMBEDDINGS = ("peft saved the embedding layers (a resized vocabulary, save_embedding_layers): adaptbank keeps the "
+               "base's embeddings frozen")
+_HINTS = {"lora_magnitude_vector": "DoRA (use_dora) is not supported", "lora_embedding": "LoRA on an embedding layer "
+          "is not supported", "modules_to_save": "modules_to_save copies are not supported", ".bias": "trained biases "
+          "(bias='all' / 'lora_only') are not supported", "embed": _EMBEDDINGS, "wte.": _EMBEDDINGS}
+"""Why a tensor key adaptbank cannot map is there, by a substring of the key (the first that matches)."""
+
+
 def _why(key: str) -> str:
-    hints = {"lora_magnitude_vector": "DoRA (use_dora) is not supported", "lora_embedding": "LoRA on an embedding "
-             "layer is not supported", "modules_to_save": "modules_to_save copies are not supported",
-             ".bias": "trained biases (bias='all' / 'lora_only') are not supported",
-             "embed": "peft saved the embedding layers (a resized vocabulary, save_embedding_layers): adaptbank keeps "
-             "the base's embeddings frozen", "wte.": "peft saved the embedding layers (a resized vocabulary, "
-             "save_embedding_layers): adaptbank keeps the base's embeddings frozen"}
-    return next((v for k, v in hints.items() if k in key), "adaptbank holds LoRA A/B, IA3 scales, prompts and prefixes")
+    return next((v for k, v in _HINTS.items() if k in key), "adaptbank holds LoRA A/B, IA3 scales, prompts and prefixes")
 
 
 def _shape_of(model: AdaptBankModel, path: str) -> tuple[int, int]:
@@ -356,6 +358,9 @@ def read_peft_dir(src: str | Path) -> PeftAdapter:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as err:
         raise PeftFormatError(f"{path}: invalid JSON: {err}") from None
+    if isinstance(config, dict) and "adaptbank_version" in config and "method" in config:
+        raise PeftFormatError(f"{src} is an adaptbank expert folder (adaptbank export --format adaptbank), not a peft "
+                              "adapter; load it with adaptbank.bank.expert_io.load_expert")
     if not isinstance(config, dict) or not isinstance(config.get("peft_type"), str):
         raise PeftFormatError(f"{path}: expected a JSON object with a 'peft_type' string")
     weights = src / WEIGHTS_FILE

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from adaptbank.cli.errors import friendly
-from adaptbank.cli.options import config_option, given, lock_timeout_option
+from adaptbank.cli.options import HEAD_TRAIN, config_option, given, lock_timeout_option
 from adaptbank.cli.output import emit, pct
 from adaptbank.core.config import TrainConfig
 
@@ -46,7 +46,12 @@ def export(bank: str, task: str, out: str, fmt: str, merged: bool, replace: bool
         from adaptbank.bank.expert_io import save_expert
 
         path, what = save_expert(b.load([task]), task, out, replace=replace), "adaptbank expert folder"
-    note = f" (the bank's base is {b.base['quantize']}-quantised: dequantised)" if merged and b.base.get("quantize") else ""
+    quant, note = b.base.get("quantize"), ""
+    if quant and merged:
+        note = f" (the bank's base is {quant}-quantised: the checkpoint holds its dequantised weights)"
+    elif quant and fmt == "peft":
+        note = (f" (the bank's base is {quant}-quantised: on the full-precision base peft's outputs differ from the "
+                "bank's by the quantisation error)")
     click.echo(f"wrote {task} as a {what} to {path}{note}")
 
 
@@ -58,10 +63,10 @@ def export(bank: str, task: str, out: str, fmt: str, merged: bool, replace: bool
               "DIR has no adaptbank_head.safetensors, and gives the router memory [the spec the head file carries].")
 @click.option("--allow-other-base", is_flag=True, help="Accept an adapter whose base_model_name_or_path names another "
               "model than the bank's base (the module names and shapes are still checked).")
-@config_option(TrainConfig, "max_length", default_from="the head file's")
-@config_option(TrainConfig, "max_train", default_from="the head file's")
-@config_option(TrainConfig, "max_test", default_from="the head file's")
-@config_option(TrainConfig, "seed", default_from="the head file's")
+@config_option(TrainConfig, "max_length", default_from=HEAD_TRAIN)
+@config_option(TrainConfig, "max_train", default_from=HEAD_TRAIN)
+@config_option(TrainConfig, "max_test", default_from=HEAD_TRAIN)
+@config_option(TrainConfig, "seed", default_from=HEAD_TRAIN)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @lock_timeout_option
 @_friendly
