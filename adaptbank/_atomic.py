@@ -19,7 +19,7 @@ import hashlib
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 TMP_PREFIX = ".tmp-"
@@ -151,3 +151,41 @@ def marker_live(path: str | Path) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+def write_folder(directory: str | Path, fill: Callable[[Path], None], *, replace: bool = False) -> Path:
+    """Create the folder ``directory`` whole or not at all: ``fill(tmp)`` writes every file into a new
+    temporary sibling ``.tmp-<name>-<id>``, which is then renamed into place.
+
+    ``directory`` must not exist or be empty, unless ``replace=True`` (then the old folder is renamed aside,
+    the new one renamed in, and the old deleted).  On any failure ``directory`` is as it was and no
+    temporary is left behind.  Returns the absolute path."""
+    import shutil
+
+    out = Path(directory).absolute()
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise FileExistsError(f"{out} exists and is not a folder; refusing to replace it")
+    occupied = out.is_dir() and any(out.iterdir())
+    if occupied and not replace:
+        raise FileExistsError(f"{out} exists and is not empty; pass replace=True (--replace) to replace that folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{TMP_PREFIX}{out.name}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    old = out.with_name(f"{TMP_PREFIX}{out.name}-old-{uuid.uuid4().hex[:8]}")
+    try:
+        fill(tmp)
+        fsync_dir(tmp)
+        if occupied:
+            os.rename(out, old)
+        try:
+            os.rename(tmp, out)  # onto a missing or empty folder: atomic
+        except BaseException:
+            if occupied:
+                os.rename(old, out)  # put the old folder back
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return out

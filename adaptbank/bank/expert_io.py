@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
-from adaptbank._atomic import TMP_PREFIX, atomic_write_bytes, fsync_dir
+from adaptbank._atomic import atomic_write_bytes, write_folder
 from adaptbank._tensorfile import check_safetensors
 from adaptbank._version import __version__
 from adaptbank.core.config import method_from_dict
@@ -59,7 +57,6 @@ def _write_files(model: AdaptBankModel, name: str, folder: Path) -> None:
                               "base": {"name": model.backbone_name, "fingerprint": model.base_fingerprint(),
                                        "quantize": quantization_of(model.backbone)}}
     atomic_write_bytes(folder / _CONFIG, json.dumps(config, indent=2).encode(), sync_dir=False)
-    fsync_dir(folder)
 
 
 def save_expert(model: AdaptBankModel, name: str, directory: str | Path, *, replace: bool = False) -> Path:
@@ -69,32 +66,7 @@ def save_expert(model: AdaptBankModel, name: str, directory: str | Path, *, repl
     whole).  On any failure ``directory`` is as it was and no temporary is left behind."""
     if name not in model.tasks:
         raise KeyError(f"unknown task {name!r}; the model holds: {', '.join(model.tasks) or 'none'}")
-    out = Path(directory).absolute()
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise FileExistsError(f"{out} exists and is not a folder; refusing to replace it with an expert folder")
-    occupied = out.is_dir() and any(out.iterdir())
-    if occupied and not replace:
-        raise FileExistsError(f"{out} exists and is not empty; pass replace=True to replace that expert folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{TMP_PREFIX}{out.name}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    old = out.with_name(f"{TMP_PREFIX}{out.name}-old-{uuid.uuid4().hex[:8]}")
-    try:
-        _write_files(model, name, tmp)
-        if occupied:
-            os.rename(out, old)
-        try:
-            os.rename(tmp, out)  # onto a missing or empty folder: atomic
-        except BaseException:
-            if occupied:
-                os.rename(old, out)  # put the old folder back
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_dir(out.parent)
-    shutil.rmtree(old, ignore_errors=True)
-    return out
+    return write_folder(directory, lambda folder: _write_files(model, name, folder), replace=replace)
 
 
 def _read_config(src: Path) -> dict[str, Any]:

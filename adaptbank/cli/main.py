@@ -1,8 +1,8 @@
 """The ``adaptbank`` command line: thin click wrappers over the Python API.
 
 The group :func:`main` and ``demo`` live here; the commands by group in ``bank_commands`` (init,
-add-task, list, show, remove, verify, graph), ``routing_commands`` (eval, predict, router fit) and
-``continual`` (run, report). Every command turns a bad value into one clear line (``Error: ...``)
+add-task, list, show, remove, verify, graph), ``routing_commands`` (eval, predict, router fit),
+``interop_commands`` (export, import: peft folders and merged checkpoints) and ``continual`` (run, report). Every command turns a bad value into one clear line (``Error: ...``)
 and a non-zero exit, never a traceback, and a failed command leaves the bank as it was.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from adaptbank.cli import bank_commands, continual, routing_commands
+from adaptbank.cli import bank_commands, continual, interop_commands, routing_commands
 from adaptbank.cli.errors import friendly
 from adaptbank.cli.output import pct
 
@@ -70,6 +70,7 @@ def demo(out: str | None, spec: str | None) -> None:
 bank_commands.register(main)
 routing_commands.register(main)
 continual.register(main)
+interop_commands.register(main)
 
 
 if __name__ == "__main__":  # pragma: no cover

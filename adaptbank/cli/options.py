@@ -169,6 +169,8 @@ class ConfigFlag:
     """Further fields the flag sets (``--rank`` is the bottleneck width of adapters)."""
 
 
+HEAD_TRAIN = "the head file's"
+"""Where ``import`` takes its data settings from when a flag is not given: the exported task's own."""
 _TRAIN = ("epochs", "lr", "head_lr", "batch_size", "max_length", "max_train", "max_test", "seed")
 ADAPTER_WIDTHS: tuple[tuple[type, str], ...] = ((AdapterConfig, "bottleneck"), (ParallelAdapterConfig, "bottleneck"))
 _ROUTED = {"--top-k": ConfigFlag(RouterConfig, "top_k", default_from=BANK_ROUTER),
@@ -193,6 +195,8 @@ CONFIG_FLAGS: dict[str, dict[str, ConfigFlag]] = {
     },
     "eval": dict(_ROUTED),
     "predict": {**_ROUTED, "--max-length": ConfigFlag(TrainConfig, "max_length")},
+    "import": {flag_for(f): ConfigFlag(TrainConfig, f, default_from=HEAD_TRAIN)
+               for f in ("max_length", "max_train", "max_test", "seed")},
 }
 """Per command (space-separated path, e.g. ``router fit``): flag -> the config field it maps onto."""
 
