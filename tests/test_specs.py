@@ -115,7 +115,7 @@ def test_invalid_names_rejected(name: object) -> None:
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
-        ({"type": "generation"}, "not supported yet"),
+        ({"type": "generation"}, "a generation task needs a prompt template"),
         ({"type": "regression"}, "unknown type 'regression'"),
         ({"format": "parquet"}, "unknown format 'parquet'"),
         ({"train": ""}, "train must be a non-empty source"),

@@ -31,6 +31,7 @@ from adaptbank.bank.store import DEFAULT_LOCK_TIMEOUT, BankError, BankStore, Pro
 from adaptbank.bank.trust import allow_base, base_to_load, canonical
 from adaptbank.core.backbone import DEFAULT_ALIASES, DEFAULT_BACKBONE, Backbone, load_backbone
 from adaptbank.core.config import LoRAConfig, MethodConfig, RouterConfig, TrainConfig, method_from_dict
+from adaptbank.core.heads import check_head
 from adaptbank.core.model import AdaptBankModel, share_frozen
 from adaptbank.core.quantize import quantize_loaded
 from adaptbank.data.load import TaskData, generation_pairs, load_task
@@ -43,7 +44,7 @@ from adaptbank.routing.taps import layer_list
 from adaptbank.routing.token import fit_token_router, load_token_gates, token_gate_tensors
 from adaptbank.training.evaluate import evaluate
 from adaptbank.training.features import frozen_pass
-from adaptbank.training.generation import encode_prompts, evaluate_generation, fit_generation_task
+from adaptbank.training.generation import encode_prompts, evaluate_task, fit_generation_task
 from adaptbank.training.loop import train_task
 
 __all__ = ["AdapterBank", "AddResult", "BankError"]
@@ -142,8 +143,8 @@ class AdapterBank:
                                 "refusing to mix experts of another base model")
             self._base, self._fingerprint = backbone, found
         b = self._base
-        model = AdaptBankModel(Backbone(name=b.name, model=share_frozen(b.model), tokenizer=b.tokenizer, path=b.path),
-                               fingerprint=self._fingerprint)
+        model = AdaptBankModel(Backbone(name=b.name, model=share_frozen(b.model), tokenizer=b.tokenizer, path=b.path,
+                                        lm_head=b.lm_head), fingerprint=self._fingerprint)  # the frozen LM head is shared
         model.reserved_layers = self.router_layers
         return model.eval()  # loaded for inference; the training loop switches modes itself
 
@@ -205,12 +206,13 @@ class AdapterBank:
             raise KeyError(f"parent task {parent!r} is not in bank {self.path}")
         if share_a is not None and not isinstance(method, LoRAConfig):
             raise ValueError(f"--share-a works with --method lora only, not {method.kind!r}")
-        gen = spec.head == "generation"  # the shared LM head (training.generation) instead of a head of its own
-        if gen and diagnose:
+        if (gen := spec.head == "generation") and diagnose:  # generation: the shared LM head, no head of its own
             raise ValueError("--diagnose works with classification tasks only (its report reads the head's gradients)")
         data = load_task(spec, max_train=train.max_train, max_test=train.max_test, seed=train.seed)
         start = time.perf_counter()
         model = self.new_model()  # the task trains alone: other experts would be frozen anyway
+        if gen:  # before any tokenising: an encoder has no LM head, a prompt expert cannot decode with the cache
+            check_head(model, name, method, data.labels, "generation")
         train_ids = (encode_prompts(model, generation_pairs(data, "train")[0], train.max_length) if gen
                      else tokenize(model.tokenizer, [e.text for e in data.train], train.max_length))
         pooled, router_feats = frozen_pass(model, train_ids, router_layers=self.router_layers)  # (N, D), (N, F)
@@ -387,12 +389,8 @@ class AdapterBank:
             cfg = self.store.read_config(name)
             train = TrainConfig.from_dict(cfg["train"])
             data = load_task(TaskSpec.from_dict(cfg["spec"]), max_train=1, max_test=train.max_test, seed=train.seed)
-            if model.tasks[name].head == "generation":
-                out[name] = evaluate_generation(model, name, *generation_pairs(data, "test"), max_length=train.max_length,
-                                                max_new_tokens=int(cfg["metrics"]["max_new_tokens"]))
-                continue
-            out[name] = {"accuracy": evaluate(model, name, [e.text for e in data.test], [e.label for e in data.test],
-                                              max_length=train.max_length)}
+            out[name] = evaluate_task(model, name, data, max_length=train.max_length,
+                                      max_new_tokens=int(cfg["metrics"].get("max_new_tokens", 16)))
         return out
 
     def evaluate_routed(self, names: Sequence[str] | None = None, *, top_k: int | None = None,

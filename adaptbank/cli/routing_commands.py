@@ -91,7 +91,9 @@ def eval_(bank: str, tasks: tuple[str, ...], routed: bool, top_k: int | None, te
 @_friendly
 def predict(bank: str, texts: tuple[str, ...], input_file: str | None, task: str | None, top_k: int | None,
             temperature: float | None, max_length: int | None, router_kind: str, as_json: bool) -> None:
-    """Predict TEXTS (or --input FILE) with BANK: the router picks the task, its head the label."""
+    """Predict TEXTS (or --input FILE) with BANK: the router picks the task, its head the label. A
+    generation task writes text: with --task each input goes into the task's template; without it (a
+    bank of generation tasks only) each input is a whole prompt and the router picks the expert."""
     from adaptbank.bank.facade import AdapterBank
     from adaptbank.routing.predict import predict as run
 
@@ -121,8 +123,9 @@ def predict(bank: str, texts: tuple[str, ...], input_file: str | None, task: str
 
 def _generate(b: AdapterBank, items: list[str], task: str | None, gen: list[str], length: int, top_k: int,
               temperature: float | None, as_json: bool) -> None:
-    """``predict`` for generation tasks: greedy text from ``task``, or from the router's choice per input
-    when every task of the bank is a generation task."""
+    """``predict`` for generation tasks: greedy text from ``task`` (each input put into its template), or
+    from the router's choice per input when every task of the bank is a generation task (the inputs are
+    then whole prompts: the router chooses from the prompt, before any template could be picked)."""
     from adaptbank.training.generation import generate_texts
 
     if task is None and len(gen) != len(b.tasks()):
@@ -131,7 +134,8 @@ def _generate(b: AdapterBank, items: list[str], task: str | None, gen: list[str]
                                    "routed predict covers one kind per bank, so name the task with --task")
     model = b.load([task]) if task else b.load_routed(top_k=top_k, temperature=temperature)
     limit = max(int(b.info(t)["metrics"]["max_new_tokens"]) for t in ([task] if task else gen))
-    texts, tasks = generate_texts(model, items, task=task, routed=task is None, max_length=length,
+    prompts = [b.info(task)["spec"]["template"].format(text=x) for x in items] if task else items
+    texts, tasks = generate_texts(model, prompts, task=task, routed=task is None, max_length=length,
                                   max_new_tokens=limit)
     for item, text, t in zip(items, texts, tasks):
         if as_json:

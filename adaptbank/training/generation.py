@@ -38,11 +38,12 @@ from adaptbank.core.generate import Generation, generate, position_limit
 from adaptbank.core.model import AdaptBankModel
 from adaptbank.data.load import TaskData, generation_pairs
 from adaptbank.data.tokens import batches
+from adaptbank.training.evaluate import evaluate
 from adaptbank.training.loop import LossTerm, Row, TrainResult, epoch_batches, fit, total_steps
 
 __all__ = ["encode_prompts", "encode_pairs", "generation_labels", "generation_loss", "generation_features",
            "train_generation", "new_tokens_for", "generate_texts", "normalize", "exact_match", "token_f1",
-           "evaluate_generation", "fit_generation_task"]
+           "evaluate_generation", "evaluate_task", "fit_generation_task"]
 
 
 def _tokenizer(model: AdaptBankModel) -> object:
@@ -202,3 +203,14 @@ def fit_generation_task(model: AdaptBankModel, name: str, data: TaskData, cfg: T
     scores = evaluate_generation(model, name, *generation_pairs(data, "test"), max_length=cfg.max_length,
                                  max_new_tokens=limit)
     return result, {"test_exact_match": scores["exact_match"], "test_f1": scores["f1"], "max_new_tokens": limit}
+
+
+def evaluate_task(model: AdaptBankModel, name: str, data: TaskData, *, max_length: int = 128,
+                  max_new_tokens: int = 16) -> dict[str, float]:
+    """The test-split scores of any task with the true task id: ``{"accuracy"}`` for a classification
+    task, ``{"exact_match", "f1"}`` for a generation task (decoding at most ``max_new_tokens``)."""
+    if model.tasks[name].head == "generation":
+        return evaluate_generation(model, name, *generation_pairs(data, "test"), max_length=max_length,
+                                   max_new_tokens=max_new_tokens)
+    return {"accuracy": evaluate(model, name, [e.text for e in data.test], [e.label for e in data.test],
+                                 max_length=max_length)}
