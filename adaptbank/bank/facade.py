@@ -31,9 +31,10 @@ from adaptbank.bank.store import DEFAULT_LOCK_TIMEOUT, BankError, BankStore, Pro
 from adaptbank.bank.trust import allow_base, base_to_load, canonical
 from adaptbank.core.backbone import DEFAULT_ALIASES, DEFAULT_BACKBONE, Backbone, load_backbone
 from adaptbank.core.config import LoRAConfig, MethodConfig, RouterConfig, TrainConfig, method_from_dict
+from adaptbank.core.heads import check_head
 from adaptbank.core.model import AdaptBankModel, share_frozen
 from adaptbank.core.quantize import quantize_loaded
-from adaptbank.data.load import TaskData, load_task
+from adaptbank.data.load import TaskData, generation_pairs, load_task
 from adaptbank.data.specs import TaskSpec, load_task_spec, validate_task_name
 from adaptbank.data.tokens import tokenize
 from adaptbank.metrics import confusion_table, expert_usage, gate_entropy
@@ -43,6 +44,7 @@ from adaptbank.routing.taps import layer_list
 from adaptbank.routing.token import fit_token_router, load_token_gates, token_gate_tensors
 from adaptbank.training.evaluate import evaluate
 from adaptbank.training.features import frozen_pass
+from adaptbank.training.generation import encode_prompts, evaluate_task, fit_generation_task
 from adaptbank.training.loop import train_task
 
 __all__ = ["AdapterBank", "AddResult", "BankError"]
@@ -141,8 +143,8 @@ class AdapterBank:
                                 "refusing to mix experts of another base model")
             self._base, self._fingerprint = backbone, found
         b = self._base
-        model = AdaptBankModel(Backbone(name=b.name, model=share_frozen(b.model), tokenizer=b.tokenizer, path=b.path),
-                               fingerprint=self._fingerprint)
+        model = AdaptBankModel(Backbone(name=b.name, model=share_frozen(b.model), tokenizer=b.tokenizer, path=b.path,
+                                        lm_head=b.lm_head), fingerprint=self._fingerprint)  # the frozen LM head is shared
         model.reserved_layers = self.router_layers
         return model.eval()  # loaded for inference; the training loop switches modes itself
 
@@ -175,7 +177,7 @@ class AdapterBank:
         if group is not None and not any(t.shared_group == group for t in model.tasks.values()):
             shared = self.store.read_shared(group, "A")
         model.import_task(name, method_from_dict(cfg["method"]), cfg["labels"], files, shared_group=group,
-                          shared=shared)
+                          shared=shared, head=cfg.get("head", "classification"))
 
     # ----------------------------------------------------------------------------- add / remove
     def add_task(self, spec: TaskSpec | str | Path, method: MethodConfig | None = None,
@@ -204,10 +206,15 @@ class AdapterBank:
             raise KeyError(f"parent task {parent!r} is not in bank {self.path}")
         if share_a is not None and not isinstance(method, LoRAConfig):
             raise ValueError(f"--share-a works with --method lora only, not {method.kind!r}")
+        if (gen := spec.head == "generation") and diagnose:  # generation: the shared LM head, no head of its own
+            raise ValueError("--diagnose works with classification tasks only (its report reads the head's gradients)")
         data = load_task(spec, max_train=train.max_train, max_test=train.max_test, seed=train.seed)
         start = time.perf_counter()
         model = self.new_model()  # the task trains alone: other experts would be frozen anyway
-        train_ids = tokenize(model.tokenizer, [e.text for e in data.train], train.max_length)
+        if gen:  # before any tokenising: an encoder has no LM head, a prompt expert cannot decode with the cache
+            check_head(model, name, method, data.labels, "generation")
+        train_ids = (encode_prompts(model, generation_pairs(data, "train")[0], train.max_length) if gen
+                     else tokenize(model.tokenizer, [e.text for e in data.train], train.max_length))
         pooled, router_feats = frozen_pass(model, train_ids, router_layers=self.router_layers)  # (N, D), (N, F)
         memory = router_memory.task_memory(router_feats)
         mean, count, scatter = task_stats = router_memory.memory_stats(memory)  # (F,), N, (F, F)
@@ -216,13 +223,18 @@ class AdapterBank:
         owns = group is not None and group not in self.store.manifest["shared"]
         if group is not None and not owns:
             model.import_shared(group, self.store.read_shared(group, "A"), method)  # type: ignore[arg-type]
-        model.add_task(name, method, data.labels, shared_group=group, seed=train.seed)
+        model.add_task(name, method, data.labels, shared_group=group, seed=train.seed, head=spec.head)
         say(f"{name}: training on {len(data.train)} examples, testing on {len(data.test)}")
-        result = train_task(model, name, [e.text for e in data.train], [e.label for e in data.train], train,
-                            on_step=on_step, features=pooled, diagnose=diagnose)
+        scores: dict[str, float] = {}
+        if gen:
+            result, scores = fit_generation_task(model, name, data, train, on_step=on_step)
+            acc = scores["test_exact_match"]  # a generation task's accuracy is its exact match
+        else:
+            result = train_task(model, name, [e.text for e in data.train], [e.label for e in data.train], train,
+                                on_step=on_step, features=pooled, diagnose=diagnose)
+            acc = evaluate(model, name, [e.text for e in data.test], [e.label for e in data.test],
+                           max_length=train.max_length)
         say(f"{name}: trained {result.steps} steps in {result.seconds:.1f}s")
-        acc = evaluate(model, name, [e.text for e in data.test], [e.label for e in data.test],
-                       max_length=train.max_length)
         files = model.export_task(name)
         files["memory"] = memory
         config = self._task_config(name, spec, method, train, data, group, owns, parent, reason, metrics={
@@ -230,8 +242,8 @@ class AdapterBank:
             "probe_accuracy": result.probe_accuracy, "train_seconds": result.seconds,
             "examples_per_second": result.examples_per_second, "steps": result.steps,
             "trainable_params": sum(p.numel() for p in model.expert_parameters(name)),
-            "head_params": sum(p.numel() for p in model.heads[name].parameters()),
-            "final_loss": result.losses[-1] if result.losses else None, "diagnostics": result.diagnostics})
+            "head_params": sum(p.numel() for p in model.heads[name].parameters()) if name in model.heads else 0,
+            "final_loss": result.losses[-1] if result.losses else None, "diagnostics": result.diagnostics, **scores})
         shared_files = {"A": model.export_shared(group)} if owns and group else None
         self.store.write_task(name, files, config, shared=group, shared_files=shared_files, replace=replace,
                               router=self._router_update(add=(name, task_stats), allow_drift=allow_router_drift))
@@ -244,7 +256,7 @@ class AdapterBank:
     def _task_config(self, name: str, spec: TaskSpec, method: MethodConfig, train: TrainConfig, data: TaskData,
                      group: str | None, owns: bool, parent: str | None, reason: str | None,
                      metrics: dict[str, Any]) -> dict[str, Any]:
-        return {"adaptbank_version": __version__, "name": name, "type": spec.type, "method": method.to_dict(),
+        return {"adaptbank_version": __version__, "name": name, "type": spec.type, "head": spec.head, "method": method.to_dict(),
                 "spec": spec.to_dict(), "labels": list(data.labels), "parent": parent,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "shared_group": group,
                 "owns_shared": owns, "share_reason": reason, "train": train.to_dict(), "metrics": metrics}
@@ -345,6 +357,7 @@ class AdapterBank:
                          balance: float = 0.01, seed: int = 0) -> list[float]:
         """Train token-level gates over all the bank's experts (frozen) on up to ``max_train``
         training examples per task, reloaded from each task's stored spec; store them with the router."""
+        self._classification_only("the token router")
         model = self.load()
         data = {}
         for name in self.tasks():
@@ -363,7 +376,12 @@ class AdapterBank:
 
     # ----------------------------------------------------------------------------- evaluation
     def evaluate(self, names: Sequence[str] | None = None) -> dict[str, float]:
-        """Test accuracy per task with the true task id, on the same test examples as at add time."""
+        """Test accuracy per task with the true task id, on the same test examples as at add time (a
+        generation task's: its exact match; its F1 too in :meth:`evaluate_metrics`)."""
+        return {n: m.get("accuracy", m.get("exact_match", 0.0)) for n, m in self.evaluate_metrics(names).items()}
+
+    def evaluate_metrics(self, names: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+        """Per task with the true task id: ``{"accuracy"}``, or ``{"exact_match", "f1"}`` for a generation task."""
         names = list(self.tasks() if names is None else names)
         model = self.load(names)
         out = {}
@@ -371,8 +389,8 @@ class AdapterBank:
             cfg = self.store.read_config(name)
             train = TrainConfig.from_dict(cfg["train"])
             data = load_task(TaskSpec.from_dict(cfg["spec"]), max_train=1, max_test=train.max_test, seed=train.seed)
-            out[name] = evaluate(model, name, [e.text for e in data.test], [e.label for e in data.test],
-                                 max_length=train.max_length)
+            out[name] = evaluate_task(model, name, data, max_length=train.max_length,
+                                      max_new_tokens=int(cfg["metrics"].get("max_new_tokens", 16)))
         return out
 
     def evaluate_routed(self, names: Sequence[str] | None = None, *, top_k: int | None = None,
@@ -385,6 +403,7 @@ class AdapterBank:
         A routed prediction is correct when its label is the true label and it came from the true
         task, or from a task with the identical label list (amazon vs yelp)."""
         names = list(self.tasks() if names is None else names)
+        self._classification_only("routed evaluation")
         top_k = self.router_config.top_k if top_k is None else top_k
         model = self.load_routed(top_k=top_k, temperature=temperature, token_level=token_level)
         rows: dict[str, dict[str, float]] = {}
@@ -416,6 +435,10 @@ class AdapterBank:
         usage = expert_usage(chosen, self.tasks()) if chosen else {}
         return {"tasks": rows, "average": avg, "confusion": confusion, "expert_usage": usage, "top_k": top_k,
                 "router": "token" if token_level else "sequence"}
+
+    def _classification_only(self, what: str) -> None:
+        if gen := [n for n in self.tasks() if self.store.read_config(n).get("head") == "generation"]:
+            raise BankError(f"{what} covers classification tasks only; bank {self.path} holds generation task(s) {gen}")
 
     def verify(self, *, full: bool = True) -> list[Problem]:
         """Checksums, manifest against files, and (when the backbone loads) the base fingerprint."""

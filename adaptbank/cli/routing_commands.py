@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -17,6 +19,9 @@ from adaptbank.cli.inputs import chunked, iter_jsonl_texts
 from adaptbank.cli.options import BANK_ROUTER, config_option, given, lock_timeout_option
 from adaptbank.cli.output import emit, pct
 from adaptbank.core.config import RouterConfig, TrainConfig
+
+if TYPE_CHECKING:
+    from adaptbank.bank.facade import AdapterBank
 
 __all__ = ["eval_", "predict", "router", "router_fit", "register"]
 
@@ -42,10 +47,16 @@ def eval_(bank: str, tasks: tuple[str, ...], routed: bool, top_k: int | None, te
 
     b = AdapterBank.open(bank)
     if not routed:
-        acc = b.evaluate(list(tasks) or None)
+        metrics = b.evaluate_metrics(list(tasks) or None)  # accuracy, or exact match and F1 for generation tasks
+        acc = {t: m.get("accuracy", m.get("exact_match", 0.0)) for t, m in metrics.items()}
         avg = sum(acc.values()) / len(acc) if acc else None
-        emit({"oracle": acc, "average": avg}, as_json, lambda: (
-            [click.echo(f"  {t:<24} {pct(a)}") for t, a in acc.items()], click.echo(f"  {'average':<24} {pct(avg)}")))
+
+        def line(t: str, m: dict[str, float]) -> str:
+            return pct(m["accuracy"]) if "accuracy" in m else f"{pct(m['exact_match'])} exact match, F1 {pct(m['f1'])}"
+
+        emit({"oracle": acc, "metrics": metrics, "average": avg}, as_json, lambda: (
+            [click.echo(f"  {t:<24} {line(t, m)}") for t, m in metrics.items()],
+            click.echo(f"  {'average':<24} {pct(avg)}")))
         return
     res = b.evaluate_routed(list(tasks) or None, top_k=top_k, temperature=temperature,
                             token_level=router_kind == "token")
@@ -86,7 +97,9 @@ PREDICT_CHUNK = 1024
 @_friendly
 def predict(bank: str, texts: tuple[str, ...], input_file: str | None, task: str | None, top_k: int | None,
             temperature: float | None, max_length: int | None, router_kind: str, as_json: bool) -> None:
-    """Predict TEXTS (or --input FILE) with BANK: the router picks the task, its head the label."""
+    """Predict TEXTS (or --input FILE) with BANK: the router picks the task, its head the label. A
+    generation task writes text: with --task each input goes into the task's template; without it (a
+    bank of generation tasks only) each input is a whole prompt and the router picks the expert."""
     from adaptbank.bank.facade import AdapterBank
     from adaptbank.routing.predict import predict as run
 
@@ -99,6 +112,9 @@ def predict(bank: str, texts: tuple[str, ...], input_file: str | None, task: str
         raise click.ClickException(f"bank {b.path} holds no tasks; add one with `adaptbank add-task`")
     token = router_kind == "token"
     k = b.router_config.top_k if top_k is None else top_k  # also the token gates' head mixing
+    gen = [t for t in b.tasks() if b.store.read_config(t).get("head") == "generation"]
+    if task in gen or (task is None and gen):
+        return _generate(b, items, task, gen, length, k, temperature, as_json)
     model = b.load() if task else b.load_routed(top_k=k, temperature=temperature, token_level=token)
     seen = 0
     for chunk in chunked(items, PREDICT_CHUNK):  # streamed: memory bounded by the chunk, not the input
@@ -113,6 +129,34 @@ def predict(bank: str, texts: tuple[str, ...], input_file: str | None, task: str
         seen += len(chunk)
     if not seen:
         raise click.ClickException(f"{input_file}: no inputs (only blank lines)")
+
+
+def _generate(b: AdapterBank, items: Iterable[str], task: str | None, gen: list[str], length: int, top_k: int,
+              temperature: float | None, as_json: bool) -> None:
+    """``predict`` for generation tasks: greedy text from ``task`` (each input put into its template), or
+    from the router's choice per input when every task of the bank is a generation task (the inputs are
+    then whole prompts: the router chooses from the prompt, before any template could be picked)."""
+    from adaptbank.training.generation import generate_texts
+
+    if task is None and len(gen) != len(b.tasks()):
+        other = [t for t in b.tasks() if t not in gen]
+        raise click.ClickException(f"bank {b.path} holds generation tasks {gen} and classification tasks {other}; "
+                                   "routed predict covers one kind per bank, so name the task with --task")
+    model = b.load([task]) if task else b.load_routed(top_k=top_k, temperature=temperature)
+    limit = max(int(b.info(t)["metrics"]["max_new_tokens"]) for t in ([task] if task else gen))
+    template = b.info(task)["spec"]["template"] if task else "{text}"
+    seen = 0
+    for chunk in chunked(items, PREDICT_CHUNK):  # streamed, as for classification
+        texts, tasks = generate_texts(model, [template.format(text=x) for x in chunk], task=task, routed=task is None,
+                                      max_length=length, max_new_tokens=limit)
+        for item, text, t in zip(chunk, texts, tasks):
+            if as_json:
+                click.echo(json.dumps({"text": item, "task": t, "generated": text}, ensure_ascii=False))
+            else:
+                click.echo(f"{t}: {text!r}  {item[:60]!r}")
+        seen += len(chunk)
+    if not seen:
+        raise click.ClickException("no inputs (only blank lines)")
 
 
 @click.group()

@@ -9,6 +9,13 @@ Weights are read from safetensors (or GGUF) only and no repository code ever run
 unpickling a file runs whatever code it names, so a folder holding only such weights is refused.
 Each ``*.safetensors`` file of a folder has its header checked first (:mod:`adaptbank._tensorfile`).
 Which base a *bank* may load is decided before this, by :mod:`adaptbank.bank.trust`.
+
+A decoder (:data:`LM_FAMILIES`) also gets its frozen, shared LM head, ``Backbone.lm_head``
+(:class:`LMHead`, ``logits = h W^T``): the input embeddings when the config ties them
+(``tie_word_embeddings``), else the checkpoint's ``lm_head.weight``, read from its safetensors files
+(never a pickle). The backbone itself stays the inner base model (``AutoModel``), so fingerprints of
+existing banks do not change; the head is not part of the fingerprint, but it is either the embeddings
+(fingerprinted) or a tensor of the same checked checkpoint.
 """
 
 from __future__ import annotations
@@ -19,15 +26,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from adaptbank._tensorfile import ALL_DTYPES, check_safetensors
 
-__all__ = ["DEFAULT_ALIASES", "DEFAULT_BACKBONE", "Backbone", "resolve_backbone", "load_backbone", "fingerprint"]
+__all__ = ["DEFAULT_ALIASES", "DEFAULT_BACKBONE", "LM_FAMILIES", "Backbone", "LMHead", "resolve_backbone",
+           "load_backbone", "lm_head_of", "fingerprint"]
 
 DEFAULT_BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_ALIASES = frozenset({DEFAULT_BACKBONE, "all-MiniLM-L6-v2", "minilm", "default"})
 """Names that mean the bundled default backbone."""
+LM_FAMILIES = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3"})
+"""Decoder-only model types whose backbone gets its LM head (generation tasks)."""
 _PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack", "model.ckpt.index")
 
 
@@ -39,6 +49,26 @@ class Backbone:
     model: nn.Module
     tokenizer: object
     path: str
+    lm_head: LMHead | None = None
+    """The frozen shared LM head of a decoder (:func:`lm_head_of`); None for encoders, and for a decoder
+    whose checkpoint neither ties its embeddings nor holds ``lm_head.weight``."""
+
+
+class LMHead(nn.Module):
+    """The frozen language-model head: hidden states (..., D) to vocabulary logits (..., V), ``h W^T``
+    (no bias, as in GPT-2, LLaMA, Mistral and Qwen). With tied embeddings ``weight`` *is* the input
+    embedding matrix (the same Parameter), so it costs no memory."""
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.weight.shape[0])
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return torch.nn.functional.linear(hidden, self.weight.to(hidden.dtype))  # (..., V)
 
 
 def resolve_backbone(name: str) -> tuple[str, str | None]:
@@ -100,7 +130,48 @@ def load_backbone(name: str = DEFAULT_BACKBONE, *, dtype: torch.dtype | None = N
     tokenizer.padding_side = "right"
     model.requires_grad_(False)
     model.eval()
-    return Backbone(name=name, model=model, tokenizer=tokenizer, path=where)
+    return Backbone(name=name, model=model, tokenizer=tokenizer, path=where, lm_head=lm_head_of(model, where, gguf))
+
+
+def lm_head_of(model: nn.Module, where: str | None = None, gguf: str | None = None) -> LMHead | None:
+    """The frozen LM head of decoder ``model`` (None for other model types): its input embeddings when
+    ``config.tie_word_embeddings``, else ``lm_head.weight`` from the safetensors files of checkpoint
+    ``where`` (a folder or a cached hub id); None when neither is there."""
+    config = model.config  # type: ignore[union-attr]
+    if config.model_type not in LM_FAMILIES:
+        return None
+    if getattr(config, "tie_word_embeddings", False):
+        return LMHead(model.get_input_embeddings().weight)  # type: ignore[operator]
+    weight = _read_lm_head(where) if where and not gguf else None
+    if weight is None:
+        return None
+    dtype = next(model.parameters()).dtype
+    return LMHead(weight.to(dtype)).to(next(model.parameters()).device).requires_grad_(False)
+
+
+def _read_lm_head(where: str) -> Tensor | None:
+    """``lm_head.weight`` from the safetensors files of folder (or cached hub id) ``where``, or None."""
+    from safetensors import safe_open
+
+    folder = Path(where)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(where, local_files_only=True, allow_patterns=["*.safetensors*"]))
+        except Exception:  # not cached: the backbone loaded from somewhere we cannot list
+            return None
+    index = folder / "model.safetensors.index.json"
+    files = ([folder / json.loads(index.read_text())["weight_map"].get("lm_head.weight", "")] if index.is_file()
+             else sorted(folder.glob("*.safetensors")))
+    for f in files:
+        if not f.is_file() or f.resolve().parent != folder.resolve():  # the index names a file of this folder only
+            continue
+        check_safetensors(f, dtypes=ALL_DTYPES)
+        with safe_open(str(f), framework="pt") as handle:
+            if "lm_head.weight" in handle.keys():
+                return handle.get_tensor("lm_head.weight")
+    return None
 
 
 def fingerprint(model: nn.Module) -> str:

@@ -23,11 +23,14 @@ whose keys do not contain the task name, so files are portable between banks and
 A combined method (``CombinedConfig``, e.g. ``prefix+lora``) is one task: its linear parts sit in the
 wrapped layers under the task name (``core.composed``), its prompt/prefix part in ``self.virtual``, its
 head here; it is routed, stored and removed as one.
+
+A generation task (``head="generation"``) reads the frozen shared ``self.lm_head`` (``core.generate``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Literal, cast
 
 import torch
@@ -35,7 +38,7 @@ from torch import Tensor, nn
 
 from adaptbank.core import task_io
 from adaptbank.core.adapted import AdaptedLinear
-from adaptbank.core.backbone import Backbone, fingerprint
+from adaptbank.core.backbone import LM_FAMILIES, Backbone, fingerprint
 from adaptbank.core.config import (
     BitFitConfig,
     CombinedConfig,
@@ -45,7 +48,7 @@ from adaptbank.core.config import (
     validate_name,
 )
 from adaptbank.core.experts import LoRAExpert
-from adaptbank.core.heads import ClassificationHead, row_logits
+from adaptbank.core.heads import ClassificationHead, HeadKind, check_classifying, check_head, row_logits
 from adaptbank.core.inject import add_experts, add_parts, inject, resolve_targets, submodule
 from adaptbank.core.pooling import pool
 from adaptbank.core.prompts import check_positions
@@ -58,8 +61,6 @@ from adaptbank.routing.taps import RouterTrace, install_taps, layer_list, remove
 
 __all__ = ["AdaptBankModel", "ModelOutput", "TaskInfo", "ClassificationHead", "share_frozen"]
 
-_DECODERS = {"gpt2", "llama", "mistral", "qwen2", "qwen3"}
-
 
 class AdaptBankModel(nn.Module):
     """A frozen backbone plus name-keyed task experts and heads, routed per forward."""
@@ -71,6 +72,8 @@ class AdaptBankModel(nn.Module):
         self.backbone = backbone.model
         self.backbone.requires_grad_(False)
         self.tokenizer = backbone.tokenizer
+        self.lm_head = backbone.lm_head
+        """The frozen shared LM head of a decoder (generation tasks), or None."""
         self.backbone_name = backbone.name
         self.state = RoutingState()
         self.heads = nn.ModuleDict()
@@ -86,7 +89,7 @@ class AdaptBankModel(nn.Module):
         self.trace = RouterTrace()
         """The router taps' per-forward record (see ``routing.taps``); read back by :meth:`forward`."""
         config = self.backbone.config
-        self.pooling: Literal["mean", "last"] = "last" if config.model_type in _DECODERS else "mean"
+        self.pooling: Literal["mean", "last"] = "last" if config.model_type in LM_FAMILIES else "mean"
         self.encoder = self.backbone.get_encoder() if getattr(config, "is_encoder_decoder", False) else self.backbone
         self.hidden_size = int(getattr(config, "hidden_size", None) or config.d_model)
         self._fingerprint: str | None = fingerprint
@@ -100,23 +103,24 @@ class AdaptBankModel(nn.Module):
             self._fingerprint = fingerprint(self.backbone)
         return self._fingerprint
 
-    def add_task(self, name: str, method: MethodConfig, labels: Sequence[str], *,
-                 shared_group: str | None = None, head_dropout: float = 0.1, seed: int | None = None) -> TaskInfo:
-        """Create task ``name``: its expert in every target layer and a fresh head for ``labels``.
-        With ``seed``, initialisation draws from that seed (the global RNG is left untouched)."""
+    def add_task(self, name: str, method: MethodConfig, labels: Sequence[str], *, shared_group: str | None = None,
+                 head_dropout: float = 0.1, seed: int | None = None, head: HeadKind = "classification") -> TaskInfo:
+        """Create task ``name``: its expert in every target layer and a fresh head for ``labels`` (with
+        ``head="generation"``: no head, the shared LM head; ``labels`` are informational). With ``seed``,
+        initialisation draws from that seed (the global RNG is left untouched)."""
         if seed is not None:
             with seeded(seed):
-                return self.add_task(name, method, labels, shared_group=shared_group, head_dropout=head_dropout)
+                return self.add_task(name, method, labels, shared_group=shared_group, head_dropout=head_dropout,
+                                     head=head)
         if name in self.tasks:
             raise KeyError(f"task {name!r} already exists in the model")
         if not name.startswith("_"):  # "_learner" and the like: internal experts of the continual baselines
             validate_name(name)
-        if len(labels) < 2:
-            raise ValueError(f"task {name!r} needs at least 2 labels, got {list(labels)!r}")
+        check_head(self, name, method, labels, head)
         if shared_group is not None and not isinstance(method, LoRAConfig):
             raise ValueError(f"--share-a works with LoRA only, not {method.kind!r}")
         if isinstance(method, CombinedConfig):
-            return self._register(self._add_combined(name, method, labels), head_dropout)
+            return self._register(replace(self._add_combined(name, method, labels), head=head), head_dropout)
         if is_virtual(method):
             self.virtual.add(name, method, self.encoder, labels, self.tokenizer).train(self.training)
             return self._register(TaskInfo(name, method, tuple(labels), ()), head_dropout)
@@ -127,7 +131,7 @@ class AdaptBankModel(nn.Module):
         add_experts(self.backbone, paths, self.state, name, method, shared_group=shared_group, training=self.training)
         if shared_group is not None:
             self.shared_groups.setdefault(shared_group, tuple(paths))
-        return self._register(TaskInfo(name, method, tuple(labels), tuple(paths), shared_group, owns), head_dropout)
+        return self._register(TaskInfo(name, method, tuple(labels), tuple(paths), shared_group, owns, head), head_dropout)
 
     def _add_combined(self, name: str, method: CombinedConfig, labels: Sequence[str]) -> TaskInfo:
         """The linear parts in their target layers (one ``ComposedExpert`` per layer), then the prompt/prefix
@@ -145,7 +149,8 @@ class AdaptBankModel(nn.Module):
         return TaskInfo(name, method, tuple(labels), tuple(layers))
 
     def _register(self, info: TaskInfo, head_dropout: float) -> TaskInfo:
-        self._new_head(info.name, info.labels, head_dropout)
+        if info.head == "classification":
+            self._new_head(info.name, info.labels, head_dropout)
         self.tasks[info.name] = info
         self._order_changed()
         return info
@@ -225,7 +230,8 @@ class AdaptBankModel(nn.Module):
             submodule(self.backbone, path).remove_expert(name)
         if name in self.virtual:
             self.virtual.remove(name)
-        del self.heads[name]
+        if name in self.heads:  # generation tasks have none
+            del self.heads[name]
         del self.tasks[name]
         if info.shared_group and not any(t.shared_group == info.shared_group for t in self.tasks.values()):
             self.shared_groups.pop(info.shared_group, None)
@@ -268,7 +274,7 @@ class AdaptBankModel(nn.Module):
         """Freeze everything, then unfreeze task ``name``'s expert and head; returns both lists."""
         self.requires_grad_(False)
         expert = self.expert_parameters(name)
-        head = list(self.heads[name].parameters())
+        head = list(self.heads[name].parameters()) if name in self.heads else []
         for p in expert + head:
             p.requires_grad_(True)
         return expert, head
@@ -351,6 +357,7 @@ class AdaptBankModel(nn.Module):
         (``routed``); exactly one of the three."""
         if sum((task is not None, task_ids is not None, routed)) != 1:
             raise ValueError("pass exactly one of task=, task_ids= or routed=True")
+        check_classifying(self, [task] if task is not None else task_ids or ())
         if routed:
             pooled, index, weight, scores = self.routed_features(input_ids, attention_mask, **extra)
             names = self.state.experts
@@ -434,6 +441,8 @@ class AdaptBankModel(nn.Module):
         return task_io.export_shared(self, group)
 
     def import_task(self, name: str, method: MethodConfig, labels: Sequence[str], files: dict[str, dict[str, Tensor]],
-                    *, shared_group: str | None = None, shared: dict[str, Tensor] | None = None) -> TaskInfo:
+                    *, shared_group: str | None = None, shared: dict[str, Tensor] | None = None,
+                    head: HeadKind = "classification") -> TaskInfo:
         """Add task ``name`` and load its tensors, checked first; on an error the model is without the task."""
-        return task_io.import_task(self, name, method, labels, files, shared_group=shared_group, shared=shared)
+        return task_io.import_task(self, name, method, labels, files, shared_group=shared_group, shared=shared,
+                                   head=head)

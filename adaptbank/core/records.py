@@ -32,8 +32,8 @@ class TaskInfo:
     """Shared-A group of a LoRA task-B expert, or None."""
     owns_shared: bool = False
     """True for the group's first task, which trains the shared A."""
-    head: Literal["classification"] = "classification"
-    """The kind of task head (see ``core.heads``; ``generation`` will use the shared LM head)."""
+    head: Literal["classification", "generation"] = "classification"
+    """The kind of task head (``core.heads``): a classification head of its own, or the shared LM head."""
 
 
 @dataclass

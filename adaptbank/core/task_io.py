@@ -1,6 +1,6 @@
 """A task's tensors out of and into an ``AdaptBankModel``: the ``export_task``/``import_task`` of the model.
 
-A task is stored as ``{"adapter": {key: tensor}, "head": {...}}`` with keys free of the task name, so
+A task is stored as ``{"adapter": {key: tensor}, "head": {...}}`` (``head`` empty for a generation task) with keys free of the task name, so
 files are portable between banks and names:
 
 * a linear expert (LoRA, adapters, BitFit, (IA)^3): ``<layer path>.<tensor>``, e.g.
@@ -23,6 +23,7 @@ from torch import Tensor
 
 from adaptbank.core.composed import expert_parts
 from adaptbank.core.config import CombinedConfig, MethodConfig
+from adaptbank.core.heads import HeadKind
 from adaptbank.core.inject import iter_adapted, submodule
 from adaptbank.core.records import TaskInfo, load_checked
 
@@ -44,7 +45,8 @@ def export_task(model: AdaptBankModel, name: str) -> dict[str, dict[str, Tensor]
         i = method.virtual_part if isinstance(method, CombinedConfig) else None
         label = "" if i is None else f"{i}.{method.parts[i].kind}."  # type: ignore[union-attr]
         adapter |= {label + k: v for k, v in model.virtual.state_of(name).items()}
-    head = {k: v.detach().clone() for k, v in model.heads[name].linear.state_dict().items()}
+    head = ({k: v.detach().clone() for k, v in model.heads[name].linear.state_dict().items()}
+            if name in model.heads else {})  # a generation task uses the shared, frozen LM head: nothing to store
     return {"adapter": adapter, "head": head}
 
 
@@ -56,10 +58,10 @@ def export_shared(model: AdaptBankModel, group: str) -> dict[str, Tensor]:
 
 def import_task(model: AdaptBankModel, name: str, method: MethodConfig, labels: Sequence[str],
                 files: dict[str, dict[str, Tensor]], *, shared_group: str | None = None,
-                shared: dict[str, Tensor] | None = None) -> TaskInfo:
-    """Add task ``name`` and load its tensors; any missing key, extra key or shape mismatch is an error
-    naming the layer and both shapes, and leaves the model without the task."""
-    info = model.add_task(name, method, labels, shared_group=shared_group)
+                shared: dict[str, Tensor] | None = None, head: HeadKind = "classification") -> TaskInfo:
+    """Add task ``name`` (with a ``head`` head) and load its tensors; any missing key, extra key or shape
+    mismatch is an error naming the layer and both shapes, and leaves the model without the task."""
+    info = model.add_task(name, method, labels, shared_group=shared_group, head=head)
     model.virtual.collapse(name)  # stored prefixes are plain tensors, never the training-time MLP
     try:
         expected = export_task(model, name)

@@ -7,6 +7,10 @@ Every bad record is an error naming ``file:line`` and the bad value: malformed J
 UTF-8, a missing or non-string text, an empty text, a label that is neither an index into the label list
 nor one of its names. With ``skip_bad_lines=True`` bad records are skipped instead, counted, and reported
 once per file with ``warnings.warn`` (a :class:`DataWarning`). An empty split is an error.
+
+A generation task's records hold a target text (``target_field``, a non-empty string) instead of a label;
+its examples carry ``target`` and label 0, and its :class:`TaskData` has no labels. :func:`generation_pairs`
+turns either kind of generation task (a posed classification task too) into prompts and targets.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import io
 import json
 import logging
 import os
-import random
 import re
 import warnings
 from collections.abc import Callable, Iterable
@@ -26,6 +29,8 @@ from typing import Any
 
 from adaptbank._limits import check_size, max_data_bytes
 from adaptbank.data.builtin import BUILTIN_TASKS, generate
+from adaptbank.data.builtin_text import BUILTIN_GENERATION, generate_pairs
+from adaptbank.data.sampling import subsample
 from adaptbank.data.specs import TaskSpec, expand_source, load_task_spec, parse_builtin_source
 
 __all__ = [
@@ -34,6 +39,7 @@ __all__ = [
     "DataWarning",
     "Example",
     "TaskData",
+    "generation_pairs",
     "load_task",
     "read_csv",
     "read_jsonl",
@@ -63,7 +69,9 @@ class Example:
 
     text: str
     label: int
-    """Index into :attr:`TaskData.labels`."""
+    """Index into :attr:`TaskData.labels` (0 for a generation task's examples)."""
+    target: str | None = None
+    """The target text of a generation task's example; None for classification."""
 
 
 @dataclass(frozen=True)
@@ -100,9 +108,10 @@ def read_labels_json(path: str | os.PathLike[str]) -> tuple[str, ...]:
 class _Checker:
     """Turns raw (text, label) values into Examples, raising or counting bad records."""
 
-    def __init__(self, path: Path, labels: tuple[str, ...], text_field: str, label_field: str, skip: bool):
+    def __init__(self, path: Path, labels: tuple[str, ...], text_field: str, label_field: str, skip: bool,
+                 target_field: str | None = None):
         self.path, self.labels, self.skip = path, labels, skip
-        self.text_field, self.label_field = text_field, label_field
+        self.text_field, self.label_field, self.target_field = text_field, label_field, target_field
         self.index = {name: i for i, name in enumerate(labels)}
         self.skipped = 0
         self.first_error: str | None = None
@@ -131,6 +140,12 @@ class _Checker:
             return f"text field {self.text_field!r} must be a string, got {text!r:.100}"
         if not text.strip():
             return f"empty text in field {self.text_field!r}: {text!r:.100}"
+        if self.target_field is not None:
+            target = record.get(self.target_field)
+            if not isinstance(target, str) or not target.strip():
+                return (f"target field {self.target_field!r} must hold a non-empty string, got {target!r:.100}; "
+                        f"fields: {fields}")
+            return Example(text=text, label=0, target=target)
         if self.label_field not in record or record[self.label_field] is None:
             return f"missing label field {self.label_field!r}; fields: {fields}"
         label = self._label(record[self.label_field], csv_ints)
@@ -317,6 +332,8 @@ def _format_of(path: Path, spec: TaskSpec) -> str:
 
 
 def _spec_labels(spec: TaskSpec) -> tuple[str, ...]:
+    if spec.type == "generation":
+        return ()
     if spec.labels is not None:
         return spec.labels
     builtin = parse_builtin_source(spec.train)
@@ -340,6 +357,8 @@ def _read_split(
     builtin = parse_builtin_source(source)
     if builtin is not None:
         task, split = builtin
+        if task in BUILTIN_GENERATION:
+            return [Example(text=t, label=0, target=y) for t, y in generate_pairs(task, split)], 0
         if len(labels) != len(BUILTIN_TASKS[task]):
             raise DataError(
                 f"task {spec.name!r}: {len(labels)} labels {labels!r} but builtin {task!r} has "
@@ -357,7 +376,8 @@ def _read_split(
         raise DataFileNotFoundError(
             f"{role} data {path} for task {spec.name!r} not found (source {source!r})"
         )
-    check = _Checker(path, labels, spec.text_field, spec.label_field, skip_bad_lines)
+    check = _Checker(path, labels, spec.text_field, spec.label_field, skip_bad_lines,
+                     spec.target_field if spec.type == "generation" else None)
     fmt = _format_of(path, spec)
     if fmt == "jsonl":
         examples = _jsonl(path, check)
@@ -366,33 +386,6 @@ def _read_split(
     else:
         examples = _hf(path, role, spec, check)
     return check.finish(examples), check.skipped
-
-
-def subsample(examples: Iterable[Example], n: int | None, seed: int = 0) -> list[Example]:
-    """Deterministic subset of ``n`` examples that keeps every class present when ``n`` allows.
-
-    Shuffles with ``random.Random(seed)``, takes the first example of each class (in shuffled order),
-    then fills up with the rest of the shuffled order, so class shares stay roughly proportional.
-    ``n=None`` (or ``n >= len``) returns all examples in their original order.
-    """
-    examples = list(examples)
-    if n is None or n >= len(examples):
-        return examples
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    chosen: list[int] = []
-    seen: set[int] = set()
-    for i in order:
-        if examples[i].label not in seen:
-            seen.add(examples[i].label)
-            chosen.append(i)
-    if len(chosen) > n:  # fewer slots than classes: plain shuffled prefix
-        chosen = order[:n]
-    else:
-        picked = set(chosen)
-        chosen += [i for i in order if i not in picked][: n - len(chosen)]
-    rank = {i: r for r, i in enumerate(order)}
-    return [examples[i] for i in sorted(chosen, key=rank.__getitem__)]
 
 
 def _check_max(name: str, value: int | None) -> None:
@@ -425,3 +418,15 @@ def load_task(
             skipped[role] = n_bad
         splits[role] = subsample(examples, limit, seed)
     return TaskData(spec=spec, labels=labels, train=splits["train"], test=splits["test"], skipped=skipped)
+
+
+def generation_pairs(data: TaskData, split: str) -> tuple[list[str], list[str]]:
+    """Prompts and targets of split ``split`` (``train`` / ``test``) of a generation task: the prompt is
+    the spec's template with the text in, the target the example's target text or, for a classification
+    task posed as generation, its label name."""
+    if data.spec.head != "generation" or data.spec.template is None:
+        raise ValueError(f"task {data.spec.name!r} is a classification task; pose it as generation with "
+                         "pose = \"generation\" and a template")
+    examples = getattr(data, split)
+    prompts = [data.spec.template.format(text=e.text) for e in examples]
+    return prompts, [e.target if e.target is not None else data.labels[e.label] for e in examples]

@@ -14,6 +14,19 @@ A task spec is a small TOML file under ``tasks/`` (data only; nothing in a spec 
     # labels = ["World", ...] # optional; default: labels.json beside the train file
     format = "auto"          # auto | jsonl | csv | hf-datasets
 
+A **generation** task (input text -> target text) names a prompt template and the target field::
+
+    name = "summaries"
+    type = "generation"
+    template = "Article: {text}\nSummary:"   # the prompt; {text} is the input text, the only field
+    [data]
+    train = "..."
+    target_field = "summary"                 # the field holding the target text
+
+Any classification spec can be *posed* as generation with ``pose = "generation"`` and a template: the
+target is then the label name (the model writes ``" " + label``), so the shared data tasks serve both
+settings. :attr:`TaskSpec.head` says which head a spec's task gets.
+
 A *source string* (``train`` / ``test``) is one of
 
 - a path, absolute or relative to the spec file (made absolute when the spec is loaded);
@@ -32,6 +45,7 @@ import dataclasses
 import difflib
 import os
 import re
+import string
 import sys
 from dataclasses import dataclass
 from importlib import resources
@@ -41,6 +55,7 @@ from typing import Any, Literal, get_args
 from adaptbank._limits import MAX_SPEC_BYTES, read_small_text
 from adaptbank.core.config import check_keys, validate_name
 from adaptbank.data.builtin import BUILTIN_SPLITS, BUILTIN_TASKS
+from adaptbank.data.builtin_text import BUILTIN_GENERATION
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -63,15 +78,15 @@ __all__ = [
     "validate_task_name",
 ]
 
-TaskType = Literal["classification"]
+TaskType = Literal["classification", "generation"]
 DataFormat = Literal["auto", "jsonl", "csv", "hf-datasets"]
 
 DATA_VAR = "${ADAPTBANK_DATA}"
 """The one placeholder expanded in source strings."""
 
 _PLACEHOLDER_RE = re.compile(r"\$\{[^}]*\}|\$[A-Za-z_]")
-_TOP_KEYS = ("name", "type", "description", "data")
-_DATA_KEYS = ("train", "test", "text_field", "label_field", "labels", "format")
+_TOP_KEYS = ("name", "type", "description", "template", "pose", "data")
+_DATA_KEYS = ("train", "test", "text_field", "label_field", "target_field", "labels", "format")
 
 
 class SpecNotFoundError(ValueError, FileNotFoundError):
@@ -136,10 +151,9 @@ def parse_builtin_source(source: str) -> tuple[str, str] | None:
     if len(parts) != 3:
         raise ValueError(f"malformed builtin source {source!r}; expected 'builtin:<generator>:<split>'")
     _, task, split = parts
-    if task not in BUILTIN_TASKS:
-        raise ValueError(
-            f"unknown builtin generator {task!r} in {source!r}; allowed: {sorted(BUILTIN_TASKS)}"
-        )
+    if task not in BUILTIN_TASKS and task not in BUILTIN_GENERATION:
+        raise ValueError(f"unknown builtin generator {task!r} in {source!r}; allowed: "
+                         f"{sorted(BUILTIN_TASKS)} (classification), {sorted(BUILTIN_GENERATION)} (generation)")
     if split not in BUILTIN_SPLITS:
         raise ValueError(f"unknown builtin split {split!r} in {source!r}; allowed: {list(BUILTIN_SPLITS)}")
     return task, split
@@ -172,7 +186,7 @@ class TaskSpec:
     name: str
     """Task name; a safe path component (see :func:`validate_task_name`)."""
     type: TaskType = "classification"
-    """Task kind. Only ``"classification"`` is implemented; ``"generation"`` is reserved."""
+    """Task kind: ``"classification"`` (text -> one of ``labels``) or ``"generation"`` (text -> target text)."""
     train: str
     """Source of the training split: a path, a path with ``${ADAPTBANK_DATA}``, or ``builtin:<gen>:<split>``."""
     test: str
@@ -187,13 +201,20 @@ class TaskSpec:
     """File format; ``"auto"`` decides by extension (.jsonl/.json, .csv) or a directory (hf-datasets)."""
     description: str = ""
     """Free-text description shown by the CLI."""
+    template: str | None = None
+    """Generation only: the prompt, with ``{text}`` where the input text goes (``"Review: {text}\nSentiment:"``)."""
+    target_field: str | None = None
+    """Generation only: the field holding the target text (a builtin generator supplies its own)."""
+    pose: TaskType | None = None
+    """``"generation"`` poses a classification task as generation: the target is the label name."""
+
+    @property
+    def head(self) -> Literal["classification", "generation"]:
+        """The head this spec's task gets: ``generation`` for a generation task or a posed one."""
+        return "generation" if "generation" in (self.type, self.pose) else "classification"
 
     def __post_init__(self) -> None:
         validate_task_name(self.name)
-        if self.type == "generation":
-            raise ValueError(
-                f"task {self.name!r}: type 'generation' is not supported yet; allowed: {list(get_args(TaskType))}"
-            )
         if self.type not in get_args(TaskType):
             raise ValueError(
                 f"task {self.name!r}: unknown type {self.type!r}; allowed: {list(get_args(TaskType))}"
@@ -217,6 +238,7 @@ class TaskSpec:
             if isinstance(self.labels, list):  # TOML and JSON give lists; store an immutable tuple
                 object.__setattr__(self, "labels", tuple(self.labels))
             _check_labels(self.labels, f"task {self.name!r}: labels")
+        _check_generation(self)
 
     def to_dict(self) -> dict[str, Any]:
         """Flat, JSON-ready dict of the fields (``labels`` as a list or ``None``)."""
@@ -255,6 +277,54 @@ class TaskSpec:
             return cls(**kwargs)
         except ValueError as exc:
             raise ValueError(f"{exc}{where}") from None
+
+
+def _check_generation(spec: TaskSpec) -> None:
+    """The generation fields: a template with ``{text}`` (and no other field) for a generation or posed
+    task, a target field for a generation task read from files, none of them for plain classification."""
+    what = f"task {spec.name!r}"
+    if spec.pose not in (None, *get_args(TaskType)):
+        raise ValueError(f"{what}: unknown pose {spec.pose!r}; allowed: {list(get_args(TaskType))} (or leave it out)")
+    builtin = parse_builtin_source(spec.train)
+    if spec.type == "classification" and builtin is not None and builtin[0] in BUILTIN_GENERATION:
+        raise ValueError(f"{what}: builtin {builtin[0]!r} is a generation generator (text -> text); set type = "
+                         "\"generation\" and a template")
+    if spec.head == "classification":
+        extra = [f for f in ("template", "target_field") if getattr(spec, f) is not None]
+        if extra:
+            raise ValueError(f"{what}: {extra[0]} is for generation tasks only; set type = \"generation\" or "
+                             "pose = \"generation\", or remove it")
+        return
+    if spec.type == "generation" and spec.pose == "classification":
+        raise ValueError(f"{what}: a generation task cannot be posed as classification (it has no labels)")
+    if spec.template is None:
+        raise ValueError(f"{what}: a generation task needs a prompt template with {{text}} where the input goes, "
+                         "e.g. template = \"Review: {text}\\nSentiment:\"")
+    if not isinstance(spec.template, str):
+        raise ValueError(f"{what}: template must be a string, got {spec.template!r}")
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(spec.template) if f is not None]
+    except ValueError as exc:
+        raise ValueError(f"{what}: template {spec.template!r} is not a valid format string ({exc}); write "
+                         "literal braces as {{ and }}") from None
+    if fields != ["text"]:
+        raise ValueError(f"{what}: template {spec.template!r} must use the field {{text}} exactly once and no "
+                         f"other field; it uses {fields}")
+    if spec.type == "classification":
+        if spec.target_field is not None:
+            raise ValueError(f"{what}: a classification task posed as generation has its label name as target; "
+                             f"remove target_field {spec.target_field!r}")
+        return
+    if spec.labels is not None:
+        raise ValueError(f"{what}: a generation task has no labels; remove labels (its targets are texts)")
+    if builtin is not None and builtin[0] in BUILTIN_TASKS:
+        raise ValueError(f"{what}: builtin {builtin[0]!r} is a classification generator; pose it with type = "
+                         f"\"classification\" and pose = \"generation\", or use one of {sorted(BUILTIN_GENERATION)}")
+    if spec.target_field is None and builtin is None:
+        raise ValueError(f"{what}: a generation task needs target_field in [data], naming the field that holds "
+                         "the target text (e.g. target_field = \"target\")")
+    if spec.target_field is not None and (not isinstance(spec.target_field, str) or not spec.target_field):
+        raise ValueError(f"{what}: target_field must be a non-empty string, got {spec.target_field!r}")
 
 
 def _check_labels(labels: object, what: str) -> None:

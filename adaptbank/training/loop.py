@@ -16,7 +16,10 @@ minGPT's trainer shape, with every loss term visible in one line::
 * ``loss_terms`` are explicit extra terms (EWC, O-LoRA's orthogonality, the token router's affinity and
   load balance), ``plan`` is any iterable of row batches (:func:`epoch_batches`; replay wraps it);
 * ``after_backward(step, loss)`` is the one read-only look at the raw gradients between backward and
-  the update (gradient diagnostics, ``training.diagnostics``).
+  the update (gradient diagnostics, ``training.diagnostics``);
+* ``loss`` is the task loss itself: :func:`task_loss` over pooled features for classification, or
+  ``training.generation.generation_loss`` over hidden states (B, T, D) through the shared LM head, for
+  rows of generation tasks (``Row.target_from``), whose ``features`` return the hidden states.
 
 Dropout draws from ``seed`` through :func:`~adaptbank.core.seeding.seeded`, so a run is reproducible
 and the caller's global RNG is left as it was. A NaN or Inf loss or gradient stops training with a
@@ -54,7 +57,7 @@ from adaptbank.training.diagnostics import (
 )
 from adaptbank.training.features import device_of, encode, fit_probe, task_features
 
-__all__ = ["Row", "Step", "LossTerm", "Features", "AfterBackward", "TrainResult", "TrainingError", "epoch_batches",
+__all__ = ["Row", "Step", "LossTerm", "TaskLoss", "Features", "AfterBackward", "TrainResult", "TrainingError", "epoch_batches",
            "total_steps", "task_loss", "make_optimizer", "optimizer_step", "fit", "train_task"]
 
 Features = Callable[[dict[str, Tensor]], Tensor]
@@ -72,6 +75,9 @@ class Row:
     ids: list[int]
     label: int
     task: str
+    target_from: int | None = None
+    """Generation rows: the index in ``ids`` of the first target token (the prompt before it gets no
+    loss); None for classification rows."""
 
 
 @dataclass(frozen=True)
@@ -82,13 +88,16 @@ class Step:
     rows: Sequence[Row]
     batch: dict[str, Tensor]
     pooled: Tensor
-    """(B, D) the features the task loss was computed on."""
+    """(B, D) the features the task loss was computed on ((B, T, D) hidden states for generation rows)."""
     step: int
     """1-based optimiser step."""
 
 
 LossTerm = Callable[[Step], Tensor]
 """An extra loss term, added to the task loss of every batch."""
+
+TaskLoss = Callable[[AdaptBankModel, Sequence[Row], Tensor], Tensor]
+"""``loss(model, rows, features) -> ()``: the task loss of a batch (:func:`task_loss` by default)."""
 
 AfterBackward = Callable[[int, Tensor], None]
 """``after_backward(step, loss)``: called by :func:`fit` on every step after ``loss.backward()`` and
@@ -181,13 +190,14 @@ def _bad_group(opt: torch.optim.Optimizer) -> str:
 def fit(model: AdaptBankModel, plan: Iterable[list[Row]], *, steps: int, groups: list[dict[str, Any]],
         cfg: TrainConfig, features: Features, seed: int, what: str, loss_terms: Sequence[LossTerm] = (),
         on_step: Callable[[int, float], None] | None = None, dropout: bool = True,
-        after_backward: AfterBackward | None = None) -> TrainResult:
+        after_backward: AfterBackward | None = None, loss: TaskLoss = task_loss) -> TrainResult:
     """Train the parameters in ``groups`` (AdamW param groups with ``name``, ``lr``, ``params``) for at
     most ``steps`` batches of ``plan``. Only those parameters are left trainable; afterwards the model
     is frozen and in eval mode. ``dropout=False`` trains in eval mode (the token router's gates should
     see the experts as they run at inference). ``what`` names the task in errors. ``on_step(step, loss)``
     follows each optimiser step; ``after_backward(step, loss)`` (:data:`AfterBackward`) precedes it, after
-    the backward pass (gradient diagnostics, ``add-task --diagnose``)."""
+    the backward pass (gradient diagnostics, ``add-task --diagnose``). ``loss`` is the task loss of a batch
+    given ``features(batch)`` (see :data:`TaskLoss`)."""
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError(f"{what}: nothing to train (every parameter group is empty)")
@@ -206,17 +216,17 @@ def fit(model: AdaptBankModel, plan: Iterable[list[Row]], *, steps: int, groups:
             if not rows:
                 raise ValueError(f"{what}: an empty batch in the training plan")
             batch = collate([r.ids for r in rows], pad_id(model.tokenizer), device_of(model))
-            pooled = features(batch)  # (B, D)
-            loss = task_loss(model, rows, pooled)
+            pooled = features(batch)  # (B, D), or (B, T, D) for generation rows
+            total = loss(model, rows, pooled)
             if loss_terms:
                 info = Step(model, rows, batch, pooled, result.steps + 1)
                 for term in loss_terms:
-                    loss = loss + term(info)
-            optimizer_step(loss, opt, sched, params, cfg, what=what, step=result.steps + 1,
+                    total = total + term(info)
+            optimizer_step(total, opt, sched, params, cfg, what=what, step=result.steps + 1,
                            after_backward=after_backward)
             result.steps += 1
             seen += len(rows)
-            result.losses.append(loss.item())
+            result.losses.append(total.item())
             if on_step is not None:
                 on_step(result.steps, result.losses[-1])
     model.eval()

@@ -1,0 +1,88 @@
+"""Tiny decoder LMs for the generation tests: GPT-2 and LLaMA built from configs (no download), with the
+frozen LM head, a word-level tokenizer over the built-in tasks' words, and saved Hugging Face folders."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from adaptbank.core.backbone import Backbone, LMHead
+
+WORDS_EXTRA = ["repeat", "answer", "opposite", "of", "review", "sentiment", "topic", "weather", ":", ",", "."]
+
+
+def builtin_words() -> list[str]:
+    """Every word of the built-in generation and classification tasks and the shipped templates."""
+    from adaptbank.data.builtin import BUILTIN_TASKS, generate
+    from adaptbank.data.builtin_text import BUILTIN_GENERATION, generate_pairs
+
+    words: set[str] = set(WORDS_EXTRA)
+    for task in BUILTIN_GENERATION:
+        for split in ("train", "test"):
+            for text, target in generate_pairs(task, split):
+                words.update(f"{text} {target}".lower().split())
+    for task, labels in BUILTIN_TASKS.items():
+        words.update(w.lower() for w in labels)
+        for split in ("train", "test"):
+            for text, _ in generate(task, split):
+                words.update(re.findall(r"\w+|[^\w\s]", text.lower()))
+    return sorted(words)
+
+
+def word_tokenizer(words: list[str] | None = None):
+    """A lower-casing word-level fast tokenizer: [PAD] 0, [UNK] 1, [EOS] 2, then ``words``."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[EOS]", *(words or builtin_words())])}
+    core = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+
+
+def _config(family: str, vocab: int, hidden: int, tied: bool):
+    import transformers as tr
+
+    if family == "gpt2":
+        return tr.GPT2Config(n_embd=hidden, n_layer=2, n_head=2, n_positions=64, vocab_size=vocab,
+                             bos_token_id=2, eos_token_id=2, pad_token_id=0, tie_word_embeddings=tied,
+                             initializer_range=0.3)  # the tied head: larger embeddings give logits a useful scale
+    return tr.LlamaConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                          intermediate_size=2 * hidden, max_position_embeddings=64, vocab_size=vocab,
+                          bos_token_id=2, eos_token_id=2, pad_token_id=0, tie_word_embeddings=tied)
+
+
+def tiny_lm(family: str, *, seed: int = 0, hidden: int = 32, vocab: int = 120, tokenizer=None,
+            dtype: torch.dtype = torch.float32) -> Backbone:
+    """A two-layer GPT-2 (tied LM head) or LLaMA (its own LM head) with random weights, frozen."""
+    import transformers as tr
+
+    torch.manual_seed(seed)
+    if tokenizer is not None:
+        vocab = len(tokenizer)
+    cfg = _config(family, vocab, hidden, tied=family == "gpt2")
+    model = (tr.GPT2Model if family == "gpt2" else tr.LlamaModel)(cfg).to(dtype).eval().requires_grad_(False)
+    if family == "gpt2":
+        head = LMHead(model.get_input_embeddings().weight)
+    else:
+        head = LMHead(torch.randn(vocab, hidden, dtype=dtype) * 0.5)
+    return Backbone(name=f"tiny-{family}-lm", model=model, tokenizer=tokenizer, path="", lm_head=head)
+
+
+def write_tiny_lm(path: Path, family: str, *, seed: int = 0, hidden: int = 32) -> Path:
+    """Save a tiny causal LM (``GPT2LMHeadModel`` tied / ``LlamaForCausalLM`` untied) and its tokenizer."""
+    import transformers as tr
+
+    tok = word_tokenizer()
+    torch.manual_seed(seed)
+    cfg = _config(family, len(tok), hidden, tied=family == "gpt2")
+    model = (tr.GPT2LMHeadModel if family == "gpt2" else tr.LlamaForCausalLM)(cfg)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
