@@ -167,9 +167,10 @@ def save_head(head, folder: Path) -> None:
     save_file({k: v.contiguous() for k, v in head[1].state_dict().items()}, str(folder / "head.safetensors"))
 
 
-def train_peer(encode, params: list, head, data: dict, spec: dict) -> dict:
+def train_peer(encode, params: list, head, data: dict, spec: dict, model) -> dict:
     """``encode(batch) -> (B, T, D)`` hidden states of the real tokens; trains ``params`` and ``head`` with
-    ``train_task``'s batches, optimiser and schedule; returns accuracy, speed and peak memory."""
+    ``train_task``'s batches, optimiser and schedule; evaluates with ``model`` (the module ``encode`` runs)
+    and the head in eval mode (no dropout), as adaptbank evaluates; returns accuracy, speed and peak memory."""
     import torch
     import torch.nn.functional as F
 
@@ -207,6 +208,7 @@ def train_peer(encode, params: list, head, data: dict, spec: dict) -> dict:
                 losses.append(loss.item())
         seconds = time.perf_counter() - start
     head.eval()
+    model.eval()
     test_ids, y_test = data["test"]["ids"], torch.tensor(data["test"]["labels"])
     pred = torch.empty(len(test_ids), dtype=torch.long)
     with torch.no_grad():
@@ -318,7 +320,7 @@ def run_peft(spec: dict, data: dict, out: Path) -> dict:
     head = new_head(base_model.config.hidden_size, len(data["labels"]), spec["train_config"]["seed"])
     model.train()
     head.train()
-    res = train_peer(encode, params, head, data, spec)
+    res = train_peer(encode, params, head, data, spec, model)
     model.eval()
     model.save_pretrained(str(out / "saved"))
     save_head(head, out / "saved")
@@ -347,7 +349,7 @@ def run_adapters(spec: dict, data: dict, out: Path) -> dict:
     head = new_head(d, len(data["labels"]), spec["train_config"]["seed"])
     base_model.train()
     head.train()
-    res = train_peer(encode, params, head, data, spec)
+    res = train_peer(encode, params, head, data, spec, base_model)
     base_model.eval()
     if spec["method"] == "prefix":
         base_model.eject_prefix_tuning("task")  # the flat prefixes, as adaptbank and peft store them
@@ -388,7 +390,7 @@ def run_torch(spec: dict, data: dict, out: Path) -> dict:
     head = new_head(model.config.hidden_size, len(data["labels"]), spec["train_config"]["seed"])
     model.train()
     head.train()
-    res = train_peer(encode, params, head, data, spec)
+    res = train_peer(encode, params, head, data, spec, model)
     if spec["method"] == "full-ft":
         model.save_pretrained(str(out / "saved"))
     else:
@@ -498,7 +500,8 @@ def main() -> None:
             print(f"== {task}: {shape['classes']} classes, {shape['n_train']} train / {shape['n_test']} test", flush=True)
             done = out["runs"].setdefault(task, {})
             for i, method in enumerate(args.methods):
-                if method in done and not args.redo:  # resumable per (task, method)
+                wanted = [m for m in IMPLS[method] if args.impls is None or m in args.impls]
+                if all(m in done.get(method, {}) for m in wanted) and not args.redo:  # resumable per (task, method, impl)
                     print(f"   {method}: kept from {args.json}", flush=True)
                     continue
                 cfg = TrainConfig(epochs=args.epochs, lr=LR[method], head_lr=LR[method], probe_init=False,
@@ -516,7 +519,8 @@ def main() -> None:
                         res[impl] = run_worker(python, spec, folder) | shape
                     shown = {k: v for k, v in res[impl].items() if k not in ("disk_files", "python")}
                     print(f"   {method:16} {impl:12} {shown}", flush=True)
-                done[method] = {impl: res[impl] for impl in IMPLS[method] if impl in res}
+                merged = done.get(method, {}) | res
+                done[method] = {impl: merged[impl] for impl in IMPLS[method] if impl in merged}
                 write_json(args.json, out, quiet=True)
             summarise(task, done, args.methods, rows, ratio_rows)
     print("\nrows: trainable % of the backbone's parameters (head excluded); accuracy on the test split; "
