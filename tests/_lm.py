@@ -1,4 +1,4 @@
-"""Tiny decoder LMs for the generation tests: GPT-2 and LLaMA built from configs (no download), with the
+"""Tiny LMs for the generation tests: GPT-2, LLaMA and T5 (encoder-decoder) built from configs (no download), with the
 frozen LM head, a word-level tokenizer over the built-in tasks' words, and saved Hugging Face folders."""
 
 from __future__ import annotations
@@ -85,4 +85,54 @@ def write_tiny_lm(path: Path, family: str, *, seed: int = 0, hidden: int = 32) -
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tok.save_pretrained(path)
+    return path
+
+
+def _t5_config(vocab: int, hidden: int, tied: bool, layers: int = 2):
+    import transformers as tr
+
+    # tied: t5-small style (ReLU, the head is the shared embeddings, rescaled); untied: v1.1 / flan style
+    return tr.T5Config(d_model=hidden, d_kv=hidden // 2, d_ff=2 * hidden, num_layers=layers, num_heads=2,
+                       vocab_size=vocab, pad_token_id=0, eos_token_id=2, decoder_start_token_id=0,
+                       feed_forward_proj="relu" if tied else "gated-gelu", tie_word_embeddings=tied)
+
+
+def tiny_t5(*, seed: int = 0, hidden: int = 32, vocab: int = 120, tokenizer=None, dtype: torch.dtype = torch.float32,
+            tied: bool = True, layers: int = 2) -> Backbone:
+    """A bare ``T5Model`` (encoder and decoder, ``layers`` each) with random weights, frozen, and the LM
+    head that ``load_backbone`` gives it: the shared embeddings rescaled by ``d_model**-0.5`` (tied), or
+    a head of its own (untied)."""
+    import transformers as tr
+
+    torch.manual_seed(seed)
+    if tokenizer is not None:
+        vocab = len(tokenizer)
+    model = tr.T5Model(_t5_config(vocab, hidden, tied, layers)).to(dtype).eval().requires_grad_(False)
+    shared = model.get_input_embeddings().weight
+    head = LMHead(shared, hidden ** -0.5) if tied else LMHead(torch.randn(vocab, hidden, dtype=dtype) * hidden ** -0.5)
+    return Backbone(name="tiny-t5", model=model, tokenizer=tokenizer, path="", lm_head=head)
+
+
+def write_tiny_t5(path: Path, *, tied: bool = True, seed: int = 0, hidden: int = 32) -> Path:
+    """Save a tiny ``T5ForConditionalGeneration`` and the word tokenizer as a Hugging Face folder. Untied,
+    the folder is a flan-t5 one: ``tie_word_embeddings: false`` and an ``lm_head.weight`` of its own
+    (transformers 5 saves T5's head tied whatever the config says, so it is written in afterwards)."""
+    import json
+
+    import transformers as tr
+    from safetensors.torch import load_file, save_file
+
+    tok = word_tokenizer()
+    torch.manual_seed(seed)
+    model = tr.T5ForConditionalGeneration(_t5_config(len(tok), hidden, tied))
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    if not tied:
+        weights = load_file(str(path / "model.safetensors"))
+        weights["lm_head.weight"] = torch.randn(len(tok), hidden) * hidden ** -0.5
+        save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+        config = json.loads((path / "config.json").read_text())
+        config.pop("scale_decoder_outputs", None)
+        (path / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": False}, indent=2))
     return path

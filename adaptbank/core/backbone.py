@@ -16,6 +16,13 @@ A decoder (:data:`LM_FAMILIES`) also gets its frozen, shared LM head, ``Backbone
 (never a pickle). The backbone itself stays the inner base model (``AutoModel``), so fingerprints of
 existing banks do not change; the head is not part of the fingerprint, but it is either the embeddings
 (fingerprinted) or a tensor of the same checked checkpoint.
+
+An encoder-decoder (:data:`SEQ2SEQ_FAMILIES`, T5) gets the head of ``T5ForConditionalGeneration`` while the
+backbone stays the bare ``T5Model``: ``logits = (s h) W^T`` over the decoder's states ``h``. ``W`` is the
+checkpoint's own ``lm_head.weight`` where it holds one that differs from the shared embeddings (T5 v1.1,
+flan-t5), else the shared embeddings (t5-small style, and transformers ties them too when a checkpoint has no
+head of its own); ``s = d_model**-0.5`` when the config ties the embeddings (``tie_word_embeddings``, read
+by transformers 5 as ``scale_decoder_outputs``), else 1.
 """
 
 from __future__ import annotations
@@ -30,14 +37,16 @@ from torch import Tensor, nn
 
 from adaptbank._tensorfile import ALL_DTYPES, check_safetensors
 
-__all__ = ["DEFAULT_ALIASES", "DEFAULT_BACKBONE", "LM_FAMILIES", "Backbone", "LMHead", "resolve_backbone",
-           "load_backbone", "lm_head_of", "fingerprint"]
+__all__ = ["DEFAULT_ALIASES", "DEFAULT_BACKBONE", "LM_FAMILIES", "SEQ2SEQ_FAMILIES", "Backbone", "LMHead",
+           "resolve_backbone", "load_backbone", "lm_head_of", "fingerprint"]
 
 DEFAULT_BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_ALIASES = frozenset({DEFAULT_BACKBONE, "all-MiniLM-L6-v2", "minilm", "default"})
 """Names that mean the bundled default backbone."""
 LM_FAMILIES = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3"})
 """Decoder-only model types whose backbone gets its LM head (generation tasks)."""
+SEQ2SEQ_FAMILIES = frozenset({"t5"})
+"""Encoder-decoder model types whose backbone gets its LM head (generation tasks, ``core.seq2seq``)."""
 _PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack", "model.ckpt.index")
 
 
@@ -50,24 +59,29 @@ class Backbone:
     tokenizer: object
     path: str
     lm_head: LMHead | None = None
-    """The frozen shared LM head of a decoder (:func:`lm_head_of`); None for encoders, and for a decoder
-    whose checkpoint neither ties its embeddings nor holds ``lm_head.weight``."""
+    """The frozen shared LM head of a decoder or T5 (:func:`lm_head_of`); None for encoders, and for a
+    decoder whose checkpoint neither ties its embeddings nor holds ``lm_head.weight``."""
 
 
 class LMHead(nn.Module):
-    """The frozen language-model head: hidden states (..., D) to vocabulary logits (..., V), ``h W^T``
-    (no bias, as in GPT-2, LLaMA, Mistral and Qwen). With tied embeddings ``weight`` *is* the input
-    embedding matrix (the same Parameter), so it costs no memory."""
+    """The frozen language-model head: hidden states (..., D) to vocabulary logits (..., V), ``(s h) W^T``
+    (no bias, as in GPT-2, LLaMA, Mistral, Qwen and T5; ``s`` is 1 except for tied T5, ``d_model**-0.5``).
+    With tied embeddings ``weight`` *is* the input embedding matrix (the same Parameter), so it costs no
+    memory."""
 
-    def __init__(self, weight: Tensor) -> None:
+    def __init__(self, weight: Tensor, scale: float = 1.0) -> None:
         super().__init__()
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        self.scale = float(scale)
+        """``s``: the hidden states are multiplied by it first (T5's rescale before its tied head)."""
 
     @property
     def vocab_size(self) -> int:
         return int(self.weight.shape[0])
 
     def forward(self, hidden: Tensor) -> Tensor:
+        if self.scale != 1.0:
+            hidden = hidden * self.scale  # (..., D) in the order T5ForConditionalGeneration computes it
         return torch.nn.functional.linear(hidden, self.weight.to(hidden.dtype))  # (..., V)
 
 
@@ -136,8 +150,10 @@ def load_backbone(name: str = DEFAULT_BACKBONE, *, dtype: torch.dtype | None = N
 def lm_head_of(model: nn.Module, where: str | None = None, gguf: str | None = None) -> LMHead | None:
     """The frozen LM head of decoder ``model`` (None for other model types): its input embeddings when
     ``config.tie_word_embeddings``, else ``lm_head.weight`` from the safetensors files of checkpoint
-    ``where`` (a folder or a cached hub id); None when neither is there."""
+    ``where`` (a folder or a cached hub id); None when neither is there. T5: see the module docstring."""
     config = model.config  # type: ignore[union-attr]
+    if config.model_type in SEQ2SEQ_FAMILIES:
+        return _seq2seq_head(model, _read_lm_head(where) if where and not gguf else None)
     if config.model_type not in LM_FAMILIES:
         return None
     if getattr(config, "tie_word_embeddings", False):
@@ -147,6 +163,17 @@ def lm_head_of(model: nn.Module, where: str | None = None, gguf: str | None = No
         return None
     dtype = next(model.parameters()).dtype
     return LMHead(weight.to(dtype)).to(next(model.parameters()).device).requires_grad_(False)
+
+
+def _seq2seq_head(model: nn.Module, weight: Tensor | None) -> LMHead:
+    """T5's head: the checkpoint's ``weight`` where it differs from the shared embeddings, else those."""
+    config = model.config  # type: ignore[union-attr]
+    shared = model.get_input_embeddings().weight  # type: ignore[operator]
+    tied = getattr(config, "scale_decoder_outputs", getattr(config, "tie_word_embeddings", True))
+    scale = float(config.d_model) ** -0.5 if tied else 1.0
+    if weight is None or (weight.shape == shared.shape and torch.equal(weight.to(shared.dtype), shared.detach().cpu())):
+        return LMHead(shared, scale)
+    return LMHead(weight.to(shared.dtype), scale).to(shared.device).requires_grad_(False)
 
 
 def _read_lm_head(where: str) -> Tensor | None:

@@ -24,6 +24,12 @@ the router's choice made from the prompt inside the prefill (``routed=True``: th
 ``routing.taps`` pool the prompt's embeddings and low layers and write the gates before the first layer
 with experts runs). The decode steps never touch the :class:`~adaptbank.routing.state.RoutingState`, so
 each row keeps its experts for the whole continuation; afterwards the state is reset (``off()``).
+
+An encoder-decoder backbone (T5, ``config.is_encoder_decoder``) goes through the same entry point: the
+prompt is the encoder's input, read once, and the decoder writes from ``decoder_start_token_id`` with its
+own cache (:class:`~adaptbank.core.seq2seq.Seq2SeqSteps`; the routed choice is made in the encoder pass).
+The two differ only in their decoding state, :class:`CausalSteps` or ``Seq2SeqSteps``; gates, the stop
+rule and the returned :class:`Generation` are shared.
 """
 
 from __future__ import annotations
@@ -36,8 +42,9 @@ import torch
 from torch import Tensor
 
 from adaptbank.core.model import AdaptBankModel
+from adaptbank.core.seq2seq import Seq2SeqSteps, is_seq2seq
 
-__all__ = ["Generation", "generate", "lm_logits", "position_limit", "left_pad"]
+__all__ = ["Generation", "generate", "lm_logits", "position_limit", "left_pad", "CausalSteps"]
 
 
 @dataclass
@@ -59,8 +66,11 @@ class Generation:
 
 
 def position_limit(model: AdaptBankModel) -> int | None:
-    """The backbone's position limit (``n_positions`` / ``max_position_embeddings``), or None."""
+    """The backbone's position limit (``n_positions`` / ``max_position_embeddings``), or None; None for an
+    encoder-decoder (T5's relative position buckets have no limit: see ``core.seq2seq``)."""
     config = model.backbone.config
+    if is_seq2seq(model):
+        return None
     limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     return int(limit) if limit else None
 
@@ -88,7 +98,7 @@ def lm_logits(model: AdaptBankModel, input_ids: Tensor, attention_mask: Tensor, 
 def _check(model: AdaptBankModel, prompts: Sequence[Sequence[int]], tasks: Sequence[str], routed: bool) -> None:
     if model.lm_head is None:
         raise ValueError(f"backbone {model.backbone_name!r} (model type {model.backbone.config.model_type!r}) has "
-                         "no LM head; generation needs a decoder-only model with one")
+                         "no LM head; generation needs a decoder-only model with one, or T5")
     if not prompts:
         raise ValueError("no prompts to generate from")
     empty = [i for i, p in enumerate(prompts) if not len(p)]
@@ -131,7 +141,7 @@ def generate(model: AdaptBankModel, prompts: Sequence[Sequence[int]], *, task: s
     pad = _first(pad_token_id, getattr(model.tokenizer, "pad_token_id", None), model.backbone.config.pad_token_id, 0)
     device = next(model.backbone.parameters()).device
     ids, mask = left_pad(prompts, pad or 0, device)  # (B, T), (B, T)
-    pos = (mask.cumsum(1) - 1).clamp(min=0)  # (B, T) each row's positions start at 0 on its first real token
+    steps = (Seq2SeqSteps if is_seq2seq(model) else CausalSteps)(model, ids, mask, use_cache)
     model.eval()
     scores = None
     try:
@@ -141,7 +151,7 @@ def generate(model: AdaptBankModel, prompts: Sequence[Sequence[int]], *, task: s
             model.state.off()
             model.trace.open(mask)
             try:
-                logits, cache = lm_logits(model, ids, mask, pos, use_cache=use_cache)  # (B, V)
+                logits = steps.first()  # (B, V) the router chooses inside the prefill / the encoder pass
                 scores = model.trace.scores
             finally:
                 model.trace.close()
@@ -153,8 +163,8 @@ def generate(model: AdaptBankModel, prompts: Sequence[Sequence[int]], *, task: s
         else:
             model.route(task=task) if task is not None else model.route(task_ids=rows)
             index = weight = None
-            logits, cache = lm_logits(model, ids, mask, pos, use_cache=use_cache)  # (B, V)
-        out, done = _decode(model, logits, ids, mask, pos, cache, max_new_tokens, eos, use_cache)
+            logits = steps.first()  # (B, V)
+        out, done = _decode(steps, logits, max_new_tokens, eos)
     finally:
         model.state.off()
     return Generation(out, tuple(rows), done, index, weight, scores)  # type: ignore[arg-type]
@@ -165,12 +175,38 @@ def _first(*values: int | None) -> int | None:
     return next((int(v) for v in values if v is not None), None)
 
 
-def _decode(model: AdaptBankModel, logits: Tensor, ids: Tensor, mask: Tensor, pos: Tensor, cache: Any,
-            max_new_tokens: int, eos: int | None, use_cache: bool) -> tuple[list[list[int]], list[bool]]:
-    """The decode steps after the prefill's ``logits (B, V)``; the gates stay as the prefill left them."""
-    B = ids.shape[0]
+class CausalSteps:
+    """The decoding state of one :func:`generate` call on a decoder-only backbone: left-padded ids, their
+    mask and positions, and the KV cache. :meth:`first` is the prefill, :meth:`next` one step; both
+    return the last position's logits ``(B, V)`` under the gates as they are."""
+
+    def __init__(self, model: AdaptBankModel, ids: Tensor, mask: Tensor, use_cache: bool) -> None:
+        self.model, self.ids, self.mask, self.use_cache = model, ids, mask, use_cache  # (B, T), (B, T)
+        self.pos = (mask.cumsum(1) - 1).clamp(min=0)  # (B, T) each row's positions start at 0 on its first real token
+        self.cache: Any = None
+
+    def first(self) -> Tensor:
+        logits, self.cache = lm_logits(self.model, self.ids, self.mask, self.pos, use_cache=self.use_cache)  # (B, V)
+        return logits
+
+    def next(self, tokens: Tensor) -> Tensor:
+        """Append ``tokens (B,)``: with the cache only they are computed, else the whole sequence again."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones(tokens.shape[0], 1)], 1)  # (B, S + 1)
+        self.pos = torch.cat([self.pos, self.pos[:, -1:] + 1], 1)  # (B, S + 1)
+        if self.use_cache:
+            logits, self.cache = lm_logits(self.model, tokens[:, None], self.mask, self.pos[:, -1:], self.cache,
+                                           use_cache=True)  # (B, V)
+            return logits
+        self.ids = torch.cat([self.ids, tokens[:, None]], 1)  # (B, S + 1)
+        return lm_logits(self.model, self.ids, self.mask, self.pos)[0]  # (B, V)
+
+
+def _decode(steps: CausalSteps | Seq2SeqSteps, logits: Tensor, max_new_tokens: int,
+            eos: int | None) -> tuple[list[list[int]], list[bool]]:
+    """The decode steps after the first ``logits (B, V)``; the gates stay as the first step left them."""
+    B = logits.shape[0]
     out: list[list[int]] = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool, device=ids.device)  # (B,)
+    done = torch.zeros(B, dtype=torch.bool, device=logits.device)  # (B,)
     for step in range(max_new_tokens):
         nxt = logits.argmax(-1)  # (B,)
         ended = nxt == eos if eos is not None else torch.zeros_like(done)  # (B,)
@@ -179,11 +215,5 @@ def _decode(model: AdaptBankModel, logits: Tensor, ids: Tensor, mask: Tensor, po
         done |= ended
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, mask.new_ones(B, 1)], 1)  # (B, S + 1)
-        pos = torch.cat([pos, pos[:, -1:] + 1], 1)  # (B, S + 1)
-        if use_cache:
-            logits, cache = lm_logits(model, nxt[:, None], mask, pos[:, -1:], cache, use_cache=True)  # (B, V)
-        else:
-            ids = torch.cat([ids, nxt[:, None]], 1)  # (B, S + 1)
-            logits, _ = lm_logits(model, ids, mask, pos)  # (B, V)
+        logits = steps.next(nxt)  # (B, V)
     return out, done.tolist()

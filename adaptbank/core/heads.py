@@ -4,7 +4,8 @@ Two kinds are planned, and the bank, the router and the evaluator see a task, no
 
 * ``classification`` (built): a per-task :class:`ClassificationHead` over pooled features, ``(B, D) -> (B, C)``;
 * ``generation``: the backbone's frozen, shared LM head (``Backbone.lm_head``, no per-task parameters); loss
-  on the target tokens (``training.generation``), greedy decoding with the KV cache (``core.generate``).
+  on the target tokens (``training.generation``), greedy decoding with the KV cache (``core.generate``), on
+  a decoder-only backbone or an encoder-decoder (T5: ``core.seq2seq``).
 
 ``TaskInfo.head`` records the kind; ``HEAD_KINDS`` lists what exists.
 
@@ -57,8 +58,9 @@ def row_logits(heads: Mapping[str, nn.Module], pooled: Tensor, rows: Sequence[st
 
 def check_head(model: AdaptBankModel, name: str, method: MethodConfig, labels: Sequence[str], head: str) -> None:
     """Refuse a task ``name`` the model cannot hold with a ``head`` head: an unknown kind, a classification
-    task with fewer than 2 labels, a generation task on a backbone without an LM head (an encoder) or with
-    a prompt/prefix expert (those enter as extra positions, which the KV-cache decoding does not carry)."""
+    task with fewer than 2 labels, a generation task on a backbone without an LM head (an encoder), on an
+    encoder-decoder without a ``decoder_start_token_id``, or with a prompt/prefix expert (those enter as
+    extra positions, which the KV-cache decoding does not carry)."""
     if head not in HEAD_KINDS:
         raise ValueError(f"task {name!r}: unknown head kind {head!r}; allowed: {list(HEAD_KINDS)}")
     if head == "classification":
@@ -69,7 +71,12 @@ def check_head(model: AdaptBankModel, name: str, method: MethodConfig, labels: S
         kind = model.backbone.config.model_type
         raise ValueError(f"task {name!r} is a generation task, but backbone {model.backbone_name!r} (model type "
                          f"{kind!r}) has no LM head; generation needs a decoder-only model with one (gpt2, llama, "
-                         "mistral, qwen2, qwen3 with tied embeddings or an lm_head.weight in its checkpoint)")
+                         "mistral, qwen2, qwen3 with tied embeddings or an lm_head.weight in its checkpoint) "
+                         "or the encoder-decoder t5")
+    config = model.backbone.config
+    if getattr(config, "is_encoder_decoder", False) and getattr(config, "decoder_start_token_id", None) is None:
+        raise ValueError(f"task {name!r} is a generation task, but backbone {model.backbone_name!r} has no "
+                         "decoder_start_token_id in its config; its decoder starts from it (T5: the pad token, 0)")
     parts = method.parts if isinstance(method, CombinedConfig) else (method,)
     virtual = [p.kind for p in parts if isinstance(p, (PromptTuningConfig, PrefixConfig))]
     if virtual:

@@ -24,7 +24,8 @@ A combined method (``CombinedConfig``, e.g. ``prefix+lora``) is one task: its li
 wrapped layers under the task name (``core.composed``), its prompt/prefix part in ``self.virtual``, its
 head here; it is routed, stored and removed as one.
 
-A generation task (``head="generation"``) reads the frozen shared ``self.lm_head`` (``core.generate``).
+A generation task (``head="generation"``) reads the frozen shared ``self.lm_head`` (``core.generate``); on an
+encoder-decoder (T5) its experts sit in the encoder and the decoder (``core.seq2seq``), a classification task's in the encoder.
 """
 
 from __future__ import annotations
@@ -120,11 +121,11 @@ class AdaptBankModel(nn.Module):
         if shared_group is not None and not isinstance(method, LoRAConfig):
             raise ValueError(f"--share-a works with LoRA only, not {method.kind!r}")
         if isinstance(method, CombinedConfig):
-            return self._register(replace(self._add_combined(name, method, labels), head=head), head_dropout)
+            return self._register(replace(self._add_combined(name, method, labels, head), head=head), head_dropout)
         if is_virtual(method):
             self.virtual.add(name, method, self.encoder, labels, self.tokenizer).train(self.training)
             return self._register(TaskInfo(name, method, tuple(labels), ()), head_dropout)
-        paths = self.target_paths(method)
+        paths = self.target_paths(method, head)
         owns = shared_group is not None and shared_group not in self.shared_groups
         if shared_group is not None and not owns:
             self._check_group_fits(shared_group, method, paths)
@@ -133,10 +134,10 @@ class AdaptBankModel(nn.Module):
             self.shared_groups.setdefault(shared_group, tuple(paths))
         return self._register(TaskInfo(name, method, tuple(labels), tuple(paths), shared_group, owns, head), head_dropout)
 
-    def _add_combined(self, name: str, method: CombinedConfig, labels: Sequence[str]) -> TaskInfo:
+    def _add_combined(self, name: str, method: CombinedConfig, labels: Sequence[str], head: HeadKind) -> TaskInfo:
         """The linear parts in their target layers (one ``ComposedExpert`` per layer), then the prompt/prefix
         part; on an error nothing of the task is left."""
-        layers = add_parts(self.backbone, {i: self.target_paths(p) for i, p in method.linear_parts.items()},
+        layers = add_parts(self.backbone, {i: self.target_paths(p, head) for i, p in method.linear_parts.items()},
                            self.state, name, method, training=self.training)
         if method.virtual_part is not None:
             try:
@@ -155,12 +156,12 @@ class AdaptBankModel(nn.Module):
         self._order_changed()
         return info
 
-    def target_paths(self, method: MethodConfig) -> list[str]:
-        """Module paths that ``method.targets`` (of a single kind) selects in this backbone."""
+    def target_paths(self, method: MethodConfig, head: HeadKind = "classification") -> list[str]:
+        """Module paths that ``method.targets`` (of a single kind) selects in this backbone for a ``head`` task."""
         if isinstance(method, CombinedConfig):
             raise TypeError(f"a combined method ({method.kind!r}) has targets per part; pass a part")
         paths = resolve_targets(self.backbone, method.targets)
-        if self.encoder is not self.backbone:  # encoder-decoder (T5): classification reads the encoder only
+        if self.encoder is not self.backbone and head == "classification":  # T5: a head reads the encoder only
             paths = [p for p in paths if p.startswith("encoder.")]
         if self.reserved_layers:
             reserved = tuple(f"{p}." for p in self._layer_paths()[: self.reserved_layers])

@@ -48,8 +48,15 @@ class RouterTrace:
 
 def layer_list(model: nn.Module) -> nn.ModuleList:
     """The backbone's ModuleList of transformer layers (BERT ``encoder.layer``, GPT-2 ``h``, LLaMA
-    ``layers``, T5 ``encoder.block``): the longest ModuleList, the first one found on ties."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    ``layers``, T5 ``encoder.block``): the longest ModuleList not inside another one, the first one found
+    on ties (a T5 block's own ``layer`` list of sub-layers sits inside ``block`` and is never chosen, even
+    when it is the longer one, as in a one-layer T5)."""
+    lists: list[nn.ModuleList] = []
+    inner: set[int] = set()
+    for m in model.modules():  # pre-order: an outer list comes before the lists inside it
+        if isinstance(m, nn.ModuleList) and len(m) > 0 and id(m) not in inner:
+            lists.append(m)
+            inner.update(id(x) for x in m.modules() if x is not m)
     if not lists:
         raise ValueError(f"cannot find the layer list of {type(model).__name__}")
     return max(lists, key=len)

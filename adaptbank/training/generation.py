@@ -14,12 +14,17 @@ where ``h`` are the adapted decoder's hidden states and ``W`` the frozen LM head
 trains, and only the N target positions go through ``W``. It runs in the one training loop
 (``training.loop.fit`` with ``loss=generation_loss``).
 
+On an encoder-decoder (T5) a row is the prompt ids (the encoder's input) with ``Row.target`` = target ids +
+[EOS]; ``features`` are the encoder's states and the loss runs the decoder over them on the target shifted
+right behind ``decoder_start_token_id`` (teacher forcing, ``core.seq2seq.seq2seq_loss``).
+
 Evaluation (SQuAD's, Rajpurkar et al. 2016, https://arxiv.org/abs/1606.05250): texts are normalised
 (lower case, punctuation removed, whitespace collapsed); exact match is equality of the normalised
 texts, token F1 the harmonic mean of the precision and recall of their words (as bags).
 
 A prompt longer than ``max_length`` tokens keeps its *last* ``max_length`` tokens (a template's cue,
-"Answer:", is at its end). A target that does not fit the model's positions is an error.
+"Answer:", is at its end). A target that does not fit the model's positions is an error; T5 has no position
+limit, and there a target longer than ``max_length`` tokens with its EOS is the error (``core.seq2seq``).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from torch import Tensor
 from adaptbank.core.config import TrainConfig
 from adaptbank.core.generate import Generation, generate, position_limit
 from adaptbank.core.model import AdaptBankModel
+from adaptbank.core.seq2seq import is_seq2seq, seq2seq_loss
 from adaptbank.data.load import TaskData, generation_pairs
 from adaptbank.data.tokens import batches
 from adaptbank.training.evaluate import evaluate
@@ -64,13 +70,16 @@ def encode_pairs(model: AdaptBankModel, name: str, prompts: Sequence[str], targe
                  max_length: int) -> list[Row]:
     """Training rows of task ``name``: ``prompt + " " target + EOS``, ``target_from`` at the target. A
     target that leaves no position for the prompt is an error naming the example and both lengths; a
-    prompt is cut from the left to fit what the target leaves."""
+    prompt is cut from the left to fit what the target leaves. On an encoder-decoder: the prompt, with
+    ``target`` = ``" " target + EOS`` (:func:`_seq2seq_rows`)."""
     if len(prompts) != len(targets):
         raise ValueError(f"task {name!r}: {len(prompts)} prompts but {len(targets)} targets")
     tok = _tokenizer(model)
     eos = int(tok.eos_token_id)  # type: ignore[attr-defined]
     limit = position_limit(model)
     tgt = tok([" " + t.strip() for t in targets], add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+    if is_seq2seq(model):
+        return _seq2seq_rows(name, encode_prompts(model, prompts, max_length), tgt, eos, max_length)
     rows = []
     for i, (p, t) in enumerate(zip(encode_prompts(model, prompts, max_length), tgt)):
         t = [*t, eos]
@@ -81,6 +90,21 @@ def encode_pairs(model: AdaptBankModel, name: str, prompts: Sequence[str], targe
         if limit is not None:
             p = p[-(limit - len(t)):]
         rows.append(Row(p + t, 0, name, target_from=len(p)))
+    return rows
+
+
+def _seq2seq_rows(name: str, prompts: list[list[int]], targets: list[list[int]], eos: int,
+                  max_length: int) -> list[Row]:
+    """Encoder-decoder rows: the prompt for the encoder, the target and its EOS for the decoder, which
+    reads at most ``max_length`` tokens (T5 has no position limit; see ``core.seq2seq``)."""
+    rows = []
+    for i, (p, t) in enumerate(zip(prompts, targets)):
+        if len(t) + 1 > max_length:
+            raise ValueError(f"task {name!r}: the target of example {i + 1} is {len(t) + 1} tokens long with its EOS, "
+                             f"above max_length {max_length} (--max-length), the limit on the decoder's side too "
+                             "(T5 has no position limit; a cut target would teach it to stop early); raise "
+                             "--max-length or shorten the target")
+        rows.append(Row(p, 0, name, target=(*t, eos)))
     return rows
 
 
@@ -96,7 +120,15 @@ def generation_labels(rows: Sequence[Row], width: int) -> Tensor:
 
 def generation_loss(model: AdaptBankModel, rows: Sequence[Row], hidden: Tensor) -> Tensor:
     """Mean cross-entropy of the target tokens given the hidden states ``(B, T, D)`` of right-padded rows
-    (see the module docstring); token t is predicted from position t - 1."""
+    (see the module docstring); token t is predicted from position t - 1. On an encoder-decoder the hidden
+    states are the encoder's and the loss is ``core.seq2seq.seq2seq_loss`` on the rows' targets."""
+    if is_seq2seq(model):
+        lengths = torch.tensor([len(r.ids) for r in rows], device=hidden.device)  # (B,)
+        mask = (torch.arange(hidden.shape[1], device=hidden.device) < lengths[:, None]).long()  # (B, T) right-padded
+        bad = next((b for b, r in enumerate(rows) if r.target is None), None)
+        if bad is not None:
+            raise ValueError(f"row {bad} of task {rows[bad].task!r} is not an encoder-decoder generation row (no target)")
+        return seq2seq_loss(model, hidden, mask, [r.target for r in rows])  # type: ignore[misc]
     labels = generation_labels(rows, hidden.shape[1]).to(hidden.device)[:, 1:]  # (B, T - 1) shifted
     b, t = (labels != -100).nonzero(as_tuple=True)  # (N,), (N,)
     logits = model.lm_head(hidden[:, :-1][b, t])  # type: ignore[misc]  # (N, V)
@@ -104,11 +136,12 @@ def generation_loss(model: AdaptBankModel, rows: Sequence[Row], hidden: Tensor) 
 
 
 def generation_features(model: AdaptBankModel, task: str) -> Callable[[dict[str, Tensor]], Tensor]:
-    """``features(batch) -> (B, T, D)``: the decoder's hidden states with task ``task``'s expert on."""
+    """``features(batch) -> (B, T, D)``: the decoder's hidden states with task ``task``'s expert on (an
+    encoder-decoder's: its encoder's, ``model.encoder``; the decoder runs in :func:`generation_loss`)."""
 
     def features(batch: dict[str, Tensor]) -> Tensor:
         model.route(task=task)
-        return model.backbone(**batch).last_hidden_state  # (B, T, D)
+        return model.encoder(**batch).last_hidden_state  # (B, T, D)
 
     return features
 

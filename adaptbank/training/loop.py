@@ -19,7 +19,8 @@ minGPT's trainer shape, with every loss term visible in one line::
   the update (gradient diagnostics, ``training.diagnostics``);
 * ``loss`` is the task loss itself: :func:`task_loss` over pooled features for classification, or
   ``training.generation.generation_loss`` over hidden states (B, T, D) through the shared LM head, for
-  rows of generation tasks (``Row.target_from``), whose ``features`` return the hidden states.
+  rows of generation tasks (``Row.target_from``), whose ``features`` return the hidden states (on an
+  encoder-decoder: the encoder's, over which the loss runs the decoder on ``Row.target``).
 
 Dropout draws from ``seed`` through :func:`~adaptbank.core.seeding.seeded`, so a run is reproducible
 and the caller's global RNG is left as it was. A NaN or Inf loss or gradient stops training with a
@@ -76,8 +77,11 @@ class Row:
     label: int
     task: str
     target_from: int | None = None
-    """Generation rows: the index in ``ids`` of the first target token (the prompt before it gets no
-    loss); None for classification rows."""
+    """Decoder-only generation rows: the index in ``ids`` of the first target token (the prompt before it
+    gets no loss); None for classification rows."""
+    target: tuple[int, ...] | None = None
+    """Encoder-decoder generation rows: the target ids and EOS, the decoder's side (``ids`` is the prompt,
+    the encoder's side; ``core.seq2seq``); None otherwise."""
 
 
 @dataclass(frozen=True)
