@@ -252,13 +252,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(0.2)  # every reader served once, every writer loaded its backbone: go
     go.touch()
     t_start = time.monotonic()
-    holds = 0
+    holds: list[tuple[float, float]] = []
     while any(p.poll() is None for p in writers):  # now and then hold the writers' lock, as a slow writer would
         time.sleep(0.2)
-        if args.hold_lock > 0 and time.monotonic() - t_start > (holds + 1) * args.hold_every:
+        if args.hold_lock > 0 and time.monotonic() - t_start > (len(holds) + 1) * args.hold_every:
             with exclusive_lock(Path(args.bank) / ".lock"):
+                t_hold = time.monotonic()
                 time.sleep(args.hold_lock)
-            holds += 1
+                holds.append((t_hold, time.monotonic()))
     t_end = time.monotonic()
     final_gen = AdapterBank.open(args.bank).store.generation
     deadline = time.monotonic() + args.start_timeout  # readers must catch up with the final version
@@ -275,8 +276,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     audits = [r for i in range(args.auditors) for r in _read_log(work / f"auditor{i}.jsonl")]
     out = summarize(args, reader_logs, changes, t_start, t_end, final_gen, work,
                     [p.returncode for p in readers + writers + auditors])
+    from adaptbank.bank.snapshot import disk_generation
+
+    check_s = []
+    for _ in range(200):  # the per-request cost of noticing a new version, on the final bank
+        t0 = time.perf_counter()
+        disk_generation(args.bank)
+        check_s.append(time.perf_counter() - t0)
     found = [f"auditor: {p}" for a in audits for p in a["problems"]]
-    return out | {"lock_holds": holds, "audit_checks": sum(a["checks"] for a in audits),
+    held = sorted(r["t1"] - r["t0"] for log in reader_logs for r in log if r["kind"] == "request"
+                  and any(a <= r["t0"] and r["t1"] <= b for a, b in holds))  # requests served while the lock was held
+    return out | {"lock_holds": len(holds), "requests_while_lock_held": len(held),
+                  "latency_ms_while_lock_held_p50": round(statistics.median(held) * 1000, 1) if held else None,
+                  "audit_checks": sum(a["checks"] for a in audits),
+                  "generation_check_ms_p50": round(statistics.median(check_s) * 1000, 3),
                   "errors": out["errors"] + len(found), "error_samples": (out["error_samples"] + found)[:20]}
 
 
@@ -411,7 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"errors: {out['errors']}")
     for e in out["error_samples"]:
         print(f"  {e}")
-    print(f"request latency while writers ran: p50 {lat['p50']} ms, p99 {lat['p99']} ms")
+    print(f"request latency while writers ran: p50 {lat['p50']} ms, p99 {lat['p99']} ms; "
+          f"{out['requests_while_lock_held']} requests served inside the lock holds "
+          f"(p50 {out['latency_ms_while_lock_held_p50']} ms: readers never wait for the lock)")
+    print(f"noticing a new version (disk_generation, per request): p50 {out['generation_check_ms_p50']} ms")
     print(f"note: {LOAD_NOTE}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -368,7 +368,8 @@ class BankStore:
 
     def _fresh(self, lookup: Callable[[dict[str, Any]], dict[str, Any]], fn: Callable[[dict[str, Any]], _T]) -> _T:
         """Run ``fn(entry)``; if a file vanished because another process committed a newer version
-        (and deleted the old dir), re-read the manifest and retry once on the new entry."""
+        (and deleted the old dir), re-read the manifest and retry once on the new entry.  Reads of several
+        files that must agree run under ``bank.snapshot.read_consistent``, which notices that re-read."""
         entry = lookup(self._manifest)
         try:
             return fn(entry)
