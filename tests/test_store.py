@@ -219,6 +219,53 @@ def test_reader_retries_after_a_concurrent_replace(bank: BankStore) -> None:
     assert_same(reader.read_tensors("a", "head"), files_for(1)["head"])
 
 
+@pytest.mark.parametrize("window", ["after the size check", "after the header check", "before the JSON read"])
+def test_reader_retries_when_a_file_vanishes_between_check_and_read(bank: BankStore, monkeypatch: pytest.MonkeyPatch,
+                                                                    window: str) -> None:
+    # A writer's replace commits and deletes the old dir just after the reader checked a file, before it opened
+    # it: the read must count the file as missing (and retry on the new version), not as an unreadable file.
+    from adaptbank.bank import files as bank_files
+
+    bank.write_task("a", files_for(0), {"v": 0})
+    reader = BankStore.open(bank.path)
+    fired: list[str] = []
+
+    def replace_now() -> None:
+        if not fired:
+            fired.append(window)
+            bank.write_task("a", files_for(1), {"v": 1}, replace=True)
+
+    if window == "after the header check":
+        real_check = bank_files.check_safetensors
+        monkeypatch.setattr(bank_files, "check_safetensors", lambda path: (real_check(path), replace_now())[0])
+    else:
+        real_file = bank_files.BankFiles.checked_file
+        monkeypatch.setattr(bank_files.BankFiles, "checked_file",
+                            lambda self, *a: (real_file(self, *a), replace_now())[0])
+    if window == "before the JSON read":
+        assert reader.read_config("a") == {"v": 1}
+    else:
+        assert_same(reader.read_tensors("a", "head"), files_for(1)["head"])
+    assert fired and reader.generation == bank.generation
+
+
+def test_generation_counts_commits(bank: BankStore) -> None:
+    assert bank.generation == 1  # create commits once
+    bank.write_task("a", files_for(0), {})
+    bank.write_task("a", files_for(1), {}, replace=True)
+    bank.remove_task("a")
+    assert bank.generation == 4 == BankStore.open(bank.path).generation
+    with pytest.raises(TaskNotFoundError):
+        bank.remove_task("a")  # a refused change commits nothing
+    assert BankStore.open(bank.path).generation == 4
+    old = json.loads(mbytes(bank))
+    del old["generation"]  # a bank from before the counter reads as generation 0, and counts on from there
+    (bank.path / "manifest.json").write_text(json.dumps(old))
+    assert BankStore.open(bank.path).generation == 0
+    bank.write_task("b", files_for(0), {})
+    assert BankStore.open(bank.path).generation == 1
+
+
 def test_readers_ignore_temporaries_and_orphans(bank: BankStore) -> None:
     bank.write_task("a", files_for(0), {})
     (bank.path / "tasks" / "a@000000000000").mkdir()

@@ -4,7 +4,9 @@
 errors), ``files`` (checksummed reads, durable writes) and ``maintenance`` (verify, repair) know nothing
 of models; ``facade.AdapterBank`` trains tasks and stores them; ``router_memory`` keeps each task's
 exact share of the router (added and subtracted on add / replace / remove); ``expert_io`` and
-``graph`` are the edges (portable expert folders, the lineage/similarity graph).
+``graph`` are the edges (portable expert folders, the lineage/similarity graph); ``snapshot`` keeps a
+read of many files to one committed version while writers commit, and ``live.LiveBank`` is a routed model
+that follows the bank's commits (a long-lived reader).
 
 ``AdapterBank`` and ``BankError`` load lazily, so ``adaptbank.bank.store`` imports without torch.
 """

@@ -27,6 +27,7 @@ import torch
 
 from adaptbank._version import __version__
 from adaptbank.bank import router_memory
+from adaptbank.bank.snapshot import consistent
 from adaptbank.bank.store import DEFAULT_LOCK_TIMEOUT, BankError, BankStore, Problem, TaskExistsError
 from adaptbank.bank.trust import allow_base, base_to_load, canonical
 from adaptbank.core.backbone import DEFAULT_ALIASES, DEFAULT_BACKBONE, Backbone, load_backbone
@@ -157,9 +158,10 @@ class AdapterBank:
     def router_layers(self) -> int:
         return self.router_config.layers
 
+    @consistent
     def load(self, names: Sequence[str] | None = None) -> AdaptBankModel:
         """A new model with tasks ``names`` (all when None) loaded, owned by the caller; reads only those
-        tasks' files."""
+        tasks' files, all of one committed version even while writers commit (``bank.snapshot``)."""
         wanted = list(self.tasks() if names is None else names)
         unknown = [n for n in wanted if n not in self.tasks()]
         if unknown:
@@ -330,11 +332,12 @@ class AdapterBank:
                             f"{self.tasks()}; run `adaptbank router fit`")
         return LDARouter(meta["expert_order"], files["lda"]["weight"], files["lda"]["bias"], layers=meta["layers"])
 
+    @consistent
     def load_routed(self, *, top_k: int | None = None, temperature: float | None = None,
                     token_level: bool = False) -> AdaptBankModel:
-        """All tasks loaded and the router attached (or, with ``token_level``, the token gates
-        installed): ready for task-agnostic prediction. ``top_k`` and ``temperature`` default to the
-        bank's :class:`RouterConfig`."""
+        """All tasks loaded and the router attached (or, with ``token_level``, the token gates installed),
+        router and experts of one committed version (``bank.snapshot``): ready for task-agnostic prediction.
+        ``top_k`` and ``temperature`` default to the bank's :class:`RouterConfig`."""
         cfg = self.router_config
         top_k = cfg.top_k if top_k is None else top_k
         temperature = cfg.temperature if temperature is None else temperature

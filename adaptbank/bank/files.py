@@ -75,7 +75,7 @@ class BankFiles:
         try:
             digest = file_digest(path)
         except OSError as exc:
-            raise BankCorruptError(f"{path}: {label}: cannot read: {exc}", kind="unreadable") from exc
+            raise _read_failed(path, label, "cannot read", exc) from exc
         if digest != rec["sha256"]:
             raise BankCorruptError(f"{path}: {label}: sha256 {digest[:12]}... differs from "
                                    f"{rec['sha256'][:12]}... in the manifest (file modified or corrupt)",
@@ -92,14 +92,13 @@ class BankFiles:
         try:  # the header first, by our own bounded parser: a forged file is refused before safetensors reads it
             check_safetensors(path)
         except TensorFileError as exc:
-            raise BankCorruptError(f"{label}: {exc}", kind="unreadable") from None
+            raise _read_failed(path, label, "", exc) from None
         try:
             from safetensors.torch import load_file
 
             return load_file(path)
         except Exception as exc:  # noqa: BLE001 - any parser failure means a corrupt file
-            raise BankCorruptError(f"{path}: {label}: unreadable safetensors file: {exc}",
-                                   kind="unreadable") from exc
+            raise _read_failed(path, label, "unreadable safetensors file", exc) from exc
 
     def load_json(self, entry: dict[str, Any], rel: str, check: Check, label: str) -> dict[str, Any]:
         """The JSON object in file ``rel`` of manifest ``entry``, checked first."""
@@ -109,7 +108,7 @@ class BankFiles:
         try:
             data = json.loads(path.read_bytes())
         except (OSError, ValueError, RecursionError) as exc:
-            raise BankCorruptError(f"{path}: {label}: unreadable JSON: {exc}", kind="unreadable") from exc
+            raise _read_failed(path, label, "unreadable JSON", exc) from exc
         if not isinstance(data, dict):
             raise BankCorruptError(f"{path}: {label}: JSON is not an object", kind="unreadable")
         return data
@@ -127,6 +126,17 @@ class BankFiles:
         fsync_dir(d)
         fsync_dir(d.parent)
         return records
+
+
+def _read_failed(path: Path, label: str, what: str, exc: Exception) -> BankCorruptError:
+    """A read of ``path`` that passed its check failed: kind "missing" when the file is gone by now, as when a
+    writer deleted the directory its commit superseded between the check and the read (the store then re-reads
+    the manifest, as for a file missing at the check), else "unreadable".  An open file stays readable after
+    its deletion, so a read that opened the file never sees a torn one."""
+    if not path.exists():
+        return BankCorruptError(f"{path}: {label}: file listed in the manifest vanished while being read ({exc})",
+                                kind="missing")
+    return BankCorruptError(f"{path}: {label}: {what}: {exc}" if what else f"{label}: {exc}", kind="unreadable")
 
 
 def encode(files: object, owner: str) -> dict[str, bytes]:

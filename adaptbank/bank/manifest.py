@@ -3,14 +3,16 @@
 ``BANK/manifest.json`` is the bank's single commit point (layout and write protocol: see
 :mod:`adaptbank.bank.store`).  Schema :data:`SCHEMA_VERSION`::
 
-    {"schema": 1, "adaptbank_version": "...", "created": "<iso time>",
+    {"schema": 1, "adaptbank_version": "...", "created": "<iso time>", "generation": <int>,
      "base": {"name": str, "fingerprint": str, ...},           # the frozen base model, free-form JSON
      "tasks": [{"name", "dir": "tasks/<task>@<id>", "files", "shared": <group> | null, "created"}, ...],
      "shared": {"<group>": {"dir": "shared/<group>@<id>", "files", "tasks": [<task>, ...], "created"}},
      "router": null | {"dir": "router/<id>", "files", "expert_order": [<task>, ...], "created"},
      "meta": {...}}                                            # free-form JSON, e.g. run metrics
 
-where every ``files`` maps a plain file name to ``{"size", "sha256", "mtime_ns"}``.  Everything here
+where every ``files`` maps a plain file name to ``{"size", "sha256", "mtime_ns"}``, and ``generation``
+counts the commits (1 after ``create``, +1 per commit; banks made before it read as 0 until their next commit):
+a long-lived reader compares it to notice a new bank version (``bank.snapshot``).  Everything here
 is pure (no file access, no torch): the store and ``maintenance`` build on it.
 """
 
@@ -28,7 +30,7 @@ from adaptbank._version import __version__
 from adaptbank.core.config import validate_name
 
 __all__ = [
-    "SCHEMA_VERSION", "BankCorruptError", "BankError", "BankLockedError", "Check", "Problem",
+    "SCHEMA_VERSION", "BankChangedError", "BankCorruptError", "BankError", "BankLockedError", "Check", "Problem",
     "TaskExistsError", "TaskNotFoundError",
 ]
 
@@ -69,6 +71,10 @@ class BankLockedError(BankError):
         super().__init__(message)
         self.holder_pid = holder_pid
         """The pid the lock's holder recorded in ``BANK/.lock``, or None when it recorded none."""
+
+
+class BankChangedError(BankError):
+    """Writers committed during every attempt of a multi-file read (``bank.snapshot.read_consistent``)."""
 
 
 class TaskExistsError(BankError):
@@ -166,6 +172,8 @@ def _check_manifest(data: object, where: str) -> dict[str, Any]:
                         f"schema <= {SCHEMA_VERSION}); upgrade adaptbank")
     data.setdefault("router", None)  # optional keys; the bank code indexes them directly
     data.setdefault("meta", {})
+    if type(data.setdefault("generation", 0)) is not int or data["generation"] < 0:
+        raise bad(f"'generation' must be a non-negative integer, got {data['generation']!r:.100}")
     base, tasks, shared, router = (data.get(k) for k in ("base", "tasks", "shared", "router"))
     if not (isinstance(base, dict) and isinstance(base.get("name"), str)
             and isinstance(base.get("fingerprint"), str)):

@@ -149,6 +149,11 @@ class BankStore:
         self._manifest = self._read_manifest()
 
     @property
+    def generation(self) -> int:
+        """The cached manifest's commit count: it changes when :meth:`reload` sees another process's commit."""
+        return int(self._manifest.get("generation", 0))
+
+    @property
     def manifest(self) -> dict[str, Any]:
         """A deep copy of the cached manifest (mutating it changes nothing)."""
         return copy.deepcopy(self._manifest)
@@ -331,22 +336,16 @@ class BankStore:
 
     # ------------------------------------------------------------------ maintenance
     def verify(self, *, full: bool = True) -> list[Problem]:
-        """Check every referenced file and directory; see :func:`adaptbank.bank.maintenance.verify`.
-
-        Errors: missing/size/checksum/unreadable/extra/escape/manifest.  Warnings (``is_error``
-        False): leftover ``temporary`` files, ``orphan`` dirs (both cleaned by :meth:`repair`) and a
-        ``stale`` router order naming removed tasks.
-        """
+        """Check every referenced file and directory; see :func:`adaptbank.bank.maintenance.verify`.  Errors:
+        missing/size/checksum/unreadable/extra/escape/manifest.  Warnings (``is_error`` False): leftover
+        ``temporary`` files, ``orphan`` dirs (both cleaned by :meth:`repair`), a ``stale`` router order."""
         from adaptbank.bank import maintenance
 
         return maintenance.verify(self, full=full)
 
     def repair(self) -> list[str]:
-        """Delete stale ``.tmp-*`` files and unreferenced dirs; return their bank-relative paths.
-
-        Never touches files the manifest references, nor the new dirs of writes still in progress
-        (see :func:`adaptbank.bank.maintenance.repair`).
-        """
+        """Delete stale ``.tmp-*`` files and unreferenced dirs; return their bank-relative paths.  Never touches
+        files the manifest references, nor new dirs of writes in progress (:func:`adaptbank.bank.maintenance.repair`)."""
         from adaptbank.bank import maintenance
 
         return maintenance.repair(self)
@@ -369,7 +368,8 @@ class BankStore:
 
     def _fresh(self, lookup: Callable[[dict[str, Any]], dict[str, Any]], fn: Callable[[dict[str, Any]], _T]) -> _T:
         """Run ``fn(entry)``; if a file vanished because another process committed a newer version
-        (and deleted the old dir), re-read the manifest and retry once on the new entry."""
+        (and deleted the old dir), re-read the manifest and retry once on the new entry.  Reads of several
+        files that must agree run under ``bank.snapshot.read_consistent``, which notices that re-read."""
         entry = lookup(self._manifest)
         try:
             return fn(entry)
@@ -387,7 +387,8 @@ class BankStore:
         return self._files.write_dir(reldir, payload)
 
     def _commit(self, manifest: dict[str, Any]) -> None:
-        """Replace manifest.json (the commit point). Caller holds the lock."""
+        """Replace manifest.json (the commit point), one generation up. Caller holds the lock."""
+        manifest["generation"] = manifest.get("generation", 0) + 1
         atomic_write_bytes(self.path / _MANIFEST, json.dumps(manifest, indent=1).encode(), sync_dir=False)
         self._manifest = manifest
         try:
