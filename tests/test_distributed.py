@@ -96,6 +96,20 @@ def test_a_rank_failing_mid_training_stops_every_rank_and_leaves_the_bank_unchan
     assert tree_digest(bank) == before and AdapterBank.open(bank).tasks() == []
 
 
+def test_a_commit_that_fails_on_rank_0_fails_every_rank_and_changes_nothing(tiny_bert_dir, tmp_path):
+    from adaptbank._atomic import exclusive_lock
+
+    bank = _init(tmp_path / "bank", tiny_bert_dir)
+    with exclusive_lock(bank / ".lock"):  # another writer holds the bank: rank 0's commit times out
+        before = tree_digest(bank)
+        out = _torchrun("-m", "adaptbank.cli", "add-task", str(bank), "weather", *ARGS, "--lock-timeout", "1")
+        assert tree_digest(bank) == before
+    assert out.returncode != 0 and "Traceback" not in out.stdout
+    assert f"process {os.getpid()}" in out.stderr  # rank 0's own error names the lock's holder
+    assert "task 'weather': commit: rank 0 failed (BankLockedError:" in out.stderr  # rank 1 was told
+    assert AdapterBank.open(bank).tasks() == [] and not [p for p in AdapterBank.open(bank).verify() if p.is_error]
+
+
 def test_grad_accum_2_at_batch_8_equals_batch_16(tiny_bert_dir, tmp_path):
     fast = dict(epochs=1, max_train=48, max_test=8, max_length=32, train_dropout=False)
     stored = {}
