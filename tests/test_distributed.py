@@ -96,6 +96,34 @@ def test_a_rank_failing_mid_training_stops_every_rank_and_leaves_the_bank_unchan
     assert tree_digest(bank) == before and AdapterBank.open(bank).tasks() == []
 
 
+def test_a_rank_that_dies_outright_does_not_leave_the_other_waiting(tiny_bert_dir, tmp_path):
+    """No launcher to stop the survivor (two plain processes with the variables torchrun would set, as
+    under a batch scheduler): rank 1 ends with os._exit at step 2; rank 0 must fail by itself, bounded
+    by the process group (gloo sees the closed connection; ADAPTBANK_DIST_TIMEOUT bounds a silent peer)."""
+    import socket
+
+    bank = _init(tmp_path / "bank", tiny_bert_dir)
+    before = tree_digest(bank)
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), ADAPTBANK_DIST_TIMEOUT="60", OMP_NUM_THREADS="1",
+               WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "_dist_worker.py"), str(bank), str(reports), "1",
+                               "2", "die"], env=env | {"RANK": str(r), "LOCAL_RANK": str(r)}, cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for r in (0, 1)]
+    try:
+        codes = [p.wait(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert codes == [1, 3]  # rank 0 stopped with an error of its own; rank 1 died
+    assert not (reports / "rank0.txt").read_text().startswith("ok") and not (reports / "rank1.txt").exists()
+    assert tree_digest(bank) == before
+
+
 def test_a_commit_that_fails_on_rank_0_fails_every_rank_and_changes_nothing(tiny_bert_dir, tmp_path):
     from adaptbank._atomic import exclusive_lock
 
