@@ -15,6 +15,9 @@ minGPT's trainer shape, with every loss term visible in one line::
   cross-entropy over the rows, summed per task group (replay and joint batches mix tasks);
 * ``loss_terms`` are explicit extra terms (EWC, O-LoRA's orthogonality, the token router's affinity and
   load balance), ``plan`` is any iterable of row batches (:func:`epoch_batches`; replay wraps it);
+* each plan batch is one optimiser step, run as ``cfg.grad_accum`` micro-batches and, with a ``dist``
+  (``training.distributed``: torchrun/accelerate), one shard of each per rank under DDP, weighted so that
+  the update is the one of the whole batch in one process;
 * ``after_backward(step, loss)`` is the one read-only look at the raw gradients between backward and
   the update (gradient diagnostics, ``training.diagnostics``);
 * ``loss`` is the task loss itself: :func:`task_loss` over pooled features for classification, or
