@@ -94,7 +94,9 @@ def test_config_option_matches_its_field(command: str, flag: str, row: ConfigFla
         assert isinstance(opt.type, click.Choice) and list(opt.type.choices) == [str(a) for a in typing.get_args(hint)]
     else:
         base = next(a for a in typing.get_args(hint) if a is not type(None)) if typing.get_args(hint) else hint
-        assert opt.type is {int: click.INT, float: click.FLOAT, str: click.STRING}[base]
+        assert opt.type is {int: click.INT, float: click.FLOAT, str: click.STRING, bool: click.BOOL}[base]
+        if base is bool:  # a switch pair whose off side is --no-<field>
+            assert opt.secondary_opts == ["--no-" + flag[2:]], opt.secondary_opts
     if row.alias:  # an alias must differ from the rule and be the flag the field's docstring names
         assert flag != _dashed(row.field) and f"({flag}" in doc, (flag, doc)
     else:
@@ -137,7 +139,8 @@ def test_options_named_like_a_config_field_are_generated_or_explained():
 
 
 def test_flags_named_in_field_docstrings_exist():
-    flags = {o for cmd in COMMANDS.values() for p in cmd.params if isinstance(p, click.Option) for o in p.opts}
+    flags = {o for cmd in COMMANDS.values() for p in cmd.params if isinstance(p, click.Option)
+             for o in p.opts + p.secondary_opts}
     named = {m for doc in DOCS.values() for m in re.findall(r"(?<![\w-])--[a-z][a-z-]*[a-z]", doc)}
     assert named, "the config docstrings name their flags"
     assert named <= flags, f"docstrings name flags no command has: {sorted(named - flags)}"

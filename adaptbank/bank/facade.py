@@ -23,8 +23,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from adaptbank._version import __version__
 from adaptbank.bank import router_memory
 from adaptbank.bank.snapshot import consistent
@@ -39,10 +37,12 @@ from adaptbank.data.load import TaskData, generation_pairs, load_task
 from adaptbank.data.specs import TaskSpec, load_task_spec, validate_task_name
 from adaptbank.data.tokens import tokenize
 from adaptbank.metrics import confusion_table, expert_usage, gate_entropy
-from adaptbank.routing.lda import LDARouter, shrunk_covariance
+from adaptbank.routing.lda import LDARouter
 from adaptbank.routing.predict import predict, routed_hit
 from adaptbank.routing.taps import layer_list
 from adaptbank.routing.token import fit_token_router, load_token_gates, token_gate_tensors
+from adaptbank.training import distributed
+from adaptbank.training.distributed import Dist
 from adaptbank.training.evaluate import evaluate
 from adaptbank.training.features import frozen_pass
 from adaptbank.training.generation import encode_prompts, evaluate_task, fit_generation_task
@@ -187,73 +187,98 @@ class AdapterBank:
                  replace: bool = False, parent: str | None = None,
                  on_step: Callable[[int, float], None] | None = None,
                  log: Callable[[str], None] | None = None, diagnose: int = 0,
-                 allow_router_drift: bool = False) -> AddResult:
+                 allow_router_drift: bool = False, dist: Dist | None = None) -> AddResult:
         """Train task ``spec``'s expert and head, evaluate on its test split, store both atomically.
 
         ``share_a`` puts a LoRA task in a shared-A group (``"auto"`` picks the most similar group or
         starts one). Everything is validated before training; on any failure the bank is unchanged.
         ``diagnose`` > 0: gradient diagnostics (``train_task``), stored in the config's ``metrics.diagnostics``.
         Replacing an old bank's task (no stored scatter) is refused unless ``allow_router_drift`` (see
-        ``bank.router_memory``)."""
-        say = log or (lambda _msg: None)
+        ``bank.router_memory``).
+
+        ``dist`` (None: ``training.distributed.current()``, which joins a torchrun/accelerate launch):
+        every rank runs this call with the same arguments; features, training and evaluation are sharded
+        over the ranks, rank 0 alone writes (under the bank's lock) and every rank returns its result, or
+        raises when any rank failed, the bank unchanged. ``log`` is called on rank 0 only."""
+        dist = distributed.current() if dist is None else dist
+        say = log if log is not None and dist.main else (lambda _msg: None)
         method = method or LoRAConfig()
         train = train or TrainConfig()
-        spec = spec if isinstance(spec, TaskSpec) else load_task_spec(spec)
-        name = validate_task_name(spec.name if name is None else name)
-        if name in self.tasks() and not replace:
-            raise TaskExistsError(f"task {name!r} already exists in bank {self.path}; pass --replace to retrain it")
-        if replace:
-            router_memory.precheck(self.store, name, doing="replacing", allow_drift=allow_router_drift)
-        if parent is not None and parent not in self.tasks():
-            raise KeyError(f"parent task {parent!r} is not in bank {self.path}")
-        if share_a is not None and not isinstance(method, LoRAConfig):
-            raise ValueError(f"--share-a works with --method lora only, not {method.kind!r}")
-        if (gen := spec.head == "generation") and diagnose:  # generation: the shared LM head, no head of its own
-            raise ValueError("--diagnose works with classification tasks only (its report reads the head's gradients)")
-        data = load_task(spec, max_train=train.max_train, max_test=train.max_test, seed=train.seed)
-        start = time.perf_counter()
-        model = self.new_model()  # the task trains alone: other experts would be frozen anyway
-        if gen:  # before any tokenising: an encoder has no LM head, a prompt expert cannot decode with the cache
-            check_head(model, name, method, data.labels, "generation")
-        train_ids = (encode_prompts(model, generation_pairs(data, "train")[0], train.max_length) if gen
-                     else tokenize(model.tokenizer, [e.text for e in data.train], train.max_length))
-        pooled, router_feats = frozen_pass(model, train_ids, router_layers=self.router_layers)  # (N, D), (N, F)
-        memory = router_memory.task_memory(router_feats)
-        mean, count, scatter = task_stats = router_memory.memory_stats(memory)  # (F,), N, (F, F)
-        group, reason = (self._choose_group(share_a, mean, scatter, count, method) if share_a
-                         else (None, None))
-        owns = group is not None and group not in self.store.manifest["shared"]
-        if group is not None and not owns:
-            model.import_shared(group, self.store.read_shared(group, "A"), method)  # type: ignore[arg-type]
-        model.add_task(name, method, data.labels, shared_group=group, seed=train.seed, head=spec.head)
-        say(f"{name}: training on {len(data.train)} examples, testing on {len(data.test)}")
+        with distributed.together(dist, "add-task: preparing"):
+            spec = spec if isinstance(spec, TaskSpec) else load_task_spec(spec)
+            name = validate_task_name(spec.name if name is None else name)
+            if name in self.tasks() and not replace:
+                raise TaskExistsError(f"task {name!r} already exists in bank {self.path}; pass --replace to retrain it")
+            if replace:
+                router_memory.precheck(self.store, name, doing="replacing", allow_drift=allow_router_drift)
+            if parent is not None and parent not in self.tasks():
+                raise KeyError(f"parent task {parent!r} is not in bank {self.path}")
+            if share_a is not None and not isinstance(method, LoRAConfig):
+                raise ValueError(f"--share-a works with --method lora only, not {method.kind!r}")
+            if (gen := spec.head == "generation") and diagnose:  # generation: the shared LM head, no head of its own
+                raise ValueError("--diagnose works with classification tasks only (its report reads the head's gradients)")
+            if gen and dist.world > 1:
+                raise ValueError(f"generation task {name!r}: distributed add-task (WORLD_SIZE={dist.world}) trains "
+                                 "classification tasks only so far; add it in one process")
+            data = load_task(spec, max_train=train.max_train, max_test=train.max_test, seed=train.seed)
+            start = time.perf_counter()
+            model = self.new_model()  # the task trains alone: other experts would be frozen anyway
+            if dist.device.type != "cpu":
+                model.to(dist.device)
+            if gen:  # before any tokenising: an encoder has no LM head, a prompt expert cannot decode with the cache
+                check_head(model, name, method, data.labels, "generation")
+            train_ids = (encode_prompts(model, generation_pairs(data, "train")[0], train.max_length) if gen
+                         else tokenize(model.tokenizer, [e.text for e in data.train], train.max_length))
+        pooled, router_feats = distributed.sharded(dist, train_ids, lambda part: frozen_pass(  # (N, D), (N, F)
+            model, part, router_layers=self.router_layers), where=f"task {name!r}: frozen features")
+        with distributed.together(dist, f"task {name!r}: router memory"):
+            memory = router_memory.task_memory(router_feats)
+            mean, count, scatter = task_stats = router_memory.memory_stats(memory)  # (F,), N, (F, F)
+            group, reason = (router_memory.choose_group(
+                self.store, share_a, mean, scatter, count, method, dim=self._router_dim,
+                shrinkage=self.router_config.shrinkage, share_distance=self.router_config.share_distance)
+                if share_a else (None, None))
+            owns = group is not None and group not in self.store.manifest["shared"]
+            if group is not None and not owns:
+                model.import_shared(group, self.store.read_shared(group, "A"), method)  # type: ignore[arg-type]
+            model.add_task(name, method, data.labels, shared_group=group, seed=train.seed, head=spec.head)
+            say(f"{name}: training on {len(data.train)} examples, testing on {len(data.test)}")
         scores: dict[str, float] = {}
         if gen:
             result, scores = fit_generation_task(model, name, data, train, on_step=on_step)
             acc = scores["test_exact_match"]  # a generation task's accuracy is its exact match
         else:
             result = train_task(model, name, [e.text for e in data.train], [e.label for e in data.train], train,
-                                on_step=on_step, features=pooled, diagnose=diagnose)
+                                on_step=on_step, features=pooled, diagnose=diagnose, dist=dist)
             acc = evaluate(model, name, [e.text for e in data.test], [e.label for e in data.test],
-                           max_length=train.max_length)
-        say(f"{name}: trained {result.steps} steps in {result.seconds:.1f}s")
-        files = model.export_task(name)
-        files["memory"] = memory
-        config = self._task_config(name, spec, method, train, data, group, owns, parent, reason, metrics={
-            "test_accuracy": acc, "n_train": len(data.train), "n_test": len(data.test),
-            "probe_accuracy": result.probe_accuracy, "train_seconds": result.seconds,
-            "examples_per_second": result.examples_per_second, "steps": result.steps,
-            "trainable_params": sum(p.numel() for p in model.expert_parameters(name)),
-            "head_params": sum(p.numel() for p in model.heads[name].parameters()) if name in model.heads else 0,
-            "final_loss": result.losses[-1] if result.losses else None, "diagnostics": result.diagnostics, **scores})
-        shared_files = {"A": model.export_shared(group)} if owns and group else None
-        self.store.write_task(name, files, config, shared=group, shared_files=shared_files, replace=replace,
-                              router=self._router_update(add=(name, task_stats), allow_drift=allow_router_drift))
-        self.store.reload()
+                           max_length=train.max_length, dist=dist)
+        with distributed.together(dist, f"task {name!r}: before the commit"):
+            say(f"{name}: trained {result.steps} steps in {result.seconds:.1f}s")
+            files = model.export_task(name)
+            files["memory"] = memory
+            config = self._task_config(name, spec, method, train, data, group, owns, parent, reason, metrics={
+                "test_accuracy": acc, "n_train": len(data.train), "n_test": len(data.test),
+                "probe_accuracy": result.probe_accuracy, "train_seconds": result.seconds,
+                "examples_per_second": result.examples_per_second, "steps": result.steps,
+                "trainable_params": sum(p.numel() for p in model.expert_parameters(name)),
+                "head_params": sum(p.numel() for p in model.heads[name].parameters()) if name in model.heads else 0,
+                "final_loss": result.losses[-1] if result.losses else None, "diagnostics": result.diagnostics,
+                "processes": dist.world, **scores})
+            shared_files = {"A": model.export_shared(group)} if owns and group else None
+
+        def commit() -> int:  # rank 0 only; the others wait for its outcome
+            self.store.write_task(name, files, config, shared=group, shared_files=shared_files, replace=replace,
+                                  router=self._router_update(add=(name, task_stats), allow_drift=allow_router_drift))
+            self.store.reload()
+            return self.store.bytes_on_disk(name)
+
+        nbytes = distributed.on_main(dist, commit, where=f"task {name!r}: commit")
+        if not dist.main:
+            self.store.reload()  # a bank on a file system all ranks share shows the commit; others keep the old view
         return AddResult(name=name, test_accuracy=acc, probe_accuracy=result.probe_accuracy,
-                         trainable_params=config["metrics"]["trainable_params"],
-                         bytes_on_disk=self.store.bytes_on_disk(name), seconds=time.perf_counter() - start,
-                         shared_group=group, share_reason=reason, n_train=len(data.train), n_test=len(data.test))
+                         trainable_params=config["metrics"]["trainable_params"], bytes_on_disk=nbytes,
+                         seconds=time.perf_counter() - start, shared_group=group, share_reason=reason,
+                         n_train=len(data.train), n_test=len(data.test))
 
     def _task_config(self, name: str, spec: TaskSpec, method: MethodConfig, train: TrainConfig, data: TaskData,
                      group: str | None, owns: bool, parent: str | None, reason: str | None,
@@ -262,39 +287,6 @@ class AdapterBank:
                 "spec": spec.to_dict(), "labels": list(data.labels), "parent": parent,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "shared_group": group,
                 "owns_shared": owns, "share_reason": reason, "train": train.to_dict(), "metrics": metrics}
-
-    def _choose_group(self, share_a: str, mean: torch.Tensor, scatter: torch.Tensor, count: int,
-                      method: MethodConfig) -> tuple[str, str]:
-        """The shared-A group for a new task: ``share_a`` itself, or for ``auto`` the group holding the
-        task nearest to the new one in the router's feature space (Mahalanobis distance under the
-        pooled within-task covariance), when the router could barely tell the two apart
-        (distance <= ``self.router_config.share_distance``): tasks with overlapping inputs share A."""
-        groups = self.store.manifest["shared"]
-        if share_a != "auto":
-            validate_task_name(share_a)
-            if share_a in groups:
-                return share_a, f"joined the named group {share_a!r}"
-            return share_a, f"started the named group {share_a!r}"
-        stats = router_memory.stats_from(self.store.read_router(), self._router_dim)
-        stats.add("\0new", mean, count, scatter)
-        cov = shrunk_covariance(stats, self.router_config.shrinkage)  # (F, F)
-        best, best_d = None, float("inf")
-        for group, entry in groups.items():
-            first = self.store.read_config(entry["tasks"][0])["method"]
-            if first.get("rank") != getattr(method, "rank", None) or first.get("targets") != method.to_dict()["targets"]:
-                continue
-            for t in entry["tasks"]:
-                diff = mean.double() - self.store.read_tensors(t, "memory")["mean"].double()  # (F,)
-                d = float(diff @ torch.linalg.solve(cov, diff)) ** 0.5
-                if d < best_d:
-                    best, best_d = group, d
-        if best is not None and best_d <= self.router_config.share_distance:
-            return best, (f"joined group {best!r}: its nearest task is at distance {best_d:.2f} <= "
-                          f"{self.router_config.share_distance} in the router's feature space")
-        new = next(f"group{i}" for i in range(1, len(groups) + 2) if f"group{i}" not in groups)
-        why = (f"started group {new!r}: the nearest compatible group {best!r} is at distance {best_d:.2f} > "
-               f"{self.router_config.share_distance}" if best is not None else f"started group {new!r}: no compatible group yet")
-        return new, why
 
     def remove(self, name: str, *, allow_router_drift: bool = False) -> None:
         """Delete task ``name`` (and its shared group when it was the last member); the router drops

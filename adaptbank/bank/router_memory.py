@@ -35,10 +35,12 @@ from torch import Tensor
 
 from adaptbank._version import __version__
 from adaptbank.bank.store import BankError, BankStore
-from adaptbank.routing.lda import LDARouter, RouterStats
+from adaptbank.core.config import MethodConfig
+from adaptbank.data.specs import validate_task_name
+from adaptbank.routing.lda import LDARouter, RouterStats, shrunk_covariance
 
 __all__ = ["RouterDriftError", "task_memory", "memory_stats", "stats_from", "router_files", "router_update",
-           "refit", "check_exact_removal", "precheck"]
+           "refit", "check_exact_removal", "precheck", "choose_group"]
 
 TaskStats = tuple[Tensor, int, "Tensor | None"]
 """A task's router statistics: mean (F,), example count, scatter (F, F) or None when not stored."""
@@ -180,3 +182,38 @@ def refit(store: BankStore, *, dim: int, layers: int, shrinkage: float) -> tuple
             stats.add(name, *memory[name])
     stats.reorder(tasks)
     return router_files(stats, layers, shrinkage)
+
+
+def choose_group(store: BankStore, share_a: str, mean: Tensor, scatter: Tensor, count: int, method: MethodConfig, *,
+                 dim: int, shrinkage: float, share_distance: float) -> tuple[str, str]:
+    """The shared-A group for a new task and why: ``share_a`` itself, or for ``auto`` the group holding the
+    task nearest to the new one (mean (F,), scatter (F, F), ``count`` examples) in the router's feature
+    space (Mahalanobis distance under the pooled within-task covariance, shrunk by ``shrinkage``), when the
+    router could barely tell the two apart (distance <= ``share_distance``): tasks with overlapping inputs
+    share A."""
+    groups = store.manifest["shared"]
+    if share_a != "auto":
+        validate_task_name(share_a)
+        if share_a in groups:
+            return share_a, f"joined the named group {share_a!r}"
+        return share_a, f"started the named group {share_a!r}"
+    stats = stats_from(store.read_router(), dim)
+    stats.add("\0new", mean, count, scatter)
+    cov = shrunk_covariance(stats, shrinkage)  # (F, F)
+    best, best_d = None, float("inf")
+    for group, entry in groups.items():
+        first = store.read_config(entry["tasks"][0])["method"]
+        if first.get("rank") != getattr(method, "rank", None) or first.get("targets") != method.to_dict()["targets"]:
+            continue
+        for t in entry["tasks"]:
+            diff = mean.double() - store.read_tensors(t, "memory")["mean"].double()  # (F,)
+            d = float(diff @ torch.linalg.solve(cov, diff)) ** 0.5
+            if d < best_d:
+                best, best_d = group, d
+    if best is not None and best_d <= share_distance:
+        return best, (f"joined group {best!r}: its nearest task is at distance {best_d:.2f} <= "
+                      f"{share_distance} in the router's feature space")
+    new = next(f"group{i}" for i in range(1, len(groups) + 2) if f"group{i}" not in groups)
+    why = (f"started group {new!r}: the nearest compatible group {best!r} is at distance {best_d:.2f} > "
+           f"{share_distance}" if best is not None else f"started group {new!r}: no compatible group yet")
+    return new, why

@@ -161,10 +161,12 @@ def _combined_config(method: str, targets: str | None, rank: int | None, *, prom
 @config_option(TrainConfig, "lr")
 @config_option(TrainConfig, "head_lr")
 @config_option(TrainConfig, "batch_size")
+@config_option(TrainConfig, "grad_accum")
 @config_option(TrainConfig, "max_length")
 @config_option(TrainConfig, "max_train")
 @config_option(TrainConfig, "max_test")
 @config_option(TrainConfig, "seed")
+@config_option(TrainConfig, "train_dropout")
 @click.option("--replace", is_flag=True, help="Retrain and replace a task that exists already.")
 @click.option("--allow-router-drift", is_flag=True, help="With --replace of a task stored before tasks kept "
               "their router scatter: leave the old version's share in the router's pooled covariance.")
@@ -180,18 +182,22 @@ def add_task(bank: str, spec: str, method: str, rank: int | None, alpha: float |
     """Train SPEC's expert and head, evaluate on its test split, and store them in BANK.
 
     SPEC is a task spec file (TOML) or the name of a spec in tasks/ (e.g. ag_news, weather).
+    Launched by torchrun or accelerate (WORLD_SIZE > 1), it trains data-parallel: --batch-size is the
+    global batch, rank 0 writes the bank and prints, and a failure on any rank stops every rank.
     """
     from tqdm.auto import tqdm
 
     from adaptbank.bank.facade import AdapterBank
+    from adaptbank.training import distributed
     from adaptbank.training.diagnostics import DEFAULT_STEPS, diagnose_report
 
     cfg = _method_config(method, targets, rank, alpha=alpha, dropout=dropout,
                          prompt={"prompt_length": prompt_length, "prompt_init": prompt_init,
                                  "prefix_length": prefix_length})
     train_cfg = TrainConfig(**given(**train))
+    dist = distributed.current()  # joins a torchrun/accelerate launch; one process: LOCAL
     b = AdapterBank.open(bank, lock_timeout=lock_timeout)
-    bar = tqdm(desc=f"training {name or spec}", unit="step", disable=as_json or None, file=sys.stderr)
+    bar = tqdm(desc=f"training {name or spec}", unit="step", disable=as_json or not dist.main or None, file=sys.stderr)
 
     def on_step(step: int, loss: float) -> None:
         bar.update(1)
@@ -200,9 +206,11 @@ def add_task(bank: str, spec: str, method: str, rank: int | None, alpha: float |
     try:
         r = b.add_task(spec, cfg, train_cfg, name=name, share_a=share_a, replace=replace, parent=parent,
                        on_step=on_step, log=lambda msg: click.echo(msg, err=True),
-                       diagnose=DEFAULT_STEPS if diagnose else 0, allow_router_drift=allow_router_drift)
+                       diagnose=DEFAULT_STEPS if diagnose else 0, allow_router_drift=allow_router_drift, dist=dist)
     finally:
         bar.close()
+    if not dist.main:  # rank 0 reports for all
+        return
     summary = {"task": r.name, "test_accuracy": r.test_accuracy, "probe_accuracy": r.probe_accuracy,
                "trainable_params": r.trainable_params, "bytes_on_disk": r.bytes_on_disk, "seconds": round(r.seconds, 2),
                "n_train": r.n_train, "n_test": r.n_test, "shared_group": r.shared_group, "share_reason": r.share_reason}

@@ -34,6 +34,12 @@ _RESUME = "Interrupted. Finished tasks are kept; run the same command again to r
 def run(spec: str, out: str, strategy: str | None, max_train: int | None, max_test: int | None,
         epochs: float | None, seed: int | None, max_length: int | None) -> None:
     """Learn the tasks of run spec SPEC in order and write OUT/result.json after every task."""
+    import os
+
+    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1"):  # every rank would write OUT
+        raise click.UsageError(f"adaptbank run trains in one process; it was launched with WORLD_SIZE="
+                               f"{os.environ['WORLD_SIZE']} (torchrun/accelerate): start it with plain python, or "
+                               "train the tasks data-parallel with `adaptbank add-task` under torchrun")
     from adaptbank.continual.loop import run_sequence
     from adaptbank.continual.runspec import load_run_spec
     from adaptbank.metrics import AccuracyMatrix

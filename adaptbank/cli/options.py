@@ -103,9 +103,9 @@ def _click_type(cls: type, name: str) -> click.ParamType:
         hint = rest[0] if len(rest) == 1 else hint
     if get_origin(hint) is Literal:
         return click.Choice([str(a) for a in get_args(hint)])
-    simple: dict[Any, click.ParamType] = {int: click.INT, float: click.FLOAT, str: click.STRING}
+    simple: dict[Any, click.ParamType] = {int: click.INT, float: click.FLOAT, str: click.STRING, bool: click.BOOL}
     if hint not in simple:
-        raise TypeError(f"config_option supports int, float, str and Literal fields (optionally | None); "
+        raise TypeError(f"config_option supports int, float, str, bool and Literal fields (optionally | None); "
                         f"{cls.__name__}.{name} is {hint!r}")
     return simple[hint]
 
@@ -130,9 +130,11 @@ def config_option(cls: type, field_name: str, flag: str | None = None, *, defaul
     value = field_default(cls, field_name)
     suffix = f"[default: {default_from}, where it defaults to {value}]" if default_from else f"[default: {value}]"
     help_text = " ".join(p for p in (field_doc(cls, field_name), note, suffix) if p)
-    return click.option(flag or flag_for(field_name), field_name, cls=ConfigOption, config_cls=cls,
-                        config_field=field_name, type=_click_type(cls, field_name), default=None,
-                        show_default=False, help=help_text, **click_kwargs)
+    kind, name = _click_type(cls, field_name), flag or flag_for(field_name)
+    if kind is click.BOOL:  # a switch pair, --x/--no-x; neither given: None, the dataclass default
+        name = f"{name}/--no-{name[2:]}"
+    return click.option(name, field_name, cls=ConfigOption, config_cls=cls, config_field=field_name, type=kind,
+                        default=None, show_default=False, help=help_text, **click_kwargs)
 
 
 def also_note(also: tuple[tuple[type, str], ...]) -> str:
@@ -171,7 +173,8 @@ class ConfigFlag:
 
 HEAD_TRAIN = "the head file's"
 """Where ``import`` takes its data settings from when a flag is not given: the exported task's own."""
-_TRAIN = ("epochs", "lr", "head_lr", "batch_size", "max_length", "max_train", "max_test", "seed")
+_TRAIN = ("epochs", "lr", "head_lr", "batch_size", "grad_accum", "max_length", "max_train", "max_test", "seed",
+          "train_dropout")
 ADAPTER_WIDTHS: tuple[tuple[type, str], ...] = ((AdapterConfig, "bottleneck"), (ParallelAdapterConfig, "bottleneck"))
 _ROUTED = {"--top-k": ConfigFlag(RouterConfig, "top_k", default_from=BANK_ROUTER),
            "--temperature": ConfigFlag(RouterConfig, "temperature", default_from=BANK_ROUTER)}

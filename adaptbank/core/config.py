@@ -346,7 +346,11 @@ class TrainConfig(_Config):
     warmup: float = 0.06
     """Fraction of steps with linear warm-up; the rest decays linearly to zero."""
     batch_size: int = 16
-    """Examples per optimiser step (--batch-size)."""
+    """Examples per forward pass, all processes together (a distributed run gives each of its W ranks
+    batch_size / W of them); an optimiser step takes batch_size * grad_accum examples (--batch-size)."""
+    grad_accum: int = 1
+    """Micro-batches of batch_size examples whose gradients accumulate into one optimiser step: the step
+    equals one of batch_size * grad_accum examples, up to float rounding (--grad-accum)."""
     max_length: int = 128
     """Tokens per example after truncation (--max-length)."""
     max_train: int | None = None
@@ -361,6 +365,10 @@ class TrainConfig(_Config):
     Kumar et al. 2022): the expert starts from the linear probe's accuracy instead of a random head."""
     grad_clip: float = 1.0
     """Clip the gradient norm to this value (0 disables)."""
+    train_dropout: bool = True
+    """Dropout on while training (the backbone's, the expert's, the head's); off, training runs in eval
+    mode and a run reproduces across process counts and --grad-accum up to float rounding
+    (--train-dropout/--no-train-dropout)."""
     probe_c: float | None = None
     """Inverse L2 strength C of the probe head's logistic regression (scikit-learn's C). None: chosen
     from 0.01, 0.1, 1 by log-loss on a held-out quarter of the training split
@@ -376,6 +384,7 @@ class TrainConfig(_Config):
         _positive("lr", "--lr", self.lr)
         _positive("head_lr", "--head-lr", self.head_lr)
         _positive("batch_size", "--batch-size", self.batch_size, integer=True)
+        _positive("grad_accum", "--grad-accum", self.grad_accum, integer=True)
         _positive("max_length", "--max-length", self.max_length, integer=True)
         for name in ("max_train", "max_test"):
             value = getattr(self, name)
@@ -390,6 +399,13 @@ class TrainConfig(_Config):
         _positive("probe_scale", "probe_scale", self.probe_scale)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer (--seed), got {self.seed!r}")
+        if not isinstance(self.train_dropout, bool):
+            raise ValueError(f"train_dropout must be true or false (--train-dropout), got {self.train_dropout!r}")
+
+    @property
+    def step_batch(self) -> int:
+        """Examples per optimiser step: ``batch_size * grad_accum``."""
+        return self.batch_size * self.grad_accum
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -13,6 +13,8 @@ from torch import Tensor
 from adaptbank.core.heads import ClassificationHead
 from adaptbank.core.model import AdaptBankModel
 from adaptbank.data.tokens import batches, collate, pad_id, tokenize
+from adaptbank.training import distributed
+from adaptbank.training.distributed import LOCAL, Dist
 from adaptbank.training.features import device_of
 
 __all__ = ["predict_task", "evaluate", "head_accuracy", "accuracy"]
@@ -27,7 +29,7 @@ def accuracy(pred: Tensor, labels: Sequence[int]) -> float:
 def predict_task(model: AdaptBankModel, name: str, texts: Sequence[str], *, max_length: int = 128,
                  batch_size: int = 64) -> Tensor:
     """Class probabilities (N, C) of task ``name`` with its expert (oracle routing)."""
-    ids = tokenize(model.tokenizer, texts, max_length)
+    ids = tokenize(model.tokenizer, texts, max_length) if texts else []
     model.eval()
     probs = torch.empty(len(ids), len(model.tasks[name].labels))  # (N, C)
     for chunk in batches(ids, batch_size, shuffle=False):
@@ -37,11 +39,14 @@ def predict_task(model: AdaptBankModel, name: str, texts: Sequence[str], *, max_
 
 
 def evaluate(model: AdaptBankModel, name: str, texts: Sequence[str], labels: Sequence[int], *,
-             max_length: int = 128, batch_size: int = 64) -> float:
-    """Accuracy of task ``name`` on ``texts`` with the true task id."""
+             max_length: int = 128, batch_size: int = 64, dist: Dist = LOCAL) -> float:
+    """Accuracy of task ``name`` on ``texts`` with the true task id. With ``dist`` each rank predicts its
+    block of ``texts`` and the predictions are gathered (``training.distributed.sharded``)."""
     if not texts:
         raise ValueError(f"task {name!r} has no test examples")
-    return accuracy(predict_task(model, name, texts, max_length=max_length, batch_size=batch_size).argmax(1), labels)
+    probs = distributed.sharded(dist, list(texts), lambda part: predict_task(
+        model, name, part, max_length=max_length, batch_size=batch_size), where=f"task {name!r}: evaluation")
+    return accuracy(probs.argmax(1), labels)  # (N, C) -> (N,)
 
 
 @torch.no_grad()

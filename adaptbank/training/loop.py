@@ -15,6 +15,9 @@ minGPT's trainer shape, with every loss term visible in one line::
   cross-entropy over the rows, summed per task group (replay and joint batches mix tasks);
 * ``loss_terms`` are explicit extra terms (EWC, O-LoRA's orthogonality, the token router's affinity and
   load balance), ``plan`` is any iterable of row batches (:func:`epoch_batches`; replay wraps it);
+* each plan batch is one optimiser step, run as ``cfg.grad_accum`` micro-batches and, with a ``dist``
+  (``training.distributed``: torchrun/accelerate), one shard of each per rank under DDP, weighted so that
+  the update is the one of the whole batch in one process;
 * ``after_backward(step, loss)`` is the one read-only look at the raw gradients between backward and
   the update (gradient diagnostics, ``training.diagnostics``);
 * ``loss`` is the task loss itself: :func:`task_loss` over pooled features for classification, or
@@ -35,6 +38,7 @@ expert into its stored form (a prefix's reparameterisation MLP is collapsed into
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -49,6 +53,7 @@ from adaptbank.core.config import TrainConfig
 from adaptbank.core.model import AdaptBankModel
 from adaptbank.core.seeding import seeded
 from adaptbank.data.tokens import batches, collate, pad_id, tokenize
+from adaptbank.training import distributed
 from adaptbank.training.diagnostics import (
     GradientLog,
     diagnose_report,
@@ -56,10 +61,11 @@ from adaptbank.training.diagnostics import (
     parameter_groups,
     rank_suggestions,
 )
+from adaptbank.training.distributed import LOCAL, Dist
 from adaptbank.training.features import device_of, encode, fit_probe, task_features
 
 __all__ = ["Row", "Step", "LossTerm", "TaskLoss", "Features", "AfterBackward", "TrainResult", "TrainingError", "epoch_batches",
-           "total_steps", "task_loss", "make_optimizer", "optimizer_step", "fit", "train_task"]
+           "total_steps", "task_loss", "make_optimizer", "apply_step", "fit", "train_task"]
 
 Features = Callable[[dict[str, Tensor]], Tensor]
 """``features(batch) -> (B, D)``: pooled features of a collated batch under the gates it sets."""
@@ -123,17 +129,18 @@ class TrainResult:
 
 
 def epoch_batches(rows: Sequence[Row], cfg: TrainConfig, seed: int) -> Iterator[list[Row]]:
-    """``ceil(cfg.epochs)`` shuffled passes over ``rows`` in length-grouped batches (``data.tokens.batches``);
+    """``ceil(cfg.epochs)`` shuffled passes over ``rows`` in length-grouped batches of ``cfg.step_batch``
+    (``batch_size * grad_accum``) rows, one per optimiser step (``data.tokens.batches``);
     epoch e shuffles with ``seed * 1000 + e``. :func:`fit` stops after :func:`total_steps`."""
     ids = [r.ids for r in rows]
     for epoch in range(math.ceil(cfg.epochs)):
-        for chunk in batches(ids, cfg.batch_size, shuffle=True, seed=seed * 1000 + epoch):
+        for chunk in batches(ids, cfg.step_batch, shuffle=True, seed=seed * 1000 + epoch):
             yield [rows[i] for i in chunk]
 
 
 def total_steps(n_rows: int, cfg: TrainConfig) -> int:
     """Optimiser steps of ``cfg.epochs`` passes over ``n_rows`` (fractions of a pass allowed)."""
-    return max(1, round(cfg.epochs * math.ceil(n_rows / cfg.batch_size)))
+    return max(1, round(cfg.epochs * math.ceil(n_rows / cfg.step_batch)))
 
 
 def task_loss(model: AdaptBankModel, rows: Sequence[Row], pooled: Tensor) -> Tensor:
@@ -161,15 +168,13 @@ def make_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, steps: int
     return opt, sched
 
 
-def optimizer_step(loss: Tensor, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR,
-                   params: list[nn.Parameter], cfg: TrainConfig, *, what: str, step: int,
-                   after_backward: AfterBackward | None = None) -> None:
-    """Backward, clip and step, stopping with a :class:`TrainingError` that names ``what``, the step
-    and the parameter group on a non-finite loss or gradient (before anything is updated).
-    ``after_backward`` (see :data:`AfterBackward`) is called right after the backward pass."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()  # before the loss check, so that after_backward sees a faulty step too
-    if after_backward is not None:
+def apply_step(loss: Tensor, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR,
+               params: list[nn.Parameter], cfg: TrainConfig, *, what: str, step: int,
+               after_backward: AfterBackward | None = None) -> None:
+    """After the backward pass of a step whose loss was ``loss``: ``after_backward`` (see
+    :data:`AfterBackward`), then a :class:`TrainingError` naming ``what``, the step and the parameter
+    group on a non-finite loss or gradient (before anything is updated), then clip and step."""
+    if after_backward is not None:  # before the loss check, so that it sees a faulty step too
         after_backward(step, loss.detach())
     if not torch.isfinite(loss):
         raise TrainingError(f"{what}: loss became {loss.item()} at step {step}; {_bad_group(opt)}; "
@@ -194,45 +199,58 @@ def _bad_group(opt: torch.optim.Optimizer) -> str:
 def fit(model: AdaptBankModel, plan: Iterable[list[Row]], *, steps: int, groups: list[dict[str, Any]],
         cfg: TrainConfig, features: Features, seed: int, what: str, loss_terms: Sequence[LossTerm] = (),
         on_step: Callable[[int, float], None] | None = None, dropout: bool = True,
-        after_backward: AfterBackward | None = None, loss: TaskLoss = task_loss) -> TrainResult:
+        after_backward: AfterBackward | None = None, loss: TaskLoss = task_loss, dist: Dist = LOCAL) -> TrainResult:
     """Train the parameters in ``groups`` (AdamW param groups with ``name``, ``lr``, ``params``) for at
-    most ``steps`` batches of ``plan``. Only those parameters are left trainable; afterwards the model
-    is frozen and in eval mode. ``dropout=False`` trains in eval mode (the token router's gates should
-    see the experts as they run at inference). ``what`` names the task in errors. ``on_step(step, loss)``
-    follows each optimiser step; ``after_backward(step, loss)`` (:data:`AfterBackward`) precedes it, after
-    the backward pass (gradient diagnostics, ``add-task --diagnose``). ``loss`` is the task loss of a batch
-    given ``features(batch)`` (see :data:`TaskLoss`)."""
+    most ``steps`` batches of ``plan``, each batch one optimiser step. Only those parameters are left
+    trainable; afterwards the model is frozen and in eval mode. ``dropout=False`` trains in eval mode (the
+    token router's gates should see the experts as they run at inference). ``what`` names the task in
+    errors. ``on_step(step, loss)`` follows each optimiser step; ``after_backward(step, loss)``
+    (:data:`AfterBackward`) precedes it, after the backward pass (gradient diagnostics, ``add-task
+    --diagnose``). ``loss`` is the task loss of a batch given ``features(batch)`` (see :data:`TaskLoss`).
+
+    A step's batch runs as ``cfg.grad_accum`` micro-batches and, with ``dist`` (``training.distributed``),
+    each micro-batch is sharded over the ranks: every rank walks the same ``plan``, scores its shard with
+    the weight that makes the accumulated, rank-averaged gradient the one of the whole batch, and reports
+    the whole batch's loss. A failure on any rank stops every rank at the same step."""
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError(f"{what}: nothing to train (every parameter group is empty)")
+    distributed.check_batch(cfg.batch_size, dist)
     params = [p for g in groups for p in g["params"]]
     model.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
     opt, sched = make_optimizer(groups, cfg, steps)
+    synced = distributed.synced(params, dist)  # one process: a plain call; else DDP over ``params`` only
     result = TrainResult()
     start, seen = time.perf_counter(), 0
-    with seeded(seed):
+    with seeded(distributed.rank_seed(seed, dist)):
         model.train(dropout)
         for rows in plan:
             if result.steps >= steps:
                 break
             if not rows:
                 raise ValueError(f"{what}: an empty batch in the training plan")
-            batch = collate([r.ids for r in rows], pad_id(model.tokenizer), device_of(model))
-            pooled = features(batch)  # (B, D), or (B, T, D) for generation rows
-            total = loss(model, rows, pooled)
-            if loss_terms:
-                info = Step(model, rows, batch, pooled, result.steps + 1)
-                for term in loss_terms:
-                    total = total + term(info)
-            optimizer_step(total, opt, sched, params, cfg, what=what, step=result.steps + 1,
-                           after_backward=after_backward)
-            result.steps += 1
-            seen += len(rows)
-            result.losses.append(total.item())
-            if on_step is not None:
-                on_step(result.steps, result.losses[-1])
+            step, where = result.steps + 1, f"{what}, step {result.steps + 1}"
+            opt.zero_grad(set_to_none=True)
+            parts = distributed.step_parts(rows, cfg.grad_accum, dist)
+            values = []  # weight * loss per micro-batch of this rank
+            for k, (part, weight) in enumerate(parts):
+                with synced.no_sync(last=k == len(parts) - 1):  # the last backward averages over the ranks
+                    with distributed.together(dist, where):
+                        total = synced(functools.partial(_batch_loss, model, part, features, loss, loss_terms,
+                                                         step, weight))
+                    total.backward()
+                values.append(total.detach())
+            value = values[0] if len(values) == 1 else torch.stack(values).sum()
+            value = distributed.all_sum(value, dist) / dist.world if dist.world > 1 else value
+            with distributed.together(dist, where):
+                apply_step(value, opt, sched, params, cfg, what=what, step=step, after_backward=after_backward)
+                result.steps += 1
+                seen += len(rows)
+                result.losses.append(value.item())
+                if on_step is not None:
+                    on_step(result.steps, result.losses[-1])
     model.eval()
     model.requires_grad_(False)
     result.seconds = time.perf_counter() - start
@@ -240,10 +258,27 @@ def fit(model: AdaptBankModel, plan: Iterable[list[Row]], *, steps: int, groups:
     return result
 
 
+def _batch_loss(model: AdaptBankModel, rows: Sequence[Row], features: Features, loss: TaskLoss,
+                loss_terms: Sequence[LossTerm], step: int, weight: float) -> Tensor:
+    """``weight`` times the task loss of ``rows`` plus every extra term."""
+    batch = collate([r.ids for r in rows], pad_id(model.tokenizer), device_of(model))
+    pooled = features(batch)  # (B, D), or (B, T, D) for generation rows
+    total = loss(model, rows, pooled)
+    if loss_terms:
+        info = Step(model, rows, batch, pooled, step)
+        for term in loss_terms:
+            total = total + term(info)
+    return total * weight
+
+
 def train_task(model: AdaptBankModel, name: str, texts: Sequence[str], labels: Sequence[int], cfg: TrainConfig,
                *, on_step: Callable[[int, float], None] | None = None, features: Tensor | None = None,
-               loss_terms: Sequence[LossTerm] = (), diagnose: int = 0) -> TrainResult:
+               loss_terms: Sequence[LossTerm] = (), diagnose: int = 0, dist: Dist | None = None) -> TrainResult:
     """Train task ``name``'s expert and head on ``texts``/``labels`` (class indices).
+
+    ``dist`` (None: ``training.distributed.current()``, which joins a torchrun/accelerate launch) makes it
+    data-parallel: the probe's features are computed sharded and gathered, so every rank fits the same
+    probe, and :func:`fit` shards every batch. Every rank must pass the same arguments.
 
     ``features`` (N, D) are the frozen pooled features of ``texts`` when the caller has them already
     (they seed the probe head); otherwise they are computed here when ``cfg.probe_init`` is set.
@@ -251,24 +286,28 @@ def train_task(model: AdaptBankModel, name: str, texts: Sequence[str], labels: S
     ``after_backward`` and, after training, a LoRA rank suggestion, in ``result.diagnostics``
     (``training.diagnostics``); a :class:`TrainingError` then carries the diagnostics report.
     """
+    dist = distributed.current() if dist is None else dist
     n_classes = len(model.tasks[name].labels)
-    bad = [y for y in labels if not 0 <= y < n_classes]
-    if bad:
-        raise ValueError(f"labels of task {name!r} must be in [0, {n_classes}), got {bad[0]!r}")
-    if not texts:
-        raise ValueError(f"task {name!r} has no training examples")
-    model.check_length(name, cfg.max_length)
-    ids = tokenize(model.tokenizer, texts, cfg.max_length)
+    with distributed.together(dist, f"task {name!r}: preparing"):
+        bad = [y for y in labels if not 0 <= y < n_classes]
+        if bad:
+            raise ValueError(f"labels of task {name!r} must be in [0, {n_classes}), got {bad[0]!r}")
+        if not texts:
+            raise ValueError(f"task {name!r} has no training examples")
+        model.check_length(name, cfg.max_length)
+        ids = tokenize(model.tokenizer, texts, cfg.max_length)
     start = time.perf_counter()
     probe_accuracy = None
     if cfg.probe_init:
-        feats = features if features is not None else encode(model, ids)  # (N, D) of the base model
-        W, b = fit_probe(feats, labels, n_classes, seed=cfg.seed, c=cfg.probe_c, scale=cfg.probe_scale)  # (C, D), (C,)
-        with torch.no_grad():
-            model.heads[name].linear.weight.copy_(W)
-            model.heads[name].linear.bias.copy_(b)
-        pred = (feats @ W.T + b).argmax(1)  # (N,)
-        probe_accuracy = int((pred == torch.tensor(list(labels))).sum()) / len(labels)
+        feats = (features if features is not None else  # (N, D) of the base model
+                 distributed.sharded(dist, ids, lambda part: encode(model, part), where=f"task {name!r}: probe"))
+        with distributed.together(dist, f"task {name!r}: probe"):  # the same fit on every rank (same features)
+            W, b = fit_probe(feats, labels, n_classes, seed=cfg.seed, c=cfg.probe_c, scale=cfg.probe_scale)  # (C, D), (C,)
+            with torch.no_grad():
+                model.heads[name].linear.weight.copy_(W)
+                model.heads[name].linear.bias.copy_(b)
+            pred = (feats @ W.T + b).argmax(1)  # (N,)
+            probe_accuracy = int((pred == torch.tensor(list(labels))).sum()) / len(labels)
     groups = [{"params": model.expert_parameters(name), "lr": cfg.lr, "name": "expert"},
               {"params": list(model.heads[name].parameters()), "lr": cfg.head_lr, "name": "head"}]
     rows = [Row(x, y, name) for x, y in zip(ids, labels)]
@@ -276,7 +315,8 @@ def train_task(model: AdaptBankModel, name: str, texts: Sequence[str], labels: S
     try:
         result = fit(model, epoch_batches(rows, cfg, cfg.seed), steps=total_steps(len(rows), cfg), groups=groups,
                      cfg=cfg, features=task_features(model, name), seed=cfg.seed, what=f"task {name!r}",
-                     loss_terms=loss_terms, on_step=on_step, after_backward=grads)
+                     loss_terms=loss_terms, on_step=on_step, after_backward=grads, dropout=cfg.train_dropout,
+                     dist=dist)
     except TrainingError as err:
         if grads is None:
             raise
