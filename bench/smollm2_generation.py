@@ -17,11 +17,12 @@ continuation (SQuAD normalisation; token F1 beside it).
 
 Resumable: every run lives in ``--runs DIR/<strategy>`` and the same command continues after the last
 finished task (``run_sequence``); ``--json`` and ``--md`` are rewritten after every run. Times are
-recorded but are not results: this is an accuracy benchmark on a shared 2-core machine.
+recorded but are not results: this is an accuracy benchmark on a shared 2-core machine (where other
+jobs keep both cores busy, ``--threads 1`` ran a forward pass 5x faster than 2 spinning threads).
 
 Usage::
 
-    nice -n 10 python bench/smollm2_generation.py                           # full: 500 train / 200 test
+    nice -n 10 python bench/smollm2_generation.py --threads 1               # full: 500 train / 200 test
     python bench/smollm2_generation.py --max-train 16 --max-test 16 --runs /tmp/smol-smoke \\
         --json /tmp/smol-smoke/out.json --md /tmp/smol-smoke/out.md        # smoke test
 """
