@@ -45,14 +45,14 @@ def word_tokenizer(words: list[str] | None = None):
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
 
 
-def _config(family: str, vocab: int, hidden: int, tied: bool):
+def _config(family: str, vocab: int, hidden: int, tied: bool, layers: int = 2):
     import transformers as tr
 
     if family == "gpt2":
-        return tr.GPT2Config(n_embd=hidden, n_layer=2, n_head=2, n_positions=64, vocab_size=vocab,
+        return tr.GPT2Config(n_embd=hidden, n_layer=layers, n_head=2, n_positions=64, vocab_size=vocab,
                              bos_token_id=2, eos_token_id=2, pad_token_id=0, tie_word_embeddings=tied,
                              initializer_range=0.3)  # the tied head: larger embeddings give logits a useful scale
-    return tr.LlamaConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+    return tr.LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
                           intermediate_size=2 * hidden, max_position_embeddings=64, vocab_size=vocab,
                           bos_token_id=2, eos_token_id=2, pad_token_id=0, tie_word_embeddings=tied)
 
@@ -74,13 +74,14 @@ def tiny_lm(family: str, *, seed: int = 0, hidden: int = 32, vocab: int = 120, t
     return Backbone(name=f"tiny-{family}-lm", model=model, tokenizer=tokenizer, path="", lm_head=head)
 
 
-def write_tiny_lm(path: Path, family: str, *, seed: int = 0, hidden: int = 32) -> Path:
-    """Save a tiny causal LM (``GPT2LMHeadModel`` tied / ``LlamaForCausalLM`` untied) and its tokenizer."""
+def write_tiny_lm(path: Path, family: str, *, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
+    """Save a tiny causal LM (``GPT2LMHeadModel`` tied / ``LlamaForCausalLM`` untied) of ``layers`` layers
+    and its tokenizer (a bank with the default router reads layers 0-1, so it needs 3 or more)."""
     import transformers as tr
 
     tok = word_tokenizer()
     torch.manual_seed(seed)
-    cfg = _config(family, len(tok), hidden, tied=family == "gpt2")
+    cfg = _config(family, len(tok), hidden, tied=family == "gpt2", layers=layers)
     model = (tr.GPT2LMHeadModel if family == "gpt2" else tr.LlamaForCausalLM)(cfg)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)

@@ -62,6 +62,24 @@ def test_cached_decoding_equals_recomputing_every_step(family: str) -> None:
 
 
 @pytest.mark.parametrize("family", LM_FAMILIES)
+def test_fixed_experts_decode_as_the_base_one_task_or_their_sum(family: str) -> None:
+    """``experts=()`` is the base model, ``experts=("a",)`` is ``task="a"``, and several experts on together
+    (O-LoRA's inference) decode alike with and without the cache."""
+    model = lm_model(family, {"a": LoRAConfig(rank=4), "b": LoRAConfig(rank=4)})
+    base = AdaptBankModel(tiny_lm(family, dtype=torch.float64))  # the same seed: the same weights, no experts
+    batch = prompts([5, 9, 2, 7])
+    kw = {"max_new_tokens": 8, "eos_token_id": -1}
+    plain = generate(base, batch, experts=(), **kw)
+    assert generate(model, batch, experts=(), **kw).tokens == plain.tokens
+    assert generate(model, batch, experts=("a",), **kw).tokens == generate(model, batch, task="a", **kw).tokens
+    both = generate(model, batch, experts=("a", "b"), **kw)
+    assert both.tokens == generate(model, batch, experts=("a", "b"), use_cache=False, **kw).tokens
+    assert both.tokens != generate(model, batch, task="a", **kw).tokens and both.tasks == ("a+b",) * 4
+    with pytest.raises(ValueError, match="exactly one of"):
+        generate(model, batch, task="a", experts=("b",))
+
+
+@pytest.mark.parametrize("family", LM_FAMILIES)
 def test_decoding_stops_at_eos_and_leaves_it_out(family: str) -> None:
     model = lm_model(family, {"a": LoRAConfig(rank=4)})
     batch = prompts([4, 6])

@@ -50,7 +50,8 @@ def run(spec: str, out: str, strategy: str | None, max_train: int | None, max_te
                                                   epochs=epochs, seed=seed, max_length=max_length)
     result = run_sequence(run_spec, out, log=click.echo)
     oracle = AccuracyMatrix(tuple(result["tasks"]), result["oracle"]["matrix"], result["oracle"]["baseline"]).summary()
-    line = (f"{result['name']} ({result['strategy']}): ACC {_pct(oracle['acc'])}, BWT {_pct(oracle['bwt'])}, "
+    what = ", exact match" if result.get("metric") == "exact_match" else ""
+    line = (f"{result['name']} ({result['strategy']}{what}): ACC {_pct(oracle['acc'])}, BWT {_pct(oracle['bwt'])}, "
             f"FWT {_pct(oracle['fwt'])}, forgetting {_pct(oracle['forgetting'])}")
     if result["routed"] is not None:
         routed = AccuracyMatrix(tuple(result["tasks"]), result["routed"]["matrix"]).summary()

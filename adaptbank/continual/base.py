@@ -4,16 +4,21 @@ Letters in shape comments: B batch, D hidden size.
 
 A strategy is driven by the loop (``loop.py``) through six methods, in this order::
 
-    open() -> learned          build the model, or resume it from RUN_DIR (returns tasks already learned)
-    baseline()                 b_j for every task (only for a new run)
-    learn(i, on_step)          train task i          } per task, from the first
-    save(i + 1)                checkpoint            } one not yet in result.json
-    oracle_row(i, baseline)    R[i][j] for all j     }
-    routed_row(i)              routed R[i][j], router accuracy (bank strategies only)
+    open() -> learned               build the model, or resume it from RUN_DIR (returns tasks already learned)
+    evaluate_baseline()             b_j for every task (only for a new run)
+    learn(i, on_step)               train task i          } per task, from the first
+    save(i + 1)                     checkpoint            } one not yet in result.json
+    evaluate_oracle(i, baseline)    R[i][j] for all j     }
+    evaluate_routed(i)              routed R[i][j], router accuracy (bank strategies only)
 
-Initial heads: every task j gets a random head seeded by the run seed and j alone, identical for all
-strategies. ``b_j`` is the backbone without experts with that head (chance level); an unseen task
-is evaluated with the current features and its initial head (see ``strategies.py``).
+The ``evaluate_*`` methods return ``(scores, f1)``: accuracies and None for a classification run
+(``baseline``, ``oracle_row``, ``routed_row``), exact matches and token F1s for a generation run
+(``gen_oracle``, ``gen_routed``; see ``continual.generation``).
+
+Initial heads (classification): every task j gets a random head seeded by the run seed and j alone,
+identical for all strategies. ``b_j`` is the backbone without experts with that head (chance level);
+an unseen task is evaluated with the current features and its initial head (see ``strategies.py``).
+A generation run has no heads: ``b_j`` is the untrained model's exact match.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ from typing import ClassVar
 
 from torch import Tensor
 
+from adaptbank.continual.generation import GenTask, gen_task, score
 from adaptbank.continual.runspec import RunSpec
-from adaptbank.core.heads import ClassificationHead
+from adaptbank.core.heads import ClassificationHead, check_head
 from adaptbank.core.model import AdaptBankModel
 from adaptbank.core.seeding import seeded
 from adaptbank.data.load import TaskData
@@ -34,9 +40,11 @@ from adaptbank.data.tokens import tokenize
 from adaptbank.training.evaluate import head_accuracy
 from adaptbank.training.features import encode
 
-__all__ = ["Context", "Learned", "Strategy", "initial_heads", "OnStep"]
+__all__ = ["Context", "Learned", "Strategy", "initial_heads", "OnStep", "Scores"]
 
 OnStep = Callable[[int, float], None]
+Scores = tuple[list[float | None], list[float | None] | None]
+"""``(row, f1)``: accuracies (classification; f1 None) or exact matches and token F1s (generation)."""
 
 
 @dataclass(frozen=True)
@@ -80,12 +88,25 @@ class Strategy:
         self.model: AdaptBankModel
         self.init_heads: dict[str, ClassificationHead] = {}
         self.test_ids: list[list[list[int]]] = []
+        self.generation = ctx.spec.head == "generation"
+        self.gen: list[GenTask] = []
+        """Generation runs: each task's test prompts, targets and decoding limit."""
 
     def _setup(self, model: AdaptBankModel) -> None:
         self.model = model
+        if self.generation:  # an encoder backbone or a prompt/prefix method is refused before anything trains
+            check_head(model, self.tasks[0], self.spec.method, (), "generation")
+            self.gen = [gen_task(model, d) for d in self.ctx.data]
+            return
         self.init_heads = initial_heads(model, self.ctx.data, self.spec.seed)
         length = self.spec.train.max_length
         self.test_ids = [tokenize(model.tokenizer, [e.text for e in d.test], length) for d in self.ctx.data]
+
+    def _score(self, j: int, model: AdaptBankModel | None = None, *, gate: str | None = None,
+               experts: tuple[str, ...] | None = None) -> tuple[float, float]:
+        """Exact match and token F1 of generation task j under ``gate`` or ``experts`` (see ``score``)."""
+        return score(model or self.model, self.gen[j], max_length=self.spec.train.max_length, gate=gate,
+                     experts=experts)
 
     def _labels(self, j: int) -> list[int]:
         return [e.label for e in self.ctx.data[j].test]
@@ -100,6 +121,33 @@ class Strategy:
                 for j, t in enumerate(self.tasks)]
 
     # ------------------------------------------------------------------ the interface the loop uses
+    def evaluate_baseline(self) -> Scores:
+        """``b_j`` for every task: chance-level heads, or the untrained model's exact match and F1."""
+        if not self.generation:
+            return list(self.baseline()), None
+        pairs = [self._score(j, experts=()) for j in range(len(self.tasks))]
+        return [e for e, _ in pairs], [f for _, f in pairs]
+
+    def evaluate_oracle(self, i: int, baseline: Scores) -> Scores:
+        """``R[i][j]`` for every task j with the true task id (and F1 for a generation run)."""
+        if not self.generation:
+            return list(self.oracle_row(i, baseline[0])), None  # type: ignore[arg-type]
+        return self.gen_oracle(i, baseline)
+
+    def evaluate_routed(self, i: int) -> tuple[list[float | None], list[float | None] | None, float]:
+        """Routed ``R[i][j]`` for the seen tasks (None for the others), their F1 (generation) and the
+        router's task-identification accuracy."""
+        if not self.generation:
+            row, acc = self.routed_row(i)
+            return row, None, acc
+        return self.gen_routed(i)
+
+    def gen_oracle(self, i: int, baseline: Scores) -> Scores:
+        raise NotImplementedError
+
+    def gen_routed(self, i: int) -> tuple[list[float | None], list[float | None], float]:
+        raise ValueError(f"strategy {self.name!r} has no router; routed evaluation needs bank or shared-a")
+
     def open(self) -> int:
         """Build the model, or resume it from ``run_dir``; returns how many tasks are already learned."""
         raise NotImplementedError

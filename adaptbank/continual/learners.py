@@ -9,6 +9,10 @@ head and become a probe on the current features (``probe_init``); training is th
 orthogonality: ``training.regularizers``) and its data wrapper (replay's buffer rows); the checkpoint
 is one safetensors file (``RUN_DIR/checkpoint/state.safetensors``: the persisted parameters, the
 strategy's state, and what each step trained) rewritten atomically after every task.
+
+Generation runs (``continual.generation``): no heads and no probe; rows are ``prompt + target + EOS``,
+the loss is ``generation_loss`` over the hidden states that :meth:`SeqLoRA._hidden` returns under the
+same gates as ``_features``, and the matrix is scored by greedy decoding under :meth:`SeqLoRA._gates`.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
 from adaptbank._atomic import atomic_write_bytes
-from adaptbank.continual.base import Context, Learned, OnStep, Strategy
+from adaptbank.continual.base import Context, Learned, OnStep, Scores, Strategy
+from adaptbank.continual.generation import target_log_likelihood, train_rows
 from adaptbank.core.adapted import AdaptedLinear
 from adaptbank.core.backbone import load_backbone
 from adaptbank.core.experts import LoRAExpert
@@ -35,6 +40,7 @@ from adaptbank.core.seeding import seeded
 from adaptbank.data.tokens import tokenize
 from adaptbank.training.evaluate import head_accuracy
 from adaptbank.training.features import encode, probe_head
+from adaptbank.training.generation import generation_loss
 from adaptbank.training.loop import LossTerm, Row, epoch_batches, fit, total_steps
 from adaptbank.training.regularizers import (
     EWCPenalty,
@@ -64,22 +70,41 @@ class SeqLoRA(Strategy):
     # -- what the subclasses change
     def _build(self) -> AdaptBankModel:
         model = AdaptBankModel(load_backbone(self.spec.backbone))
-        model.add_task(LEARNER, self.spec.method, ("_a", "_b"), seed=self.spec.seed)
+        model.add_task(LEARNER, self.spec.method, ("_a", "_b"), seed=self.spec.seed,
+                       head="generation" if self.generation else "classification")
         return model
 
-    def _features(self, batch: dict[str, Tensor]) -> Tensor:
+    def _route(self, batch: dict[str, Tensor]) -> None:
+        """The gates every training and evaluation batch runs under: the learner expert."""
         self.model.route(task=LEARNER)
+
+    def _gates(self) -> dict[str, Any]:
+        """The same gates for ``generate`` (generation runs): ``{"gate": name}`` or ``{"experts": names}``."""
+        return {"gate": LEARNER}
+
+    def _features(self, batch: dict[str, Tensor]) -> Tensor:
+        self._route(batch)
         return self.model.features(**batch)  # (B, D)
 
+    def _hidden(self, batch: dict[str, Tensor]) -> Tensor:
+        """Generation runs: the decoder's hidden states under the gates of ``_route``."""
+        self._route(batch)
+        return self.model.backbone(**batch).last_hidden_state  # (B, T, D)
+
     def _new_task(self, task: str) -> None:
-        """Give ``task`` its head, starting from the initial head."""
+        """Give ``task`` its head, starting from the initial head (generation tasks have none)."""
+        if self.generation:
+            return
         self.model.add_head(task, self.ctx.data[self.tasks.index(task)].labels)
         self.model.heads[task].load_state_dict(self.init_heads[task].state_dict())
 
+    def _head_params(self, tasks: Iterable[str]) -> list[Any]:
+        """The head parameters of ``tasks`` (none in a generation run: the LM head is frozen and shared)."""
+        return [] if self.generation else [p for t in tasks for p in self.model.heads[t].parameters()]
+
     def _groups(self, i: int) -> list[dict[str, Any]]:
         return [{"params": self.model.expert_parameters(LEARNER), "lr": self.spec.train.lr, "name": "expert"},
-                {"params": list(self.model.heads[self.tasks[i]].parameters()), "lr": self.spec.train.head_lr,
-                 "name": "head"}]
+                {"params": self._head_params([self.tasks[i]]), "lr": self.spec.train.head_lr, "name": "head"}]
 
     def _loss_terms(self, i: int) -> list[LossTerm]:
         """Extra loss terms while task ``i`` trains (EWC, O-LoRA)."""
@@ -105,6 +130,9 @@ class SeqLoRA(Strategy):
     def rows(self, j: int) -> list[Row]:
         if j not in self._rows:
             d = self.ctx.data[j]
+            if self.generation:
+                self._rows[j] = train_rows(self.model, d, d.spec.name, self.spec.train.max_length)
+                return self._rows[j]
             ids = tokenize(self.model.tokenizer, [e.text for e in d.train], self.spec.train.max_length)
             self._rows[j] = [Row(x, e.label, d.spec.name) for x, e in zip(ids, d.train, strict=True)]
         return self._rows[j]
@@ -145,15 +173,17 @@ class SeqLoRA(Strategy):
 
     def _train(self, i: int, new: list[int], rows: list[Row], on_step: OnStep) -> Learned:
         cfg = self.spec.train_config()
-        if cfg.probe_init:
+        if cfg.probe_init and not self.generation:
             for j in new:
                 feats = encode(self.model, [r.ids for r in self.rows(j)], self._features)  # (N, D)
                 probe_head(self._head(self.tasks[j]), feats, [r.label for r in self.rows(j)], seed=cfg.seed,
                            c=cfg.probe_c, scale=cfg.probe_scale)
         groups, seed = self._groups(i), self.spec.seed + i
         plan = self._plan(i, epoch_batches(rows, cfg, seed))
-        res = fit(self.model, plan, steps=total_steps(len(rows), cfg), groups=groups, cfg=cfg, features=self._features,
-                  seed=seed, what=f"task {self.tasks[i]!r}", loss_terms=self._loss_terms(i), on_step=on_step)
+        extra: dict[str, Any] = {"features": self._hidden, "loss": generation_loss} if self.generation else {
+            "features": self._features}
+        res = fit(self.model, plan, steps=total_steps(len(rows), cfg), groups=groups, cfg=cfg, seed=seed,
+                  what=f"task {self.tasks[i]!r}", loss_terms=self._loss_terms(i), on_step=on_step, **extra)
         self._after(i)
         n_params = sum(p.numel() for g in groups for p in g["params"])
         self.infos[i] = Learned(n_params, res.steps, res.losses[-1] if res.losses else None)
@@ -179,6 +209,11 @@ class SeqLoRA(Strategy):
         return [head_accuracy(self._head(t), encode(self.model, self.test_ids[j], self._features), self._labels(j))
                 for j, t in enumerate(self.tasks)]
 
+    def gen_oracle(self, i: int, baseline: Scores) -> Scores:
+        """Exact match and F1 of every task, seen or not, decoded under the learner's gates."""
+        pairs = [self._score(j, **self._gates()) for j in range(len(self.tasks))]
+        return [e for e, _ in pairs], [f for _, f in pairs]
+
     def size_bytes(self) -> int:
         return self.path.stat().st_size if self.path.is_file() else 0
 
@@ -191,13 +226,15 @@ class SeqFull(SeqLoRA):
     def _build(self) -> AdaptBankModel:
         return AdaptBankModel(load_backbone(self.spec.backbone))
 
-    def _features(self, batch: dict[str, Tensor]) -> Tensor:
-        return self._plain(batch)  # (B, D)
+    def _route(self, batch: dict[str, Tensor]) -> None:
+        self.model.route()  # no expert: the backbone itself trains
+
+    def _gates(self) -> dict[str, Any]:
+        return {"experts": ()}
 
     def _groups(self, i: int) -> list[dict[str, Any]]:
         return [{"params": list(self.model.backbone.parameters()), "lr": self.spec.train.lr, "name": "backbone"},
-                {"params": list(self.model.heads[self.tasks[i]].parameters()), "lr": self.spec.train.head_lr,
-                 "name": "head"}]
+                {"params": self._head_params([self.tasks[i]]), "lr": self.spec.train.head_lr, "name": "head"}]
 
     def _persist(self, name: str) -> bool:
         return True
@@ -225,7 +262,9 @@ class EWC(SeqLoRA):
         picked = sorted(random.Random(self.spec.seed + i).sample(range(len(rows)), min(len(rows),
                                                                                        self.spec.options.ewc_samples)))
         params = self.model.expert_parameters(LEARNER)
-        self.fisher[task] = fisher_diagonal(self.model, [rows[k] for k in picked], params, self._features)
+        how: dict[str, Any] = ({"features": self._hidden, "log_likelihood": target_log_likelihood} if self.generation
+                               else {"features": self._features})
+        self.fisher[task] = fisher_diagonal(self.model, [rows[k] for k in picked], params, **how)
         self.star[task] = [p.detach().clone() for p in params]
 
     def _state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -256,7 +295,7 @@ class Replay(SeqLoRA):
 
     def _groups(self, i: int) -> list[dict[str, Any]]:
         groups = super()._groups(i)
-        groups[1]["params"] += [p for j in self._buffered(i) for p in self.model.heads[self.tasks[j]].parameters()]
+        groups[1]["params"] += self._head_params(self.tasks[j] for j in self._buffered(i))
         return groups
 
     def _plan(self, i: int, plan: Iterable[list[Row]]) -> Iterable[list[Row]]:
@@ -284,7 +323,7 @@ class OLoRA(SeqLoRA):
     def _build(self) -> AdaptBankModel:
         return AdaptBankModel(load_backbone(self.spec.backbone))
 
-    def _features(self, batch: dict[str, Tensor]) -> Tensor:
+    def _route(self, batch: dict[str, Tensor]) -> None:
         n, b = len(self.model.tasks), batch["input_ids"].shape[0]
         if n == 0:
             self.model.route()
@@ -292,16 +331,22 @@ class OLoRA(SeqLoRA):
             device = batch["input_ids"].device
             index = torch.arange(n, device=device).expand(b, n)  # (B, E): every expert so far
             self.model.route(index=index, weight=torch.ones(b, n, device=device))  # (B, E) weight 1 each
-        return self.model.features(**batch)  # (B, D)
+
+    def _gates(self) -> dict[str, Any]:
+        return {"experts": tuple(self.model.tasks)}
 
     def _new_task(self, task: str) -> None:
-        self.model.add_task(task, self.spec.method, self.ctx.data[self.tasks.index(task)].labels)
+        labels = self.ctx.data[self.tasks.index(task)].labels
+        if self.generation:
+            self.model.add_task(task, self.spec.method, labels, head="generation")
+            return
+        self.model.add_task(task, self.spec.method, labels)
         self.model.heads[task].load_state_dict(self.init_heads[task].state_dict())
 
     def _groups(self, i: int) -> list[dict[str, Any]]:
         task = self.tasks[i]
         return [{"params": self.model.expert_parameters(task), "lr": self.spec.train.lr, "name": "expert"},
-                {"params": list(self.model.heads[task].parameters()), "lr": self.spec.train.head_lr, "name": "head"}]
+                {"params": self._head_params([task]), "lr": self.spec.train.head_lr, "name": "head"}]
 
     def _loss_terms(self, i: int) -> list[LossTerm]:
         lam1, lam2 = self.spec.options.olora_lambda, self.spec.options.olora_l2
@@ -329,9 +374,8 @@ class Joint(SeqLoRA):
         return self.tasks if learned else ()
 
     def _groups(self, i: int) -> list[dict[str, Any]]:
-        heads = [p for t in self.tasks for p in self.model.heads[t].parameters()]
         return [{"params": self.model.expert_parameters(LEARNER), "lr": self.spec.train.lr, "name": "expert"},
-                {"params": heads, "lr": self.spec.train.head_lr, "name": "head"}]
+                {"params": self._head_params(self.tasks), "lr": self.spec.train.head_lr, "name": "head"}]
 
     def learn(self, i: int, on_step: OnStep) -> Learned:
         if i > 0:  # everything was learned in step 0; the row evaluates the same model again

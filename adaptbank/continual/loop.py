@@ -16,6 +16,10 @@ seeds derived from the run seed and i, so a resumed run gives the same matrix as
 Files in ``RUN_DIR``: ``run.json`` (the config, written first, and the baseline row),
 ``result.json`` (schema in :mod:`adaptbank.report.build`), and ``bank/`` or ``checkpoint/``.
 
+A generation run (``RunSpec.head == "generation"``) fills the same matrices with exact match
+(``"metric": "exact_match"`` in ``result.json``), so every report reads it unchanged; token F1 goes
+beside them in ``result.json["f1"]`` (``{"oracle": {"baseline", "matrix"}, "routed": {"matrix"} | null}``).
+
 Callbacks receive small frozen dataclasses, never the strategy or the model (design §2.4).
 """
 
@@ -45,6 +49,9 @@ NOTES = (
     "bank strategies this equals b_j",
     "routed: the router picks the expert(s); tasks not yet learned are not evaluated (null)",
 )
+GENERATION_NOTE = ("generation tasks: every matrix holds exact match (SQuAD-normalised greedy continuations; "
+                   "token F1 in 'f1'); b_j is the untrained model's exact match, and R[i][j] for j > i decodes "
+                   "with the model after task i (the bank: no expert, so b_j)")
 JOINT_NOTE = ("joint: trained once, in step 0, on all tasks together; later steps train nothing and every "
               "row evaluates that one model")
 
@@ -160,13 +167,18 @@ def _remove_new_run(run_dir: Path, existed: bool) -> None:
 
 
 def _result(spec: RunSpec, baseline: list[float], oracle: list[list[float]], routed: list[list[float | None]] | None,
-            steps: list[dict[str, Any]]) -> dict[str, Any]:
-    notes = list(NOTES) + ([JOINT_NOTE] if spec.strategy == "joint" else [])
-    return {"schema": SCHEMA_VERSION, "name": spec.name, "strategy": spec.strategy, "tasks": list(spec.task_names),
-            "seed": spec.seed, "backbone": spec.backbone, "config": spec.to_config(),
-            "config_changed": spec.config_changed(), "oracle": {"baseline": baseline, "matrix": oracle},
-            "routed": None if routed is None else {"baseline": None, "matrix": routed}, "steps": steps,
-            "finished": len(oracle) == len(spec.tasks), "notes": notes}
+            steps: list[dict[str, Any]], f1: dict[str, Any] | None) -> dict[str, Any]:
+    gen = spec.head == "generation"
+    notes = list(NOTES) + ([JOINT_NOTE] if spec.strategy == "joint" else []) + ([GENERATION_NOTE] if gen else [])
+    out = {"schema": SCHEMA_VERSION, "name": spec.name, "strategy": spec.strategy, "tasks": list(spec.task_names),
+           "seed": spec.seed, "backbone": spec.backbone, "config": spec.to_config(),
+           "config_changed": spec.config_changed(), "oracle": {"baseline": baseline, "matrix": oracle},
+           "routed": None if routed is None else {"baseline": None, "matrix": routed}, "steps": steps,
+           "finished": len(oracle) == len(spec.tasks), "notes": notes,
+           "metric": "exact_match" if gen else "accuracy"}
+    if gen:
+        out["f1"] = f1
+    return out
 
 
 def _progress(spec: RunSpec, i: int, oracle: list[float], routed: list[float | None] | None,
@@ -175,7 +187,8 @@ def _progress(spec: RunSpec, i: int, oracle: list[float], routed: list[float | N
     def p(x: float | None) -> str:
         return pct(x, unit="%", missing="-")
 
-    line = f"[{i + 1}/{len(spec.tasks)}] {spec.task_names[i]}: {p(oracle[i])}; mean over seen "
+    what = "exact match " if spec.head == "generation" else ""
+    line = f"[{i + 1}/{len(spec.tasks)}] {spec.task_names[i]}: {what}{p(oracle[i])}; mean over seen "
     line += p(sum(oracle[: i + 1]) / (i + 1))
     if routed is not None:
         line += f", routed {p(sum(v or 0.0 for v in routed[: i + 1]) / (i + 1))}, router {p(router_acc)}"
@@ -201,6 +214,13 @@ def run_sequence(spec: RunSpec, out_dir: str | Path, *, callbacks: Sequence[Call
     if spec.routed:
         routed = [list(r) for r in previous["routed"]["matrix"]] if previous else []
     steps: list[dict[str, Any]] = [dict(s) for s in previous["steps"]] if previous else []
+    gen = spec.head == "generation"
+    f1: dict[str, Any] | None = None
+    if gen:
+        before = (previous or {}).get("f1") or {}
+        f1 = {"oracle": {"baseline": None, "matrix": [list(r) for r in (before.get("oracle") or {}).get("matrix", [])]},
+              "routed": {"matrix": [list(r) for r in (before.get("routed") or {}).get("matrix", [])]}
+              if routed is not None else None}
     if "routed" in spec.eval and not spec.routed:
         log(f"note: strategy {spec.strategy} has no router; reporting oracle accuracy only")
 
@@ -208,7 +228,7 @@ def run_sequence(spec: RunSpec, out_dir: str | Path, *, callbacks: Sequence[Call
     try:
         learned = strategy.open()
         if state["baseline"] is None:
-            state["baseline"] = strategy.baseline()
+            state["baseline"], state["baseline_f1"] = strategy.evaluate_baseline()
             _write_json(run_dir / "run.json", state)
     except BaseException:
         if fresh:  # nothing learned yet: leave no half-made run behind (a bad backbone, Ctrl-C while loading)
@@ -219,6 +239,8 @@ def run_sequence(spec: RunSpec, out_dir: str | Path, *, callbacks: Sequence[Call
         raise RuntimeError(f"{run_dir}: the checkpoint holds {learned} learned task(s) but result.json has {done} "
                            "row(s); the run directory is inconsistent, start again with a new --out")
     baseline: list[float] = state["baseline"]
+    if f1 is not None:
+        f1["oracle"]["baseline"] = state.get("baseline_f1")
     if done:
         log(f"resuming {spec.name} after task {done} of {len(spec.tasks)} ({spec.task_names[done - 1]})")
     _emit(callbacks, "on_run_start", RunStart(spec.name, spec.strategy, spec.task_names, str(run_dir), done))
@@ -235,24 +257,29 @@ def run_sequence(spec: RunSpec, out_dir: str | Path, *, callbacks: Sequence[Call
             strategy.save(i + 1)
         else:
             info = strategy.recall(i)
-        oracle.append(strategy.oracle_row(i, baseline))
+        row, row_f1 = strategy.evaluate_oracle(i, (baseline, state.get("baseline_f1")))
+        oracle.append(row)  # type: ignore[arg-type]
         router_acc = None
         if routed is not None:
-            row, router_acc = strategy.routed_row(i)
-            routed.append(row)
+            routed_row, routed_f1, router_acc = strategy.evaluate_routed(i)
+            routed.append(routed_row)
+            if f1 is not None and f1["routed"] is not None:
+                f1["routed"]["matrix"].append(routed_f1)
+        if f1 is not None:
+            f1["oracle"]["matrix"].append(row_f1)
         seconds = time.perf_counter() - start
         size = strategy.size_bytes()
         steps.append({"task": task, "router_accuracy": router_acc, "trainable_params": info.trainable_params,
                       "bank_bytes": size, "seconds": seconds, "train_steps": info.train_steps,
                       "final_loss": info.final_loss})
-        result = _result(spec, baseline, oracle, routed, steps)
+        result = _result(spec, baseline, oracle, routed, steps, f1)
         _write_json(result_file, result)
         log(_progress(spec, i, oracle[-1], None if routed is None else routed[-1], router_acc, info, seconds))
         _emit(callbacks, "on_task_end", TaskEnd(i, task, tuple(oracle[-1]),
                                                 None if routed is None else tuple(routed[-1]), router_acc,
                                                 info.trainable_params, size, seconds))
 
-    result = _result(spec, baseline, oracle, routed, steps)
+    result = _result(spec, baseline, oracle, routed, steps, f1)
     summary = AccuracyMatrix(spec.task_names, tuple(map(tuple, oracle)), tuple(baseline)).summary()
     if done == len(spec.tasks):
         log(f"{spec.name} was already finished in {run_dir}; nothing to do")

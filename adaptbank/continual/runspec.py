@@ -155,6 +155,14 @@ class RunSpec:
                 raise ValueError(f"{self.source}: unknown eval mode {mode!r}; allowed: {', '.join(EVAL_MODES)}")
         if len(set(self.eval)) != len(self.eval):
             raise ValueError(f"{self.source}: eval lists a mode twice: {list(self.eval)}")
+        kinds = {t.head for t in self.tasks}
+        if len(kinds) > 1:
+            gen = [t.name for t in self.tasks if t.head == "generation"]
+            cls = [t.name for t in self.tasks if t.head == "classification"]
+            raise ValueError(f"{self.source}: the run mixes generation tasks {gen} with classification tasks {cls}; "
+                             "a run takes one kind (its matrix holds accuracy or exact match): pose the "
+                             "classification tasks as generation (pose = \"generation\" and a template) or "
+                             "run the two kinds separately")
         if self.strategy in _LORA_ONLY and not isinstance(self.method, LoRAConfig):
             raise ValueError(f"{self.source}: strategy {self.strategy!r} needs method kind 'lora', got "
                              f"{self.method.kind!r}")
@@ -162,6 +170,12 @@ class RunSpec:
     @property
     def task_names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.tasks)
+
+    @property
+    def head(self) -> str:
+        """``"generation"`` when the tasks are generation tasks (scored by exact match), else
+        ``"classification"`` (scored by accuracy); a run never mixes the two."""
+        return self.tasks[0].head
 
     @property
     def routed(self) -> bool:

@@ -33,6 +33,10 @@ current model's features and its initial head, so ``R[i][j]`` for ``j > i`` is c
 ``b_j`` (FWT as in GEM). For the bank an unseen task has no expert, so ``R[i][j] = b_j`` exactly.
 When a task is learned its head starts from the initial head, then (``probe_init``) becomes a
 logistic-regression probe on the current features, as in ``training.loop.train_task``.
+
+Generation runs (every task a generation task, or posed as one): the same strategies, with the loss on
+the target tokens through the frozen shared LM head and exact match in the matrix (token F1 beside
+it); see :mod:`adaptbank.continual.generation`.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ from __future__ import annotations
 from typing import ClassVar
 
 from adaptbank.bank.facade import AdapterBank
-from adaptbank.continual.base import Context, Learned, OnStep, Strategy
+from adaptbank.continual.base import Context, Learned, OnStep, Scores, Strategy
+from adaptbank.continual.generation import routed_scores
 from adaptbank.continual.learners import EWC, Joint, OLoRA, Replay, SeqFull, SeqLoRA
 from adaptbank.routing.predict import predict, routed_hit
 from adaptbank.training.evaluate import evaluate
@@ -82,6 +87,21 @@ class BankStrategy(Strategy):
         length = self.spec.train.max_length
         return [evaluate(model, t, [e.text for e in self.ctx.data[j].test], self._labels(j), max_length=length)
                 if j <= i else baseline[j] for j, t in enumerate(self.tasks)]
+
+    def gen_oracle(self, i: int, baseline: Scores) -> Scores:
+        """Exact match and F1 of every seen task with its own expert (loaded from the bank); an unseen
+        task has no expert, so its scores are the baseline's."""
+        model = self.bank.load()
+        pairs = [self._score(j, model, gate=t) if j <= i else (baseline[0][j], baseline[1][j])  # type: ignore[index]
+                 for j, t in enumerate(self.tasks)]
+        return [e for e, _ in pairs], [f for _, f in pairs]
+
+    def gen_routed(self, i: int) -> tuple[list[float | None], list[float | None], float]:
+        """Exact match and F1 per seen task with the router choosing each prompt's experts in the prefill
+        (no task ids), and the router's task-identification accuracy."""
+        em, f1, acc = routed_scores(self.bank.load_routed(), self.gen[: i + 1], max_length=self.spec.train.max_length)
+        pad: list[float | None] = [None] * (len(self.tasks) - i - 1)
+        return [*em, *pad], [*f1, *pad], acc
 
     def routed_row(self, i: int) -> tuple[list[float | None], float]:
         """Accuracy per seen task with the router choosing experts, and the router's task-id accuracy.

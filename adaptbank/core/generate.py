@@ -19,8 +19,9 @@ one step appends one column for all rows. Position ids are ``cumsum(mask) - 1`` 
 positions are those of its unpadded run, and the attention mask hides the padding: row i of a batch
 decodes as row i alone (up to float rounding).
 
-Gates are set **once**, before the prefill: one task (``task=``), a task per row (``task_ids=``), or
-the router's choice made from the prompt inside the prefill (``routed=True``: the router taps of
+Gates are set **once**, before the prefill: one task (``task=``), a task per row (``task_ids=``), a
+fixed set of experts summed with weight 1 for every row (``experts=``; none: the base model), or the
+router's choice made from the prompt inside the prefill (``routed=True``: the router taps of
 ``routing.taps`` pool the prompt's embeddings and low layers and write the gates before the first layer
 with experts runs). The decode steps never touch the :class:`~adaptbank.routing.state.RoutingState`, so
 each row keeps its experts for the whole continuation; afterwards the state is reset (``off()``).
@@ -96,6 +97,7 @@ def lm_logits(model: AdaptBankModel, input_ids: Tensor, attention_mask: Tensor, 
 
 
 def _check(model: AdaptBankModel, prompts: Sequence[Sequence[int]], tasks: Sequence[str], routed: bool) -> None:
+    """Refuse what cannot generate: no LM head, no or empty prompts, unknown or classification tasks."""
     if model.lm_head is None:
         raise ValueError(f"backbone {model.backbone_name!r} (model type {model.backbone.config.model_type!r}) has "
                          "no LM head; generation needs a decoder-only model with one, or T5")
@@ -117,20 +119,22 @@ def _check(model: AdaptBankModel, prompts: Sequence[Sequence[int]], tasks: Seque
 
 @torch.no_grad()
 def generate(model: AdaptBankModel, prompts: Sequence[Sequence[int]], *, task: str | None = None,
-             task_ids: Sequence[str] | None = None, routed: bool = False, max_new_tokens: int = 16,
-             eos_token_id: int | None = None, pad_token_id: int | None = None, use_cache: bool = True) -> Generation:
+             task_ids: Sequence[str] | None = None, routed: bool = False, experts: Sequence[str] | None = None,
+             max_new_tokens: int = 16, eos_token_id: int | None = None, pad_token_id: int | None = None,
+             use_cache: bool = True) -> Generation:
     """Greedy continuations of ``prompts`` (token id lists of any lengths) in one batched call, under one
-    task (``task``), a task per row (``task_ids``) or the router (``routed``); exactly one of the three.
+    task (``task``), a task per row (``task_ids``), the router (``routed``) or the experts ``experts`` on
+    together with weight 1 each (O-LoRA's inference; ``experts=()`` is the base model); exactly one of the four.
     ``eos_token_id`` / ``pad_token_id`` default to the tokenizer's, else the config's. ``max_new_tokens``
     is cut to what the position limit leaves after the longest prompt."""
-    if sum((task is not None, task_ids is not None, routed)) != 1:
-        raise ValueError("pass exactly one of task=, task_ids= or routed=True")
+    if sum((task is not None, task_ids is not None, routed, experts is not None)) != 1:
+        raise ValueError("pass exactly one of task=, task_ids=, routed=True or experts=")
     if task_ids is not None and len(task_ids) != len(prompts):
         raise ValueError(f"task_ids has {len(task_ids)} entries for {len(prompts)} prompts")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     rows = list(task_ids) if task_ids is not None else [task] * len(prompts) if task is not None else []
-    _check(model, prompts, rows, routed)  # type: ignore[arg-type]
+    _check(model, prompts, rows or list(experts or ()), routed)  # type: ignore[arg-type]
     longest, limit = max(len(p) for p in prompts), position_limit(model)
     if limit is not None:
         if longest >= limit:
@@ -161,13 +165,27 @@ def generate(model: AdaptBankModel, prompts: Sequence[Sequence[int]], *, task: s
             top = index.gather(1, weight.argmax(1, keepdim=True))[:, 0]  # (B,)
             rows = [model.state.experts[int(i)] for i in top]
         else:
-            model.route(task=task) if task is not None else model.route(task_ids=rows)
             index = weight = None
+            if experts is not None:
+                _fixed(model, list(experts), len(prompts), device)
+                rows = ["+".join(experts)] * len(prompts)
+            else:
+                model.route(task=task) if task is not None else model.route(task_ids=rows)
             logits = steps.first()  # (B, V)
         out, done = _decode(steps, logits, max_new_tokens, eos)
     finally:
         model.state.off()
     return Generation(out, tuple(rows), done, index, weight, scores)  # type: ignore[arg-type]
+
+
+def _fixed(model: AdaptBankModel, experts: list[str], b: int, device: torch.device) -> None:
+    """Gates for ``experts`` on in every row with weight 1 each (none: the base model)."""
+    if not experts:
+        model.route()
+        return
+    order = {n: i for i, n in enumerate(model.state.experts)}
+    index = torch.tensor([order[t] for t in experts], device=device).expand(b, len(experts))  # (B, E)
+    model.route(index=index, weight=torch.ones(b, len(experts), device=device))  # (B, E) weight 1 each
 
 
 def _first(*values: int | None) -> int | None:

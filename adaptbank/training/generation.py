@@ -172,17 +172,19 @@ def new_tokens_for(model: AdaptBankModel, targets: Sequence[str]) -> int:
 
 
 def generate_texts(model: AdaptBankModel, prompts: Sequence[str], *, task: str | None = None,
-                   task_ids: Sequence[str] | None = None, routed: bool = False, max_length: int = 128,
-                   max_new_tokens: int = 16, batch_size: int = 32) -> tuple[list[str], list[str]]:
+                   task_ids: Sequence[str] | None = None, routed: bool = False, experts: Sequence[str] | None = None,
+                   max_length: int = 128, max_new_tokens: int = 16,
+                   batch_size: int = 32) -> tuple[list[str], list[str]]:
     """Greedy continuations of ``prompts`` as texts, and the task each was generated under (batched by
-    length, returned in the order of ``prompts``); one of ``task``, ``task_ids`` (per prompt) or ``routed``."""
+    length, returned in the order of ``prompts``); one of ``task``, ``task_ids`` (per prompt), ``routed`` or
+    ``experts`` (those on together, weight 1 each; ``()``: the base model), as in :func:`generate`."""
     tok = _tokenizer(model)
     ids = encode_prompts(model, prompts, max_length)
     texts, tasks = [""] * len(ids), [""] * len(ids)
     for chunk in batches(ids, batch_size, shuffle=False):
         rows = [task_ids[i] for i in chunk] if task_ids is not None else None
         out: Generation = generate(model, [ids[i] for i in chunk], task=task, task_ids=rows, routed=routed,
-                                   max_new_tokens=max_new_tokens)
+                                   experts=experts, max_new_tokens=max_new_tokens)
         for i, toks, t in zip(chunk, out.tokens, out.tasks):
             texts[i], tasks[i] = tok.decode(toks, skip_special_tokens=True).strip(), t  # type: ignore[attr-defined]
     return texts, tasks

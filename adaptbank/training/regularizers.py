@@ -31,7 +31,8 @@ from adaptbank.data.tokens import collate, pad_id
 from adaptbank.training.features import device_of
 from adaptbank.training.loop import Row, Step
 
-__all__ = ["EWCPenalty", "fisher_diagonal", "OrthogonalityPenalty", "with_replay", "class_balanced"]
+__all__ = ["head_log_likelihood", "EWCPenalty", "fisher_diagonal", "OrthogonalityPenalty", "with_replay",
+           "class_balanced"]
 
 
 class EWCPenalty:
@@ -48,17 +49,25 @@ class EWCPenalty:
         return self.lam / 2 * total
 
 
+def head_log_likelihood(model: AdaptBankModel, row: Row, pooled: Tensor) -> Tensor:
+    """``log p(y|x)`` of one classification row under its task's head, from pooled features (1, D)."""
+    return F.log_softmax(model.heads[row.task](pooled).float(), -1)[0, row.label]
+
+
 def fisher_diagonal(model: AdaptBankModel, rows: Sequence[Row], params: Sequence[nn.Parameter],
-                    features: Callable[[dict[str, Tensor]], Tensor]) -> list[Tensor]:
+                    features: Callable[[dict[str, Tensor]], Tensor],
+                    log_likelihood: Callable[[AdaptBankModel, Row, Tensor], Tensor] = head_log_likelihood
+                    ) -> list[Tensor]:
     """Mean over ``rows`` of the squared gradient of ``log p(y|x)`` w.r.t. ``params`` (eval mode, one
-    row at a time); each row is scored by its task's head."""
+    row at a time); ``log_likelihood(model, row, features(batch))`` is that log-probability (by default
+    the row's task head's, :func:`head_log_likelihood`; generation rows: their target tokens')."""
     fisher = [torch.zeros_like(p) for p in params]
     model.eval()
     for p in params:
         p.requires_grad_(True)
     for row in rows:
         batch = collate([row.ids], pad_id(model.tokenizer), device_of(model))
-        logp = F.log_softmax(model.heads[row.task](features(batch)).float(), -1)[0, row.label]
+        logp = log_likelihood(model, row, features(batch))
         grads = torch.autograd.grad(logp, list(params), allow_unused=True)
         for f, g in zip(fisher, grads, strict=True):
             if g is not None:
