@@ -97,6 +97,12 @@ def test_cli_add_task_eval_and_predict_generation(lm_dirs, tmp_path) -> None:
     assert all(line.split(":")[0] in ("antonym", "copy") for line in res.stdout.strip().splitlines())
     res = r.invoke(main, ["eval", bank, "--routed"])
     assert res.exit_code != 0 and "classification tasks only" in res.output and "Traceback" not in res.output
+    res = r.invoke(main, ["predict", bank, "--task", "copy", "red fox", "--router", "token"])
+    assert res.exit_code != 0 and "generation tasks route with the sequence router" in res.output
+    streamed = tmp_path / "in.jsonl"
+    streamed.write_text('"red fox"\n"blue sky"\n')
+    res = r.invoke(main, ["predict", bank, "--task", "copy", "--input", str(streamed), "--json"])
+    assert res.exit_code == 0 and len(res.stdout.strip().splitlines()) == 2  # generation inputs stream too
 
 
 def test_generation_on_an_encoder_bank_is_refused_and_changes_nothing(tiny_bert_dir, tmp_path) -> None:

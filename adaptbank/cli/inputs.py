@@ -16,7 +16,7 @@ import click
 
 from adaptbank._limits import MAX_LINE_BYTES
 
-__all__ = ["iter_jsonl_texts", "read_jsonl_texts", "chunked"]
+__all__ = ["iter_jsonl_texts", "chunked"]
 
 
 def iter_jsonl_texts(path: Path, *, max_line: int = MAX_LINE_BYTES) -> Iterator[str]:
@@ -49,11 +49,6 @@ def iter_jsonl_texts(path: Path, *, max_line: int = MAX_LINE_BYTES) -> Iterator[
             if not isinstance(text, str):
                 raise click.ClickException(f"{path}:{n}: expected a string or an object with a \"text\" string")
             yield text
-
-
-def read_jsonl_texts(path: Path) -> list[str]:
-    """Every text of a JSONL file (see :func:`iter_jsonl_texts`), for inputs known to be small."""
-    return list(iter_jsonl_texts(path))
 
 
 def chunked(items: Iterable[str], size: int) -> Iterator[list[str]]:

@@ -85,7 +85,7 @@ PREDICT_CHUNK = 1024
 @click.command()
 @_BANK
 @click.argument("texts", nargs=-1)
-@click.option("--input", "input_file", type=click.Path(dir_okay=False), default=None,
+@click.option("--input", "input_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="JSONL file: one {\"text\": ...} object (or JSON string) per line.")
 @click.option("--task", default=None, help="Force this task (oracle routing) instead of the router.")
 @config_option(RouterConfig, "top_k", default_from=BANK_ROUTER)
@@ -114,7 +114,10 @@ def predict(bank: str, texts: tuple[str, ...], input_file: str | None, task: str
     k = b.router_config.top_k if top_k is None else top_k  # also the token gates' head mixing
     gen = [t for t in b.tasks() if b.store.read_config(t).get("head") == "generation"]
     if task in gen or (task is None and gen):
-        return _generate(b, items, task, gen, length, k, temperature, as_json)
+        if token:
+            raise click.UsageError("--router token scores classification heads; generation tasks route with the "
+                                   "sequence router (leave --router out)")
+        return _generate(b, items, task, gen, length, k, temperature, as_json, input_file)
     model = b.load() if task else b.load_routed(top_k=k, temperature=temperature, token_level=token)
     seen = 0
     for chunk in chunked(items, PREDICT_CHUNK):  # streamed: memory bounded by the chunk, not the input
@@ -132,7 +135,7 @@ def predict(bank: str, texts: tuple[str, ...], input_file: str | None, task: str
 
 
 def _generate(b: AdapterBank, items: Iterable[str], task: str | None, gen: list[str], length: int, top_k: int,
-              temperature: float | None, as_json: bool) -> None:
+              temperature: float | None, as_json: bool, input_file: str | None) -> None:
     """``predict`` for generation tasks: greedy text from ``task`` (each input put into its template), or
     from the router's choice per input when every task of the bank is a generation task (the inputs are
     then whole prompts: the router chooses from the prompt, before any template could be picked)."""
@@ -156,7 +159,7 @@ def _generate(b: AdapterBank, items: Iterable[str], task: str | None, gen: list[
                 click.echo(f"{t}: {text!r}  {item[:60]!r}")
         seen += len(chunk)
     if not seen:
-        raise click.ClickException("no inputs (only blank lines)")
+        raise click.ClickException(f"{input_file}: no inputs (only blank lines)")
 
 
 @click.group()

@@ -159,7 +159,7 @@ def train_generation(model: AdaptBankModel, name: str, prompts: Sequence[str], t
     groups = [{"params": model.expert_parameters(name), "lr": cfg.lr, "name": "expert"}]
     result = fit(model, epoch_batches(rows, cfg, cfg.seed), steps=total_steps(len(rows), cfg), groups=groups,
                  cfg=cfg, features=generation_features(model, name), seed=cfg.seed, what=f"task {name!r}",
-                 loss_terms=loss_terms, on_step=on_step, loss=generation_loss)
+                 loss_terms=loss_terms, on_step=on_step, loss=generation_loss, dropout=cfg.train_dropout)
     model.finalize(name)
     return result
 
