@@ -114,7 +114,7 @@ def tiny_t5(*, seed: int = 0, hidden: int = 32, vocab: int = 120, tokenizer=None
     return Backbone(name="tiny-t5", model=model, tokenizer=tokenizer, path="", lm_head=head)
 
 
-def write_tiny_t5(path: Path, *, tied: bool = True, seed: int = 0, hidden: int = 32) -> Path:
+def write_tiny_t5(path: Path, *, tied: bool = True, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
     """Save a tiny ``T5ForConditionalGeneration`` and the word tokenizer as a Hugging Face folder. Untied,
     the folder is a flan-t5 one: ``tie_word_embeddings: false`` and an ``lm_head.weight`` of its own
     (transformers 5 saves T5's head tied whatever the config says, so it is written in afterwards)."""
@@ -125,7 +125,7 @@ def write_tiny_t5(path: Path, *, tied: bool = True, seed: int = 0, hidden: int =
 
     tok = word_tokenizer()
     torch.manual_seed(seed)
-    model = tr.T5ForConditionalGeneration(_t5_config(len(tok), hidden, tied))
+    model = tr.T5ForConditionalGeneration(_t5_config(len(tok), hidden, tied, layers))
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tok.save_pretrained(path)

@@ -178,3 +178,23 @@ def test_cli_run_and_report_a_generation_spec(setup, tmp_path: Path) -> None:
     assert "routed ACC" in res.output
     res = CliRunner().invoke(report, [str(out), "--format", "md"])
     assert res.exit_code == 0 and "cli-gen" in res.output
+
+
+def test_t5_continual_runs_bank_and_seq_lora(tmp_path: Path) -> None:
+    """An encoder-decoder through the continual loop: the learner's hidden states are the encoder's and the
+    decoder runs in the loss; the bank (router on encoder layers 0-1) keeps earlier tasks exactly."""
+    from _lm import write_tiny_t5
+
+    t5 = write_tiny_t5(tmp_path / "t5", layers=4)
+    for strategy in ("seq-lora", "bank"):
+        doc = {"run": {"name": f"t5-{strategy}", "backbone": str(t5), "tasks": ["copy", "antonym"],
+                       "strategy": strategy, "seed": 0},
+               "method": {"kind": "lora", "rank": 4, "alpha": 8, "targets": "all-linear"},
+               "train": TRAIN | {"epochs": 1, "max_train": 48, "max_test": 12, "lr": 5e-3}}
+        res = run_sequence(run_spec_from_dict(doc), tmp_path / strategy, log=quiet)
+        assert res["finished"] and res["metric"] == "exact_match"
+        matrix = res["oracle"]["matrix"]
+        assert len(matrix) == 2 and all(0.0 <= v <= 1.0 for row in matrix for v in row)
+        if strategy == "bank":
+            assert matrix[1][0] == matrix[0][0]  # the first task's expert is untouched by the second
+            assert res["routed"]["matrix"][1][0] is not None

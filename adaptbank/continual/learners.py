@@ -87,9 +87,10 @@ class SeqLoRA(Strategy):
         return self.model.features(**batch)  # (B, D)
 
     def _hidden(self, batch: dict[str, Tensor]) -> Tensor:
-        """Generation runs: the decoder's hidden states under the gates of ``_route``."""
+        """Generation runs: the decoder's hidden states under the gates of ``_route`` (an encoder-decoder's:
+        its encoder's; the decoder runs in ``generation_loss``)."""
         self._route(batch)
-        return self.model.backbone(**batch).last_hidden_state  # (B, T, D)
+        return self.model.encoder(**batch).last_hidden_state  # (B, T, D)
 
     def _new_task(self, task: str) -> None:
         """Give ``task`` its head, starting from the initial head (generation tasks have none)."""
