@@ -205,6 +205,18 @@ def _check_manifest(data: object, where: str) -> dict[str, Any]:
     return data
 
 
+def _read_manifest_file(bank: Path) -> dict[str, Any]:
+    """The committed ``manifest.json`` of the bank at ``bank``, read without a lock and validated."""
+    mpath = bank / _MANIFEST
+    try:
+        raw = mpath.read_bytes()
+    except FileNotFoundError:
+        raise BankError(f"{bank}: not an adaptbank bank (no {_MANIFEST})") from None
+    except OSError as exc:
+        raise BankError(f"{mpath}: cannot read manifest: {exc}") from exc
+    return _parse_manifest(raw, str(mpath))
+
+
 def _parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
     """The manifest in ``raw`` (the bytes of ``manifest.json`` at ``where``), validated."""
     try:

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from adaptbank.bank.manifest import _MANIFEST, BankChangedError, BankError, _parse_manifest
+from adaptbank.bank.manifest import BankChangedError, _read_manifest_file
 
 if TYPE_CHECKING:
     from adaptbank.bank.store import BankStore
@@ -44,14 +44,7 @@ DEFAULT_ATTEMPTS = 10
 
 def disk_generation(path: str | Path) -> int:
     """The ``generation`` of the bank's committed ``manifest.json`` at ``path`` (validated, read without a lock)."""
-    mpath = Path(path) / _MANIFEST
-    try:
-        raw = mpath.read_bytes()
-    except FileNotFoundError:
-        raise BankError(f"{Path(path)}: not an adaptbank bank (no {_MANIFEST})") from None
-    except OSError as exc:
-        raise BankError(f"{mpath}: cannot read manifest: {exc}") from exc
-    return int(_parse_manifest(raw, str(mpath))["generation"])
+    return int(_read_manifest_file(Path(path))["generation"])
 
 
 def read_consistent(store: BankStore, read: Callable[[], _T], *, attempts: int = DEFAULT_ATTEMPTS) -> _T:

@@ -63,7 +63,7 @@ from adaptbank.bank.manifest import (  # the errors and Problem are re-exported:
     _groups,
     _is_skeleton,
     _now,
-    _parse_manifest,
+    _read_manifest_file,
     _version,
 )
 from adaptbank.core.config import validate_name
@@ -352,14 +352,7 @@ class BankStore:
 
     # ------------------------------------------------------------------ internals
     def _read_manifest(self) -> dict[str, Any]:
-        mpath = self.path / _MANIFEST
-        try:
-            raw = mpath.read_bytes()
-        except FileNotFoundError:
-            raise BankError(f"{self.path}: not an adaptbank bank (no {_MANIFEST})") from None
-        except OSError as exc:
-            raise BankError(f"{mpath}: cannot read manifest: {exc}") from exc
-        return _parse_manifest(raw, str(mpath))
+        return _read_manifest_file(self.path)
 
     def _router(self, m: dict[str, Any]) -> dict[str, Any]:
         if m["router"] is None:
