@@ -91,9 +91,10 @@ LR: dict[str, float] = {
     # Lester et al. 2021 use 0.3 with Adafactor on T5; with AdamW peft's prompt-tuning guide (causal LM) uses 3e-2.
     "prompt": 3e-2,
     # P-Tuning v2's RoBERTa run scripts (Liu et al. 2022, THUDM/P-tuning-v2) use 5e-3 .. 1e-2 (7e-3 BoolQ,
-    # 1e-2 RTE); the MLP-reparameterised prefix at the lower end (its MLP amplifies each step), the
-    # directly trained prefixes at the upper end.
-    "prefix": 5e-3,
+    # 1e-2 RTE) for the directly trained prefixes. The MLP-reparameterised prefix diverged at 5e-3 for every
+    # implementation (adaptbank, peft, adapters: chance on sst2 and trec); 5e-4 was chosen on a validation
+    # split (--validation: the last quarter of train; sst2 73.6, trec 83.2), the test split unread.
+    "prefix": 5e-4,
     "ptuning-v2": 1e-2,
 }
 """Learning rate of expert and head per method, used by adaptbank and by every peer of that method."""
