@@ -19,21 +19,21 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from adaptbank._version import __version__
+from adaptbank.bank import init_from as init_source
 from adaptbank.bank import router_memory
 from adaptbank.bank.snapshot import consistent
 from adaptbank.bank.store import DEFAULT_LOCK_TIMEOUT, BankError, BankStore, Problem, TaskExistsError
+from adaptbank.bank.task_config import task_config
 from adaptbank.bank.trust import allow_base, base_to_load, canonical
 from adaptbank.core.backbone import DEFAULT_ALIASES, DEFAULT_BACKBONE, Backbone, load_backbone
 from adaptbank.core.config import LoRAConfig, MethodConfig, RouterConfig, TrainConfig, method_from_dict
 from adaptbank.core.heads import check_head
 from adaptbank.core.model import AdaptBankModel, share_frozen
 from adaptbank.core.quantize import quantize_loaded
-from adaptbank.data.load import TaskData, generation_pairs, load_task
+from adaptbank.data.load import generation_pairs, load_task
 from adaptbank.data.specs import TaskSpec, load_task_spec, validate_task_name
 from adaptbank.data.tokens import tokenize
 from adaptbank.metrics import confusion_table, expert_usage, gate_entropy
@@ -65,6 +65,8 @@ class AddResult:
     share_reason: str | None
     n_train: int
     n_test: int
+    init_from: dict[str, Any] | None = None
+    """``--init-from``: the source task, its distance and why (``bank.init_from``); None for the usual zero start."""
 
 
 class AdapterBank:
@@ -187,8 +189,9 @@ class AdapterBank:
                  replace: bool = False, parent: str | None = None,
                  on_step: Callable[[int, float], None] | None = None,
                  log: Callable[[str], None] | None = None, diagnose: int = 0,
-                 allow_router_drift: bool = False, dist: Dist | None = None) -> AddResult:
+                 allow_router_drift: bool = False, dist: Dist | None = None, init_from: str | None = None) -> AddResult:
         """Train task ``spec``'s expert and head, evaluate on its test split, store both atomically.
+        ``init_from`` (``"nearest"`` or a task) starts the expert from a stored one (``bank.init_from``).
 
         ``share_a`` puts a LoRA task in a shared-A group (``"auto"`` picks the most similar group or
         starts one). Everything is validated before training; on any failure the bank is unchanged.
@@ -215,6 +218,8 @@ class AdapterBank:
                 raise KeyError(f"parent task {parent!r} is not in bank {self.path}")
             if share_a is not None and not isinstance(method, LoRAConfig):
                 raise ValueError(f"--share-a works with --method lora only, not {method.kind!r}")
+            if init_from is not None:
+                init_source.check(self.store, init_from, method, share_a=share_a)
             if (gen := spec.head == "generation") and diagnose:  # generation: the shared LM head, no head of its own
                 raise ValueError("--diagnose works with classification tasks only (its report reads the head's gradients)")
             if gen and dist.world > 1:
@@ -242,6 +247,9 @@ class AdapterBank:
             if group is not None and not owns:
                 model.import_shared(group, self.store.read_shared(group, "A"), method)  # type: ignore[arg-type]
             model.add_task(name, method, data.labels, shared_group=group, seed=train.seed, head=spec.head)
+            start_from = init_source.start(self.store, model, name, init_from, method, task_stats, dim=self._router_dim,
+                                           shrinkage=self.router_config.shrinkage)
+            parent = start_from["task"] if parent is None and start_from else parent
             say(f"{name}: training on {len(data.train)} examples, testing on {len(data.test)}")
         scores: dict[str, float] = {}
         if gen:
@@ -249,14 +257,17 @@ class AdapterBank:
             acc = scores["test_exact_match"]  # a generation task's accuracy is its exact match
         else:
             result = train_task(model, name, [e.text for e in data.train], [e.label for e in data.train], train,
-                                on_step=on_step, features=pooled, diagnose=diagnose, dist=dist)
+                                on_step=on_step, features=init_source.probe_features(model, name, train_ids, pooled,
+                                                                                     start_from, dist),
+                                diagnose=diagnose, dist=dist)
             acc = evaluate(model, name, [e.text for e in data.test], [e.label for e in data.test],
                            max_length=train.max_length, dist=dist)
         with distributed.together(dist, f"task {name!r}: before the commit"):
             say(f"{name}: trained {result.steps} steps in {result.seconds:.1f}s")
             files = model.export_task(name)
             files["memory"] = memory
-            config = self._task_config(name, spec, method, train, data, group, owns, parent, reason, metrics={
+            config = task_config(name, spec, method, train, data, group=group, owns=owns, parent=parent, reason=reason,
+                                 init_from=start_from, metrics={
                 "test_accuracy": acc, "n_train": len(data.train), "n_test": len(data.test),
                 "probe_accuracy": result.probe_accuracy, "train_seconds": result.seconds,
                 "examples_per_second": result.examples_per_second, "steps": result.steps,
@@ -278,15 +289,7 @@ class AdapterBank:
         return AddResult(name=name, test_accuracy=acc, probe_accuracy=result.probe_accuracy,
                          trainable_params=config["metrics"]["trainable_params"], bytes_on_disk=nbytes,
                          seconds=time.perf_counter() - start, shared_group=group, share_reason=reason,
-                         n_train=len(data.train), n_test=len(data.test))
-
-    def _task_config(self, name: str, spec: TaskSpec, method: MethodConfig, train: TrainConfig, data: TaskData,
-                     group: str | None, owns: bool, parent: str | None, reason: str | None,
-                     metrics: dict[str, Any]) -> dict[str, Any]:
-        return {"adaptbank_version": __version__, "name": name, "type": spec.type, "head": spec.head, "method": method.to_dict(),
-                "spec": spec.to_dict(), "labels": list(data.labels), "parent": parent,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "shared_group": group,
-                "owns_shared": owns, "share_reason": reason, "train": train.to_dict(), "metrics": metrics}
+                         n_train=len(data.train), n_test=len(data.test), init_from=start_from)
 
     def remove(self, name: str, *, allow_router_drift: bool = False) -> None:
         """Delete task ``name`` (and its shared group when it was the last member); the router drops

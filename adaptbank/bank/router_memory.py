@@ -40,7 +40,7 @@ from adaptbank.data.specs import validate_task_name
 from adaptbank.routing.lda import LDARouter, RouterStats, shrunk_covariance
 
 __all__ = ["RouterDriftError", "task_memory", "memory_stats", "stats_from", "router_files", "router_update",
-           "refit", "check_exact_removal", "precheck", "choose_group"]
+           "refit", "check_exact_removal", "precheck", "choose_group", "router_distances"]
 
 TaskStats = tuple[Tensor, int, "Tensor | None"]
 """A task's router statistics: mean (F,), example count, scatter (F, F) or None when not stored."""
@@ -184,6 +184,23 @@ def refit(store: BankStore, *, dim: int, layers: int, shrinkage: float) -> tuple
     return router_files(stats, layers, shrinkage)
 
 
+def router_distances(store: BankStore, tasks: list[str], mean: Tensor, scatter: Tensor, count: int, *, dim: int,
+                     shrinkage: float) -> dict[str, float]:
+    """Distance of a new task (router-feature mean (F,), scatter (F, F), ``count`` examples) to each stored
+    task of ``tasks`` in the router's feature space: the Mahalanobis distance between the task means under
+    the pooled within-task covariance (the new task's scatter included), shrunk by ``shrinkage``; in order."""
+    if not tasks:
+        return {}
+    stats = stats_from(store.read_router(), dim)
+    stats.add("\0new", mean, count, scatter)
+    cov = shrunk_covariance(stats, shrinkage)  # (F, F)
+    out = {}
+    for t in tasks:
+        diff = mean.double() - store.read_tensors(t, "memory")["mean"].double()  # (F,)
+        out[t] = float(diff @ torch.linalg.solve(cov, diff)) ** 0.5
+    return out
+
+
 def choose_group(store: BankStore, share_a: str, mean: Tensor, scatter: Tensor, count: int, method: MethodConfig, *,
                  dim: int, shrinkage: float, share_distance: float) -> tuple[str, str]:
     """The shared-A group for a new task and why: ``share_a`` itself, or for ``auto`` the group holding the
@@ -197,19 +214,15 @@ def choose_group(store: BankStore, share_a: str, mean: Tensor, scatter: Tensor, 
         if share_a in groups:
             return share_a, f"joined the named group {share_a!r}"
         return share_a, f"started the named group {share_a!r}"
-    stats = stats_from(store.read_router(), dim)
-    stats.add("\0new", mean, count, scatter)
-    cov = shrunk_covariance(stats, shrinkage)  # (F, F)
-    best, best_d = None, float("inf")
+    compatible = {}
     for group, entry in groups.items():
         first = store.read_config(entry["tasks"][0])["method"]
-        if first.get("rank") != getattr(method, "rank", None) or first.get("targets") != method.to_dict()["targets"]:
-            continue
-        for t in entry["tasks"]:
-            diff = mean.double() - store.read_tensors(t, "memory")["mean"].double()  # (F,)
-            d = float(diff @ torch.linalg.solve(cov, diff)) ** 0.5
-            if d < best_d:
-                best, best_d = group, d
+        if first.get("rank") == getattr(method, "rank", None) and first.get("targets") == method.to_dict()["targets"]:
+            compatible |= {t: group for t in entry["tasks"]}
+    best, best_d = None, float("inf")
+    for t, d in router_distances(store, list(compatible), mean, scatter, count, dim=dim, shrinkage=shrinkage).items():
+        if d < best_d:
+            best, best_d = compatible[t], d
     if best is not None and best_d <= share_distance:
         return best, (f"joined group {best!r}: its nearest task is at distance {best_d:.2f} <= "
                       f"{share_distance} in the router's feature space")

@@ -157,6 +157,8 @@ def _combined_config(method: str, targets: str | None, rank: int | None, *, prom
 @click.option("--share-a", default=None, help="Shared-A group name for a LoRA task-B expert, or 'auto'.")
 @click.option("--name", default=None, help="Task name in the bank [the spec's name].")
 @click.option("--parent", default=None, help="Record this bank task as the new task's parent (lineage).")
+@click.option("--init-from", default=None, metavar="nearest|TASK", help="Start the expert from a stored task's expert "
+              "of the same method: 'nearest' (in the router's feature space) or a task name; it becomes the parent.")
 @config_option(TrainConfig, "epochs")
 @config_option(TrainConfig, "lr")
 @config_option(TrainConfig, "head_lr")
@@ -177,8 +179,8 @@ def _combined_config(method: str, targets: str | None, rank: int | None, *, prom
 @_friendly
 def add_task(bank: str, spec: str, method: str, rank: int | None, alpha: float | None, dropout: float | None,
              prompt_length: int | None, prompt_init: str | None, prefix_length: int | None, targets: str | None,
-             share_a: str | None, name: str | None, parent: str | None, replace: bool, allow_router_drift: bool,
-             as_json: bool, lock_timeout: float, diagnose: bool, **train: Any) -> None:
+             share_a: str | None, name: str | None, parent: str | None, init_from: str | None, replace: bool,
+             allow_router_drift: bool, as_json: bool, lock_timeout: float, diagnose: bool, **train: Any) -> None:
     """Train SPEC's expert and head, evaluate on its test split, and store them in BANK.
 
     SPEC is a task spec file (TOML) or the name of a spec in tasks/ (e.g. ag_news, weather).
@@ -206,14 +208,16 @@ def add_task(bank: str, spec: str, method: str, rank: int | None, alpha: float |
     try:
         r = b.add_task(spec, cfg, train_cfg, name=name, share_a=share_a, replace=replace, parent=parent,
                        on_step=on_step, log=lambda msg: click.echo(msg, err=True),
-                       diagnose=DEFAULT_STEPS if diagnose else 0, allow_router_drift=allow_router_drift, dist=dist)
+                       diagnose=DEFAULT_STEPS if diagnose else 0, allow_router_drift=allow_router_drift, dist=dist,
+                       init_from=init_from)
     finally:
         bar.close()
     if not dist.main:  # rank 0 reports for all
         return
     summary = {"task": r.name, "test_accuracy": r.test_accuracy, "probe_accuracy": r.probe_accuracy,
                "trainable_params": r.trainable_params, "bytes_on_disk": r.bytes_on_disk, "seconds": round(r.seconds, 2),
-               "n_train": r.n_train, "n_test": r.n_test, "shared_group": r.shared_group, "share_reason": r.share_reason}
+               "n_train": r.n_train, "n_test": r.n_test, "shared_group": r.shared_group, "share_reason": r.share_reason,
+               "init_from": r.init_from}
     if diagnose:  # read back from the bank: what is printed is what was stored
         summary["diagnostics"] = b.info(r.name)["metrics"]["diagnostics"]
         if not as_json:
@@ -222,7 +226,8 @@ def add_task(bank: str, spec: str, method: str, rank: int | None, alpha: float |
         f"added {r.name}: test accuracy {pct(r.test_accuracy)} on {r.n_test} examples "
         f"(probe init {pct(r.probe_accuracy)}), {r.trainable_params:,} trainable parameters, "
         f"{human(r.bytes_on_disk)} on disk, {r.seconds:.1f}s"
-        + (f"\nshared A: {r.share_reason}" if r.share_reason else "")))
+        + (f"\nshared A: {r.share_reason}" if r.share_reason else "")
+        + (f"\ninit: {r.init_from['reason']}" if r.init_from else "")))
 
 
 @click.command("list")

@@ -30,7 +30,7 @@ from adaptbank.core.records import TaskInfo, load_checked
 if TYPE_CHECKING:
     from adaptbank.core.model import AdaptBankModel
 
-__all__ = ["export_task", "export_shared", "import_task"]
+__all__ = ["export_task", "export_shared", "import_task", "load_adapter"]
 
 
 def export_task(model: AdaptBankModel, name: str) -> dict[str, dict[str, Tensor]]:
@@ -78,6 +78,14 @@ def import_task(model: AdaptBankModel, name: str, method: MethodConfig, labels: 
         model.remove_task(name)
         raise
     return info
+
+
+def load_adapter(model: AdaptBankModel, name: str, adapter: dict[str, Tensor], *, source: str) -> None:
+    """Overwrite the expert tensors of task ``name`` (already added) with ``adapter``, the stored expert of
+    task ``source`` (``add-task --init-from``): every key and shape is checked against ``name``'s own
+    export before anything is copied; the head is left alone (its labels are the new task's)."""
+    load_checked(export_task(model, name)["adapter"], adapter, f"expert of task {source!r} (to start {name!r} from)",
+                 lambda k, v: _set_tensor(model, name, "adapter", k, v))
 
 
 def _set_tensor(model: AdaptBankModel, name: str, part: str, key: str, value: Tensor) -> None:
