@@ -247,8 +247,8 @@ def run_sequence(spec: RunSpec, out_dir: str | Path, *, callbacks: Sequence[Call
     say = log if dist.main else (lambda _msg: None)
     callbacks = callbacks if dist.main else ()
     run_dir = Path(out_dir)
+    _check_distributed(spec, dist)  # the same verdict on every rank: no agreement needed
     with distributed.together(dist, "loading the run's tasks"):
-        _check_distributed(spec, dist)
         data = tuple(load_task(t, max_train=spec.train.max_train, max_test=spec.train.max_test, seed=spec.seed)
                      for t in spec.tasks)
     state, previous, existed, fresh = distributed.on_main(dist, lambda: _start(spec, run_dir),
