@@ -43,8 +43,8 @@ from adaptbank.core.heads import ClassificationHead
 from adaptbank.core.model import AdaptBankModel
 from adaptbank.core.seeding import seeded
 from adaptbank.data.tokens import tokenize
-from adaptbank.training.evaluate import head_accuracy
 from adaptbank.training import distributed
+from adaptbank.training.evaluate import head_accuracy
 from adaptbank.training.features import probe_head
 from adaptbank.training.generation import generation_loss
 from adaptbank.training.loop import LossTerm, Row, epoch_batches, fit, total_steps

@@ -323,7 +323,8 @@ def run_sequence(spec: RunSpec, out_dir: str | Path, *, callbacks: Sequence[Call
             f1["oracle"]["matrix"].append(row_f1)
         seconds = time.perf_counter() - start
 
-        def record() -> dict[str, Any]:  # rank 0: the step's entry, then result.json with it
+        def record(task: str = task, router_acc: float | None = router_acc, info: Learned = info,
+                   seconds: float = seconds) -> dict[str, Any]:  # rank 0: the step's entry, then result.json
             entry = {"task": task, "router_accuracy": router_acc, "trainable_params": info.trainable_params,
                      "bank_bytes": strategy.size_bytes(), "seconds": seconds, "train_steps": info.train_steps,
                      "final_loss": info.final_loss}
