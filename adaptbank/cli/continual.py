@@ -3,6 +3,9 @@
 The main CLI registers them with ``main.add_command(run)`` and ``main.add_command(report)`` (or
 ``register(main)``). Expected errors become one ``Error: ...`` line and exit 1, never a traceback;
 Ctrl-C keeps every finished task, and the same command resumes the run.
+
+Under torchrun / accelerate launch, ``run`` trains data-parallel (``continual.loop``): rank 0 alone
+writes ``OUT`` and prints; a failure on any rank makes every rank exit non-zero.
 """
 
 from __future__ import annotations
@@ -33,22 +36,22 @@ _RESUME = "Interrupted. Finished tasks are kept; run the same command again to r
 @friendly(_RESUME)
 def run(spec: str, out: str, strategy: str | None, max_train: int | None, max_test: int | None,
         epochs: float | None, seed: int | None, max_length: int | None) -> None:
-    """Learn the tasks of run spec SPEC in order and write OUT/result.json after every task."""
-    import os
+    """Learn the tasks of run spec SPEC in order and write OUT/result.json after every task.
 
-    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1"):  # every rank would write OUT
-        raise click.UsageError(f"adaptbank run trains in one process; it was launched with WORLD_SIZE="
-                               f"{os.environ['WORLD_SIZE']} (torchrun/accelerate): start it with plain python, or "
-                               "train the tasks data-parallel with `adaptbank add-task` under torchrun")
+    Under torchrun or accelerate launch it trains data-parallel; rank 0 alone writes OUT and prints."""
     from adaptbank.continual.loop import run_sequence
     from adaptbank.continual.runspec import load_run_spec
     from adaptbank.metrics import AccuracyMatrix
+    from adaptbank.training.distributed import current
 
     if epochs is not None and float(epochs).is_integer():
         epochs = int(epochs)  # "epochs = 1", not "1.0", in config_changed and reports
     run_spec = load_run_spec(spec).with_overrides(strategy=strategy, max_train=max_train, max_test=max_test,
                                                   epochs=epochs, seed=seed, max_length=max_length)
-    result = run_sequence(run_spec, out, log=click.echo)
+    dist = current()
+    result = run_sequence(run_spec, out, log=click.echo, dist=dist)
+    if not dist.main:
+        return
     oracle = AccuracyMatrix(tuple(result["tasks"]), result["oracle"]["matrix"], result["oracle"]["baseline"]).summary()
     what = ", exact match" if result.get("metric") == "exact_match" else ""
     line = (f"{result['name']} ({result['strategy']}{what}): ACC {_pct(oracle['acc'])}, BWT {_pct(oracle['bwt'])}, "

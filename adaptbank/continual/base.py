@@ -11,6 +11,12 @@ A strategy is driven by the loop (``loop.py``) through six methods, in this orde
     evaluate_oracle(i, baseline)    R[i][j] for all j     }
     evaluate_routed(i)              routed R[i][j], router accuracy (bank strategies only)
 
+Data-parallel runs (``Context.dist``, torchrun/accelerate): every rank runs every method with the same
+arguments; training shards each batch (``training.loop.fit``), every feature pass and evaluation is
+sharded over the ranks and gathered (:meth:`Strategy._encode`, ``training.distributed.sharded``), so
+every rank holds the same rows, and local work that could fail runs inside ``distributed.together``
+so that a failure on one rank stops all. Only rank 0 writes (``save``, the bank's commit).
+
 The ``evaluate_*`` methods return ``(scores, f1)``: accuracies and None for a classification run
 (``baseline``, ``oracle_row``, ``routed_row``), exact matches and token F1s for a generation run
 (``gen_oracle``, ``gen_routed``; see ``continual.generation``).
@@ -23,7 +29,7 @@ A generation run has no heads: ``b_j`` is the untrained model's exact match.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -37,6 +43,8 @@ from adaptbank.core.model import AdaptBankModel
 from adaptbank.core.seeding import seeded
 from adaptbank.data.load import TaskData
 from adaptbank.data.tokens import tokenize
+from adaptbank.training import distributed
+from adaptbank.training.distributed import LOCAL, Dist
 from adaptbank.training.evaluate import head_accuracy
 from adaptbank.training.features import encode
 
@@ -58,12 +66,14 @@ class Learned:
 
 @dataclass(frozen=True)
 class Context:
-    """What a strategy gets: the spec, its run directory, the loaded tasks and a log function."""
+    """What a strategy gets: the spec, its run directory, the loaded tasks, a log function (called on
+    rank 0 only in a data-parallel run) and where this process stands in the run (:class:`Dist`)."""
 
     spec: RunSpec
     run_dir: Path
     data: tuple[TaskData, ...]
     log: Callable[[str], None]
+    dist: Dist = LOCAL
 
 
 def initial_heads(model: AdaptBankModel, data: tuple[TaskData, ...], seed: int) -> dict[str, ClassificationHead]:
@@ -92,8 +102,23 @@ class Strategy:
         self.gen: list[GenTask] = []
         """Generation runs: each task's test prompts, targets and decoding limit."""
 
+    @property
+    def dist(self) -> Dist:
+        return self.ctx.dist
+
+    def _placed(self, model: AdaptBankModel) -> AdaptBankModel:
+        """``model`` on this rank's device (a GPU rank's ``cuda:LOCAL_RANK``; the CPU: unchanged)."""
+        return model.to(self.dist.device) if self.dist.device.type != "cpu" else model
+
+    def _encode(self, ids: Sequence[list[int]], features: Callable[[dict[str, Tensor]], Tensor], *,
+                where: str) -> Tensor:
+        """Pooled features (N, D) of ``ids`` under ``features``' gates: each rank encodes its block of
+        rows, and every rank gets all of them (one process: ``encode`` itself)."""
+        return distributed.sharded(self.dist, list(ids), lambda part: encode(self.model, part, features),
+                                   where=where)  # (N, D)
+
     def _setup(self, model: AdaptBankModel) -> None:
-        self.model = model
+        self.model = model = self._placed(model)
         if self.generation:  # an encoder backbone or a prompt/prefix method is refused before anything trains
             check_head(model, self.tasks[0], self.spec.method, (), "generation")
             self.gen = [gen_task(model, d) for d in self.ctx.data]
@@ -117,8 +142,8 @@ class Strategy:
 
     def baseline(self) -> list[float]:
         """``b_j``: the backbone without experts, with task j's initial head (chance level)."""
-        return [head_accuracy(self.init_heads[t], encode(self.model, self.test_ids[j], self._plain), self._labels(j))
-                for j, t in enumerate(self.tasks)]
+        return [head_accuracy(self.init_heads[t], self._encode(self.test_ids[j], self._plain, where=f"baseline {t!r}"),
+                              self._labels(j)) for j, t in enumerate(self.tasks)]
 
     # ------------------------------------------------------------------ the interface the loop uses
     def evaluate_baseline(self) -> Scores:

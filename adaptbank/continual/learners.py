@@ -13,6 +13,11 @@ strategy's state, and what each step trained) rewritten atomically after every t
 Generation runs (``continual.generation``): no heads and no probe; rows are ``prompt + target + EOS``,
 the loss is ``generation_loss`` over the hidden states that :meth:`SeqLoRA._hidden` returns under the
 same gates as ``_features``, and the matrix is scored by greedy decoding under :meth:`SeqLoRA._gates`.
+
+Data-parallel runs (``Context.dist``): ``fit`` shards every batch; the probe's features and the oracle
+rows are sharded and gathered; rank 0 alone writes the checkpoint (every rank reads it on resume). EWC's
+Fisher and replay's buffer are computed on every rank, identically: the same rows, and parameters that
+DDP keeps equal on every rank (the same averaged gradients, the same optimiser), so they equal one process's.
 """
 
 from __future__ import annotations
@@ -38,8 +43,9 @@ from adaptbank.core.heads import ClassificationHead
 from adaptbank.core.model import AdaptBankModel
 from adaptbank.core.seeding import seeded
 from adaptbank.data.tokens import tokenize
+from adaptbank.training import distributed
 from adaptbank.training.evaluate import head_accuracy
-from adaptbank.training.features import encode, probe_head
+from adaptbank.training.features import probe_head
 from adaptbank.training.generation import generation_loss
 from adaptbank.training.loop import LossTerm, Row, epoch_batches, fit, total_steps
 from adaptbank.training.regularizers import (
@@ -139,6 +145,10 @@ class SeqLoRA(Strategy):
         return self._rows[j]
 
     def open(self) -> int:
+        with distributed.together(self.dist, "opening the run's model and checkpoint"):
+            return self._open()
+
+    def _open(self) -> int:
         self._setup(self._build())
         if not self.path.is_file():
             return 0
@@ -168,24 +178,28 @@ class SeqLoRA(Strategy):
         return self.tasks[:learned]
 
     def learn(self, i: int, on_step: OnStep) -> Learned:
-        with seeded(self.spec.seed + i):
+        with distributed.together(self.dist, f"task {self.tasks[i]!r}: preparing"), seeded(self.spec.seed + i):
             self._new_task(self.tasks[i])
         return self._train(i, [i], self.rows(i), on_step)
 
     def _train(self, i: int, new: list[int], rows: list[Row], on_step: OnStep) -> Learned:
-        cfg = self.spec.train_config()
+        cfg, what = self.spec.train_config(), f"task {self.tasks[i]!r}"
         if cfg.probe_init and not self.generation:
             for j in new:
-                feats = encode(self.model, [r.ids for r in self.rows(j)], self._features)  # (N, D)
-                probe_head(self._head(self.tasks[j]), feats, [r.label for r in self.rows(j)], seed=cfg.seed,
-                           c=cfg.probe_c, scale=cfg.probe_scale)
-        groups, seed = self._groups(i), self.spec.seed + i
-        plan = self._plan(i, epoch_batches(rows, cfg, seed))
+                feats = self._encode([r.ids for r in self.rows(j)], self._features, where=f"{what}: probe")  # (N, D)
+                with distributed.together(self.dist, f"{what}: probe"):  # the same fit on every rank
+                    probe_head(self._head(self.tasks[j]), feats, [r.label for r in self.rows(j)], seed=cfg.seed,
+                               c=cfg.probe_c, scale=cfg.probe_scale)
+        with distributed.together(self.dist, f"{what}: preparing"):
+            groups, seed = self._groups(i), self.spec.seed + i
+            plan = self._plan(i, epoch_batches(rows, cfg, seed))
+            terms = self._loss_terms(i)
         extra: dict[str, Any] = {"features": self._hidden, "loss": generation_loss} if self.generation else {
             "features": self._features}
-        res = fit(self.model, plan, steps=total_steps(len(rows), cfg), groups=groups, cfg=cfg, seed=seed,
-                  what=f"task {self.tasks[i]!r}", loss_terms=self._loss_terms(i), on_step=on_step, **extra)
-        self._after(i)
+        res = fit(self.model, plan, steps=total_steps(len(rows), cfg), groups=groups, cfg=cfg, seed=seed, what=what,
+                  loss_terms=terms, on_step=on_step, dropout=cfg.train_dropout, dist=self.dist, **extra)
+        with distributed.together(self.dist, f"{what}: after training"):
+            self._after(i)
         n_params = sum(p.numel() for g in groups for p in g["params"])
         self.infos[i] = Learned(n_params, res.steps, res.losses[-1] if res.losses else None)
         return self.infos[i]
@@ -194,6 +208,10 @@ class SeqLoRA(Strategy):
         return self.infos[i]
 
     def save(self, learned: int) -> None:
+        """Rank 0 writes the checkpoint (atomically); the other ranks wait for it and share its outcome."""
+        distributed.on_main(self.dist, lambda: self._write(learned), where=f"checkpoint after {learned} task(s)")
+
+    def _write(self, learned: int) -> None:
         tensors = {f"model.{n}": p.detach().clone().contiguous() for n, p in self.model.named_parameters()
                    if self._persist(n)}
         extra, state = self._state()
@@ -207,8 +225,8 @@ class SeqLoRA(Strategy):
         return self.model.heads[task] if task in self.model.heads else self.init_heads[task]  # type: ignore[return-value]
 
     def oracle_row(self, i: int, baseline: list[float]) -> list[float]:
-        return [head_accuracy(self._head(t), encode(self.model, self.test_ids[j], self._features), self._labels(j))
-                for j, t in enumerate(self.tasks)]
+        return [head_accuracy(self._head(t), self._encode(self.test_ids[j], self._features, where=f"evaluating {t!r}"),
+                              self._labels(j)) for j, t in enumerate(self.tasks)]
 
     def gen_oracle(self, i: int, baseline: Scores) -> Scores:
         """Exact match and F1 of every task, seen or not, decoded under the learner's gates."""
@@ -382,7 +400,7 @@ class Joint(SeqLoRA):
         if i > 0:  # everything was learned in step 0; the row evaluates the same model again
             self.infos[i] = Learned(0, 0, None)
             return self.infos[i]
-        with seeded(self.spec.seed):
+        with distributed.together(self.dist, "joint: preparing"), seeded(self.spec.seed):
             for t in self.tasks:
                 self._new_task(t)
         rows = [r for j in range(len(self.tasks)) for r in self.rows(j)]

@@ -21,6 +21,16 @@ A generation run (``RunSpec.head == "generation"``) fills the same matrices with
 beside them in ``result.json["f1"]`` (``{"oracle": {"baseline", "matrix"}, "routed": {"matrix"} | null}``).
 
 Callbacks receive small frozen dataclasses, never the strategy or the model (design §2.4).
+
+Data-parallel runs (torchrun / accelerate launch; ``dist``, see ``training.distributed``): every rank
+runs the whole loop with the same spec; training shards each batch over the ranks (DDP over the
+trainable parameters, the same global batch and seeds), and every feature pass and evaluation is
+sharded and gathered, so every rank holds the same matrix, equal to one process's. Rank 0 alone
+touches ``RUN_DIR`` (``run.json``, ``result.json``, the checkpoint, the bank's commits, removing a new
+run that failed to start), logs and calls the callbacks; the others read what it wrote only after a
+collective, so ``RUN_DIR`` must be on a file system that every rank sees (checked at the start). A
+failure on any rank stops every rank at the same point with ``RUN_DIR`` as it was after the last
+finished task. Generation runs are refused under ``WORLD_SIZE`` > 1 (run them in one process).
 """
 
 from __future__ import annotations
@@ -39,6 +49,8 @@ from adaptbank.continual.strategies import Context, Learned, Strategy, make_stra
 from adaptbank.data.load import load_task
 from adaptbank.metrics import AccuracyMatrix, pct
 from adaptbank.report.build import SCHEMA_VERSION, load_run
+from adaptbank.training import distributed
+from adaptbank.training.distributed import Dist
 
 __all__ = ["Callback", "RunStart", "TaskStart", "StepEnd", "TaskEnd", "RunEnd", "run_sequence", "NOTES"]
 
@@ -126,6 +138,14 @@ def _emit(callbacks: Sequence[Any], hook: str, event: object) -> None:
             fn(event)
 
 
+def _emit_together(dist: Dist, callbacks: Sequence[Any], hook: str, event: object,
+                   say: Callable[[], None] = lambda: None) -> None:
+    """``say()`` and the callbacks (rank 0 holds them), every rank agreeing after: one that raises stops all."""
+    with distributed.together(dist, f"callback {hook}"):
+        say()
+        _emit(callbacks, hook, event)
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2, allow_nan=False) + "\n").encode("utf-8"))
 
@@ -135,6 +155,25 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         return [d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
     return [] if a == b else [prefix.rstrip(".") or "(all)"]
+
+
+def _check_distributed(spec: RunSpec, dist: Dist) -> None:
+    """What a data-parallel run cannot do, refused on every rank before anything is written."""
+    if dist.world == 1:
+        return
+    if spec.head == "generation":
+        raise ValueError(f"run {spec.name!r} has generation tasks: a distributed run (WORLD_SIZE={dist.world}) "
+                         "trains classification tasks only so far, as distributed add-task does; run it in one "
+                         "process (plain python, no torchrun/accelerate launch)")
+    distributed.check_batch(spec.train.batch_size, dist)
+
+
+def _start(spec: RunSpec, run_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | None, bool, bool]:
+    """On rank 0: ``(run.json state, result.json or None, RUN_DIR existed, new run)``."""
+    existed, fresh = run_dir.exists(), not (run_dir / "run.json").is_file()
+    state = _open_run(spec, run_dir)
+    result_file = run_dir / "result.json"
+    return state, load_run(result_file) if result_file.is_file() else None, existed, fresh
 
 
 def _open_run(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
@@ -196,19 +235,29 @@ def _progress(spec: RunSpec, i: int, oracle: list[float], routed: list[float | N
 
 
 def run_sequence(spec: RunSpec, out_dir: str | Path, *, callbacks: Sequence[Callback] = (),
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
+                 log: Callable[[str], None] = print, dist: Dist | None = None) -> dict[str, Any]:
     """Run (or resume) ``spec`` in ``out_dir``; returns the ``result.json`` dict.
 
     Every task's data is loaded before anything trains, so a missing file or a bad label fails first.
+    ``dist`` (None: ``training.distributed.current()``, which joins a torchrun/accelerate launch): every
+    rank calls this with the same arguments and returns the same matrices; rank 0 alone writes, logs
+    and calls ``callbacks`` (see the module docstring).
     """
+    dist = distributed.current() if dist is None else dist
+    say = log if dist.main else (lambda _msg: None)
+    callbacks = callbacks if dist.main else ()
     run_dir = Path(out_dir)
-    data = tuple(load_task(t, max_train=spec.train.max_train, max_test=spec.train.max_test, seed=spec.seed)
-                 for t in spec.tasks)
-    existed = run_dir.exists()
-    fresh = not (run_dir / "run.json").is_file()
-    state = _open_run(spec, run_dir)
+    _check_distributed(spec, dist)  # the same verdict on every rank: no agreement needed
+    with distributed.together(dist, "loading the run's tasks"):
+        data = tuple(load_task(t, max_train=spec.train.max_train, max_test=spec.train.max_test, seed=spec.seed)
+                     for t in spec.tasks)
+    state, previous, existed, fresh = distributed.on_main(dist, lambda: _start(spec, run_dir),
+                                                          where="opening the run directory")
+    with distributed.together(dist, "opening the run directory"):
+        if not (run_dir / "run.json").is_file():  # rank 0 wrote it before the collective above
+            raise FileNotFoundError(f"rank {dist.rank} cannot see {run_dir / 'run.json'}, which rank 0 wrote: put "
+                                    "--out on a file system that every rank shares")
     result_file = run_dir / "result.json"
-    previous = load_run(result_file) if result_file.is_file() else None
     oracle: list[list[float]] = [list(r) for r in previous["oracle"]["matrix"]] if previous else []
     routed: list[list[float | None]] | None = None
     if spec.routed:
@@ -222,35 +271,40 @@ def run_sequence(spec: RunSpec, out_dir: str | Path, *, callbacks: Sequence[Call
               "routed": {"matrix": [list(r) for r in (before.get("routed") or {}).get("matrix", [])]}
               if routed is not None else None}
     if "routed" in spec.eval and not spec.routed:
-        log(f"note: strategy {spec.strategy} has no router; reporting oracle accuracy only")
+        say(f"note: strategy {spec.strategy} has no router; reporting oracle accuracy only")
 
-    strategy: Strategy = make_strategy(Context(spec=spec, run_dir=run_dir, data=data, log=log))
+    strategy: Strategy = make_strategy(Context(spec=spec, run_dir=run_dir, data=data, log=say, dist=dist))
     try:
         learned = strategy.open()
+        main_learned = distributed.on_main(dist, lambda: learned, where="opening the run")
+        with distributed.together(dist, "opening the run"):
+            if learned != main_learned:
+                raise RuntimeError(f"rank {dist.rank} finds {learned} learned task(s) in {run_dir}, rank 0 finds "
+                                   f"{main_learned}: put --out on a file system that every rank shares")
         if state["baseline"] is None:
             state["baseline"], state["baseline_f1"] = strategy.evaluate_baseline()
-            _write_json(run_dir / "run.json", state)
+            distributed.on_main(dist, lambda: _write_json(run_dir / "run.json", state), where="writing run.json")
     except BaseException:
-        if fresh:  # nothing learned yet: leave no half-made run behind (a bad backbone, Ctrl-C while loading)
+        if fresh and dist.main:  # nothing learned yet: leave no half-made run behind (a bad backbone, Ctrl-C)
             _remove_new_run(run_dir, existed)
         raise
     done = len(oracle)
-    if learned not in (done, done + 1):
+    if learned not in (done, done + 1):  # the same on every rank: both counts were agreed above
         raise RuntimeError(f"{run_dir}: the checkpoint holds {learned} learned task(s) but result.json has {done} "
                            "row(s); the run directory is inconsistent, start again with a new --out")
     baseline: list[float] = state["baseline"]
     if f1 is not None:
         f1["oracle"]["baseline"] = state.get("baseline_f1")
     if done:
-        log(f"resuming {spec.name} after task {done} of {len(spec.tasks)} ({spec.task_names[done - 1]})")
-    _emit(callbacks, "on_run_start", RunStart(spec.name, spec.strategy, spec.task_names, str(run_dir), done))
+        say(f"resuming {spec.name} after task {done} of {len(spec.tasks)} ({spec.task_names[done - 1]})")
+    _emit_together(dist, callbacks, "on_run_start", RunStart(spec.name, spec.strategy, spec.task_names, str(run_dir), done))
 
     for i in range(done, len(spec.tasks)):
         task = spec.task_names[i]
-        _emit(callbacks, "on_task_start", TaskStart(i, task))
+        _emit_together(dist, callbacks, "on_task_start", TaskStart(i, task))
         start = time.perf_counter()
         if i >= learned:
-            def on_step(step: int, loss: float, i: int = i, task: str = task) -> None:
+            def on_step(step: int, loss: float, i: int = i, task: str = task) -> None:  # inside fit's agreement
                 _emit(callbacks, "on_step_end", StepEnd(i, task, step, loss))
 
             info: Learned = strategy.learn(i, on_step)
@@ -268,20 +322,26 @@ def run_sequence(spec: RunSpec, out_dir: str | Path, *, callbacks: Sequence[Call
         if f1 is not None:
             f1["oracle"]["matrix"].append(row_f1)
         seconds = time.perf_counter() - start
-        size = strategy.size_bytes()
-        steps.append({"task": task, "router_accuracy": router_acc, "trainable_params": info.trainable_params,
-                      "bank_bytes": size, "seconds": seconds, "train_steps": info.train_steps,
-                      "final_loss": info.final_loss})
-        result = _result(spec, baseline, oracle, routed, steps, f1)
-        _write_json(result_file, result)
-        log(_progress(spec, i, oracle[-1], None if routed is None else routed[-1], router_acc, info, seconds))
-        _emit(callbacks, "on_task_end", TaskEnd(i, task, tuple(oracle[-1]),
-                                                None if routed is None else tuple(routed[-1]), router_acc,
-                                                info.trainable_params, size, seconds))
+
+        def record(task: str = task, router_acc: float | None = router_acc, info: Learned = info,
+                   seconds: float = seconds) -> dict[str, Any]:  # rank 0: the step's entry, then result.json
+            entry = {"task": task, "router_accuracy": router_acc, "trainable_params": info.trainable_params,
+                     "bank_bytes": strategy.size_bytes(), "seconds": seconds, "train_steps": info.train_steps,
+                     "final_loss": info.final_loss}
+            _write_json(result_file, _result(spec, baseline, oracle, routed, [*steps, entry], f1))
+            return entry
+
+        steps.append(distributed.on_main(dist, record, where=f"writing result.json after task {task!r}"))
+        size, line = steps[-1]["bank_bytes"], _progress(spec, i, oracle[-1], None if routed is None else routed[-1],
+                                                        router_acc, info, seconds)
+        _emit_together(dist, callbacks, "on_task_end", TaskEnd(i, task, tuple(oracle[-1]),
+                                                               None if routed is None else tuple(routed[-1]),
+                                                               router_acc, info.trainable_params, size, seconds),
+                       lambda line=line: say(line))
 
     result = _result(spec, baseline, oracle, routed, steps, f1)
     summary = AccuracyMatrix(spec.task_names, tuple(map(tuple, oracle)), tuple(baseline)).summary()
     if done == len(spec.tasks):
-        log(f"{spec.name} was already finished in {run_dir}; nothing to do")
-    _emit(callbacks, "on_run_end", RunEnd(str(run_dir), result["finished"], summary["acc"], summary["bwt"]))  # type: ignore[arg-type]
+        say(f"{spec.name} was already finished in {run_dir}; nothing to do")
+    _emit_together(dist, callbacks, "on_run_end", RunEnd(str(run_dir), result["finished"], summary["acc"], summary["bwt"]))  # type: ignore[arg-type]
     return result

@@ -43,11 +43,16 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
+from torch import Tensor
+
 from adaptbank.bank.facade import AdapterBank
 from adaptbank.continual.base import Context, Learned, OnStep, Scores, Strategy
 from adaptbank.continual.generation import routed_scores
 from adaptbank.continual.learners import EWC, Joint, OLoRA, Replay, SeqFull, SeqLoRA
+from adaptbank.core.model import AdaptBankModel
 from adaptbank.routing.predict import predict, routed_hit
+from adaptbank.training import distributed
 from adaptbank.training.evaluate import evaluate
 
 __all__ = ["BankStrategy", "SharedAStrategy", "STRATEGY_CLASSES", "make_strategy"]
@@ -61,19 +66,33 @@ class BankStrategy(Strategy):
     share_a: ClassVar[str | None] = None
 
     def open(self) -> int:
+        """Rank 0 creates ``RUN_DIR/bank`` for a new run; then every rank opens it."""
         path = self.ctx.run_dir / "bank"
-        self.bank = AdapterBank.open(path) if path.exists() else AdapterBank.init(path, base=self.spec.backbone)
-        held = self.bank.tasks()
-        if held != list(self.tasks[: len(held)]):
-            raise ValueError(f"{path} holds tasks {held}, which are not a prefix of the run's sequence "
-                             f"{list(self.tasks)}; use a new --out")
-        self._setup(self.bank.new_model())
+
+        def init() -> None:
+            if not path.exists():
+                AdapterBank.init(path, base=self.spec.backbone)
+
+        distributed.on_main(self.dist, init, where="creating the run's bank")
+        with distributed.together(self.dist, "opening the run's bank"):
+            self.bank = AdapterBank.open(path)
+            held = self.bank.tasks()
+            if held != list(self.tasks[: len(held)]):
+                raise ValueError(f"{path} holds tasks {held}, which are not a prefix of the run's sequence "
+                                 f"{list(self.tasks)}; use a new --out")
+            self._setup(self.bank.new_model())
         return len(held)
 
     def learn(self, i: int, on_step: OnStep) -> Learned:
+        """``add_task`` trains data-parallel over the ranks and commits on rank 0 (``AdapterBank.add_task``)."""
         self.bank.add_task(self.ctx.data[i].spec, self.spec.method, self.spec.train_config(), share_a=self.share_a,
-                           on_step=on_step)
+                           on_step=on_step, dist=self.dist)
         return self.recall(i)
+
+    def _loaded(self, routed: bool = False) -> AdaptBankModel:
+        """The bank's model (with its router), on this rank's device; every rank reads the bank."""
+        with distributed.together(self.dist, "loading the run's bank"):
+            return self._placed(self.bank.load_routed() if routed else self.bank.load())
 
     def recall(self, i: int) -> Learned:
         m = self.bank.info(self.tasks[i])["metrics"]
@@ -83,10 +102,9 @@ class BankStrategy(Strategy):
         """Nothing to do: ``add_task`` committed the task atomically."""
 
     def oracle_row(self, i: int, baseline: list[float]) -> list[float]:
-        model = self.bank.load()
-        length = self.spec.train.max_length
-        return [evaluate(model, t, [e.text for e in self.ctx.data[j].test], self._labels(j), max_length=length)
-                if j <= i else baseline[j] for j, t in enumerate(self.tasks)]
+        model, length = self._loaded(), self.spec.train.max_length
+        return [evaluate(model, t, [e.text for e in self.ctx.data[j].test], self._labels(j), max_length=length,
+                         dist=self.dist) if j <= i else baseline[j] for j, t in enumerate(self.tasks)]
 
     def gen_oracle(self, i: int, baseline: Scores) -> Scores:
         """Exact match and F1 of every seen task with its own expert (loaded from the bank); an unseen
@@ -107,23 +125,24 @@ class BankStrategy(Strategy):
         """Accuracy per seen task with the router choosing experts, and the router's task-id accuracy.
 
         A prediction counts when its label name is right and it came from the true task's head, or
-        from a head with the identical label list (then the label names mean the same)."""
-        model = self.bank.load_routed()
-        texts, owners = [], []
-        for j in range(i + 1):
-            texts += [e.text for e in self.ctx.data[j].test]
-            owners += [j] * len(self.ctx.data[j].test)
-        preds = predict(model, texts, max_length=self.spec.train.max_length)
+        from a head with the identical label list (then the label names mean the same).
+
+        Data-parallel: each rank predicts its block of the test rows and scores it as (task hit, label
+        hit) per row; the hits are gathered, so every rank computes the same row."""
+        model = self._loaded(routed=True)
         labels = {t: tuple(self.ctx.data[j].labels) for j, t in enumerate(self.tasks)}
-        gold = [e.label for j in range(i + 1) for e in self.ctx.data[j].test]
-        correct, seen, hits = [0] * (i + 1), [0] * (i + 1), 0
-        for p, j, y in zip(preds, owners, gold, strict=True):
-            true = self.tasks[j]
-            hits += p.task == true
-            seen[j] += 1
-            correct[j] += routed_hit(p.task, p.label, true, labels[true][y], labels)
-        row: list[float | None] = [c / n for c, n in zip(correct, seen, strict=True)]
-        return row + [None] * (len(self.tasks) - i - 1), hits / len(preds)
+        items = [(e.text, j, e.label) for j in range(i + 1) for e in self.ctx.data[j].test]
+
+        def score(part: list[tuple[str, int, int]]) -> Tensor:
+            preds = predict(model, [text for text, _, _ in part], max_length=self.spec.train.max_length) if part else []
+            return torch.tensor([[p.task == self.tasks[j], routed_hit(p.task, p.label, self.tasks[j],
+                                                                        labels[self.tasks[j]][y], labels)]
+                                 for p, (_, j, y) in zip(preds, part, strict=True)], dtype=torch.long).reshape(-1, 2)
+
+        hits = distributed.sharded(self.dist, items, score, where=f"routed evaluation after task {i + 1}")  # (N, 2)
+        owners = torch.tensor([j for _, j, _ in items])  # (N,)
+        row: list[float | None] = [int(hits[owners == j, 1].sum()) / int((owners == j).sum()) for j in range(i + 1)]
+        return row + [None] * (len(self.tasks) - i - 1), int(hits[:, 0].sum()) / len(items)
 
     def size_bytes(self) -> int:
         return self.bank.store.bytes_on_disk()
