@@ -38,10 +38,11 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from _common import REPO, ratio, setup_torch, table, write_json
+from _common import REPO, setup_torch, table, write_json
 
 PEERS = {"lora": "peft", "lora-all": "peft", "ia3": "peft", "prompt": "peft", "prefix": "peft", "ptuning-v2": "peft",
          "bitfit": "torch", "full-ft": "torch", "adapter": "adapters", "parallel-adapter": "adapters"}
@@ -197,7 +198,6 @@ def interleaved(sides: dict[str, Callable[[], None]], rounds: int) -> dict[str, 
 # ----------------------------------------------------------------------------- the adapters library: a process per side
 def control_steps(plan: list, pad: int) -> Callable[[], None]:
     """The frozen backbone's forward and backward (only the embedding LayerNorm trains), same loop otherwise."""
-    import torch
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(os.environ["BENCH_BACKBONE_DIR"], use_safetensors=True)
