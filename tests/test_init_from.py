@@ -95,3 +95,26 @@ def test_cli_init_from_prints_the_source_and_refuses_an_unknown_task(bank):
     res = CliRunner().invoke(main, ["add-task", str(bank.path), "weather", "--name", "w5", "--init-from", "ghost"])
     assert res.exit_code == 1 and "--init-from 'ghost'" in res.output and "allowed: 'nearest' or one of" in res.output
     assert tree_digest(bank.path) == before
+
+
+def test_a_bank_run_with_init_from_nearest_starts_each_later_expert_from_an_earlier_one(tiny_bert_dir, tmp_path):
+    from adaptbank.continual.loop import run_sequence
+    from adaptbank.continual.runspec import run_spec_from_dict
+
+    doc = {"run": {"name": "init", "backbone": str(tiny_bert_dir), "tasks": ["weather", "topic", "intent"],
+                   "strategy": "bank", "seed": 0},
+           "method": {"kind": "lora", "rank": 4}, "train": {"epochs": 1, "max_train": 48, "max_test": 16, "max_length": 32},
+           "options": {"init_from": "nearest"}}
+    result = run_sequence(run_spec_from_dict(doc), tmp_path / "run", log=lambda _m: None)
+    assert result["config"]["options"]["init_from"] == "nearest" and result["finished"]
+    bank = AdapterBank.open(tmp_path / "run" / "bank")
+    assert bank.info("weather")["init_from"]["task"] is None  # the first task has nothing to start from
+    assert bank.info("topic")["init_from"]["task"] == "weather"
+    assert bank.info("intent")["init_from"]["task"] in ("weather", "topic")
+    assert bank.info("intent")["parent"] == bank.info("intent")["init_from"]["task"]
+    with pytest.raises(ValueError, match="options.init_from = 'nearest' needs strategy 'bank'"):
+        run_spec_from_dict({**doc, "run": {**doc["run"], "strategy": "seq-lora"}})
+    with pytest.raises(ValueError, match="options.init_from must be"):
+        run_spec_from_dict({**doc, "options": {"init_from": "weather"}})
+    spec = run_spec_from_dict({**doc, "options": {}}).with_overrides(init_from="nearest")
+    assert spec.options.init_from == "nearest" and spec.config_changed() == {"init_from": [None, "nearest"]}

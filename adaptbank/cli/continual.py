@@ -33,9 +33,11 @@ _RESUME = "Interrupted. Finished tasks are kept; run the same command again to r
 @click.option("--epochs", type=float, default=None, help="Override [train] epochs.")
 @click.option("--seed", type=int, default=None, help="Override [run] seed (data subsets and training).")
 @click.option("--max-length", type=int, default=None, help="Override [train] max_length (tokens per example).")
+@click.option("--init-from", type=click.Choice(["nearest"]), default=None,
+              help="Strategy bank: start each new expert from the nearest stored one (override [options] init_from).")
 @friendly(_RESUME)
 def run(spec: str, out: str, strategy: str | None, max_train: int | None, max_test: int | None,
-        epochs: float | None, seed: int | None, max_length: int | None) -> None:
+        epochs: float | None, seed: int | None, max_length: int | None, init_from: str | None) -> None:
     """Learn the tasks of run spec SPEC in order and write OUT/result.json after every task.
 
     Under torchrun or accelerate launch it trains data-parallel; rank 0 alone writes OUT and prints."""
@@ -47,7 +49,8 @@ def run(spec: str, out: str, strategy: str | None, max_train: int | None, max_te
     if epochs is not None and float(epochs).is_integer():
         epochs = int(epochs)  # "epochs = 1", not "1.0", in config_changed and reports
     run_spec = load_run_spec(spec).with_overrides(strategy=strategy, max_train=max_train, max_test=max_test,
-                                                  epochs=epochs, seed=seed, max_length=max_length)
+                                                  epochs=epochs, seed=seed, max_length=max_length,
+                                                  init_from=init_from)
     dist = current()
     result = run_sequence(run_spec, out, log=click.echo, dist=dist)
     if not dist.main:

@@ -87,6 +87,9 @@ class StrategyOptions:
     """O-LoRA orthogonality weight lambda_1 on ``sum_layers sum_old ||A_new A_old^T||_F^2`` (paper: 0.5)."""
     olora_l2: float = 0.0
     """O-LoRA L2 weight lambda_2 on the new expert's parameters (paper: 0 or small)."""
+    init_from: str | None = None
+    """``bank`` only: ``"nearest"`` starts each new expert from the stored expert nearest to its task in the
+    router's feature space (``add-task --init-from nearest``, ``bank.init_from``); None: from zero."""
 
     def __post_init__(self) -> None:
         for name in ("ewc_lambda", "olora_lambda", "olora_l2"):
@@ -97,6 +100,8 @@ class StrategyOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"options.{name} must be a positive integer, got {value!r}")
+        if self.init_from not in (None, "nearest"):
+            raise ValueError(f"options.init_from must be \"nearest\" or absent (start from zero), got {self.init_from!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -163,6 +168,9 @@ class RunSpec:
                              "a run takes one kind (its matrix holds accuracy or exact match): pose the "
                              "classification tasks as generation (pose = \"generation\" and a template) or "
                              "run the two kinds separately")
+        if self.options.init_from is not None and self.strategy != "bank":
+            raise ValueError(f"{self.source}: options.init_from = {self.options.init_from!r} needs strategy 'bank' "
+                             f"(independent experts in a bank), got {self.strategy!r}")
         if self.strategy in _LORA_ONLY and not isinstance(self.method, LoRAConfig):
             raise ValueError(f"{self.source}: strategy {self.strategy!r} needs method kind 'lora', got "
                              f"{self.method.kind!r}")
@@ -201,7 +209,8 @@ class RunSpec:
 
     def with_overrides(self, *, strategy: str | None = None, max_train: int | None = None,
                        max_test: int | None = None, epochs: float | None = None, seed: int | None = None,
-                       max_length: int | None = None, backbone: str | None = None) -> RunSpec:
+                       max_length: int | None = None, backbone: str | None = None,
+                       init_from: str | None = None) -> RunSpec:
         """A copy with the given CLI flags applied (None leaves a setting as it is); validated again."""
         train_kw: dict[str, Any] = {k: v for k, v in (("max_train", max_train), ("max_test", max_test), ("epochs", epochs),
                                                       ("max_length", max_length)) if v is not None}
@@ -213,9 +222,13 @@ class RunSpec:
             if old != value:
                 first = changed.get(key, (old, value))[0]
                 changed[key] = (first, value)
+        options = self.options
+        if init_from is not None and init_from != options.init_from:
+            changed["init_from"] = (changed.get("init_from", (options.init_from, None))[0], init_from)
+            options = dataclasses.replace(options, init_from=init_from)
         train = dataclasses.replace(self.train, **train_kw) if train_kw else self.train
-        return dataclasses.replace(self, train=train, changed=tuple((k, o, n) for k, (o, n) in changed.items()
-                                                                    if o != n), **run_kw)
+        return dataclasses.replace(self, train=train, options=options, changed=tuple(
+            (k, o, n) for k, (o, n) in changed.items() if o != n), **run_kw)
 
 
 def _resolve_task(entry: object, base_dir: Path | None, source: str) -> TaskSpec:

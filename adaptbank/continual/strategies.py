@@ -86,7 +86,7 @@ class BankStrategy(Strategy):
     def learn(self, i: int, on_step: OnStep) -> Learned:
         """``add_task`` trains data-parallel over the ranks and commits on rank 0 (``AdapterBank.add_task``)."""
         self.bank.add_task(self.ctx.data[i].spec, self.spec.method, self.spec.train_config(), share_a=self.share_a,
-                           on_step=on_step, dist=self.dist)
+                           on_step=on_step, dist=self.dist, init_from=self.spec.options.init_from)
         return self.recall(i)
 
     def _loaded(self, routed: bool = False) -> AdaptBankModel:
