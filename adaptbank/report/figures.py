@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["plain", "heatmap", "curves", "grouped_bars", "confusion", "error_split"]
+__all__ = ["plain", "heatmap", "heatmap_figure", "curves", "grouped_bars", "confusion", "error_split"]
 
 _DPI = 100
 
@@ -39,6 +39,12 @@ def plain(text: object) -> str:
 
 def heatmap(tasks: Sequence[str], rows: Sequence[Sequence[float | None]], title: str, unit: str = "accuracy") -> bytes:
     """``R`` in percent (cells and colour bar on the same 0-100 scale); unevaluated cells stay blank."""
+    return _png(heatmap_figure(tasks, rows, title, unit))
+
+
+def heatmap_figure(tasks: Sequence[str], rows: Sequence[Sequence[float | None]], title: str,
+                   unit: str = "accuracy") -> Any:
+    """The matplotlib ``Figure`` of :func:`heatmap` (axes 0: the matrix, axes 1: the colour bar)."""
     n, t = len(rows), len(tasks)
     values = [[math.nan if v is None else 100.0 * v for v in row] for row in rows]  # (n, t) percent
     fig = _figure(2.5 + 0.8 * t, 1.5 + 0.5 * n)
@@ -55,7 +61,7 @@ def heatmap(tasks: Sequence[str], rows: Sequence[Sequence[float | None]], title:
     ax.set_xlabel("evaluated on")
     ax.set_title(plain(title))
     fig.colorbar(im, ax=ax, label=f"{unit} (%)")
-    return _png(fig)
+    return fig
 
 
 def curves(tasks: Sequence[str], oracle: Sequence[Sequence[float | None]],
