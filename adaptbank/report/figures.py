@@ -100,11 +100,14 @@ def grouped_bars(groups: Sequence[Mapping[str, Any]], metrics: Sequence[tuple[st
     for gi, g in enumerate(groups):
         xs = [m + (gi - (s - 1) / 2) * width for m in range(k)]
         means = [100.0 * (g[key]["mean"] if g[key]["mean"] is not None else math.nan) for key, _ in metrics]
-        sds = [100.0 * (g[key]["sd"] or 0.0) for key, _ in metrics]
-        ax.bar(xs, means, width, yerr=sds, capsize=3, color=f"C{gi % 10}",
-               label=f"{plain(g['strategy'])} (n={g['n']})")  # fmt: skip
+        ax.bar(xs, means, width, color=f"C{gi % 10}", label=f"{plain(g['strategy'])} (n={g['n']})")
+        bars = [(x, m, 100.0 * g[key]["sd"]) for x, m, (key, _) in zip(xs, means, metrics, strict=True)
+                if g[key]["sd"] is not None]  # a single run has no spread: no error bar at all
+        if bars:
+            bx, by, be = zip(*bars, strict=True)
+            ax.errorbar(bx, by, yerr=be, fmt="none", ecolor="black", capsize=3, linewidth=1)
     ax.axhline(0.0, color="black", linewidth=0.8)
-    ax.set_xticks(range(k), [plain(label) for _, label in metrics])
+    ax.set_xticks(range(k), [plain(label).replace(" (", "\n(") for _, label in metrics])
     ax.set_ylabel("% (mean ± sd over runs)")
     ax.set_title("Final-row metrics per strategy")
     ax.grid(axis="y", alpha=0.3)

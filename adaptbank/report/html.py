@@ -110,8 +110,9 @@ def _missing(what: str) -> str:
 
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}
-table{border-collapse:collapse;margin:.5em 0 1em}th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
-th:first-child,td:first-child{text-align:left}img{max-width:100%}.row{display:flex;flex-wrap:wrap;gap:1em}
+table{border-collapse:collapse;margin:.5em 0 1em;font-size:.9em}th,td{border:1px solid #ccc;padding:.2em .45em;text-align:right}
+th:first-child,td:first-child{text-align:left}td{white-space:nowrap}img{max-width:100%}
+.row{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}.row figure{max-width:calc(50% - .5em)}
 figure{margin:0}figcaption{font-size:.85em;color:#555}.missing{color:#888;font-style:italic}"""
 
 
@@ -144,7 +145,7 @@ def render_html(report: Mapping[str, Any], figures: Sequence[Figure] | None = No
         if items:
             parts.append("<ul>" + "".join(f"<li>{e(c)}</li>" for c in items) + "</ul>")
         parts.append('<div class="row">' + "".join(_img(f) for f in figs if f.run == i) + "</div>")
-        parts += ["<h3>Metrics (%)</h3>", _table((("metric", "oracle", "routed"), metric_rows(run)))]
+        parts += ["<h3>Metrics (%)</h3>", _table((("metric", "oracle", "routed", "definition"), metric_rows(run)))]
         parts += [f"<h3>{unit.capitalize()} % (oracle)</h3>", _matrix_table(tasks, run)]
         if run["routed"] is not None:
             parts += [f"<h3>{unit.capitalize()} % (learned router)</h3>", _matrix_table(tasks, run["routed"])]

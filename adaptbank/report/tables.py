@@ -79,10 +79,20 @@ def comparison_rows(comparison: Sequence[Mapping[str, Any]]) -> list[list[str]]:
              fmt_bytes(r["bank_bytes"]), fmt_secs(r["seconds"])] for r in comparison]  # fmt: skip
 
 
+METRIC_DEFINITIONS = {
+    "acc": "mean_j R[t][j] (GEM)",
+    "bwt": "mean_{j<t} R[t][j] - R[j][j] (GEM)",
+    "fwt": "mean_{j>=1} R[j-1][j] - b[j] (GEM)",
+    "forgetting": "mean_{j<t} max_{l<t} R[l][j] - R[t][j] (max-based; Chaudhry et al. 2018)",
+    "forgetting_last": "mean_{j<t} R[j][j] - R[t][j] (first-minus-last; avalanche's forgetting)",
+    "learning_accuracy": "mean_j R[j][j] (Riemer et al. 2019)",
+}
+
+
 def metric_rows(run: Mapping[str, Any]) -> list[list[str]]:
-    """forgetting = max-based (Chaudhry et al. 2018); forgetting_last = avalanche's first-minus-last."""
+    """One row per metric: oracle, routed, and its definition (as in :mod:`adaptbank.metrics`)."""
     routed = run["routed"] or {}
-    return [[k, pct(run[k]), pct(routed.get(k))] for k in METRIC_KEYS]
+    return [[k, pct(run[k]), pct(routed.get(k)), METRIC_DEFINITIONS[k]] for k in METRIC_KEYS]
 
 
 def steps_table(run: Mapping[str, Any]) -> Table:
@@ -198,7 +208,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             routed = run["routed"]
             lines += [f"## {unit.capitalize()} % with the learned router", "",
                       AccuracyMatrix(tuple(run["tasks"]), routed["matrix"], routed["baseline"]).to_markdown()]  # fmt: skip
-        lines += ["## Metrics (%)", "", *md_table(("metric", "oracle", "routed"), metric_rows(run)), ""]
+        lines += ["## Metrics (%)", "", *md_table(("metric", "oracle", "routed", "definition"), metric_rows(run)), ""]
         if run["routed"] is not None:
             conf = run.get("router_confusion")
             lines += _md_section("Router confusion (final row; counts)", None if conf is None else confusion_table(conf))
