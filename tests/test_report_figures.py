@@ -176,3 +176,17 @@ def test_a_failed_report_writes_nothing(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="router_confusion"):
         write_report([write_run(tmp_path, make_run("ok")), bad], "html", out)
     assert not out.parent.exists()
+
+
+def test_runs_sharing_a_name_are_told_apart_by_their_folder(tmp_path: Path) -> None:
+    """One spec run with several strategies gives one name; the report adds each run's folder."""
+    dirs = []
+    for folder, strategy in (("bank-order1", "bank"), ("seq-lora-order1", "seq-lora")):
+        d = tmp_path / folder
+        d.mkdir()
+        (d / "result.json").write_text(json.dumps(make_run("standard5-order1", strategy)))
+        dirs.append(d)
+    dirs.append(dirs[0] / "result.json")  # the same run twice: the position tells them apart
+    names = [r["name"] for r in build_report(dirs)["comparison"]]
+    assert names == ["standard5-order1 (bank-order1) #1", "standard5-order1 (seq-lora-order1)",
+                     "standard5-order1 (bank-order1) #3"]

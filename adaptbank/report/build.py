@@ -284,9 +284,24 @@ def _differences(runs: Sequence[Mapping[str, Any]], n: int = 10_000) -> list[dic
     return out
 
 
+def _unique_names(runs: list[dict[str, Any]], run_dirs: Sequence[str | os.PathLike[str]]) -> None:
+    """Runs that share a name (one spec run with several strategies) get their folder's name beside it:
+    ``standard5-order1 (bank-order1)``; ``#k`` (position from 1) if that is not enough."""
+    names = [r["name"] for r in runs]
+    for i, r in enumerate(runs):
+        if names.count(r["name"]) > 1:
+            path = Path(run_dirs[i])
+            r["name"] = f"{r['name']} ({(path.parent if path.name == 'result.json' else path).name})"
+    names = [r["name"] for r in runs]
+    for i, r in enumerate(runs):
+        if names.count(names[i]) > 1:
+            r["name"] = f"{names[i]} #{i + 1}"
+
+
 def build_report(run_dirs: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
     """One run: its summary. Several: ``{"runs": [summaries], "comparison": [one row per run], "groups":
-    [mean ± sd per strategy], "differences": [paired bootstrap against the first run]}``."""
+    [mean ± sd per strategy], "differences": [paired bootstrap against the first run]}``; runs that
+    share a name are told apart by their folder's name (``name (folder)``)."""
     if isinstance(run_dirs, (str, os.PathLike)):
         run_dirs = [run_dirs]
     if len(run_dirs) == 0:
@@ -294,6 +309,7 @@ def build_report(run_dirs: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
     runs = [summarize_run(load_run(d)) for d in run_dirs]
     if len(runs) == 1:
         return runs[0]
+    _unique_names(runs, run_dirs)
     keys = ("name", "strategy", "acc", "bwt", "fwt", "forgetting")
     comparison = [
         {**{k: r[k] for k in keys}, "routed_acc": None if r["routed"] is None else r["routed"]["acc"],
