@@ -132,7 +132,8 @@ def test_two_runs_comparison(tmp_path: Path) -> None:
     out = tmp_path / "reports" / "cmp.html"
     html = write_report(dirs, "html", out)
     assert out.read_text(encoding="utf-8") == html
-    assert list(out.parent.iterdir()) == [out]  # the temp file was renamed, not left behind
+    # the temp files and folders were renamed, not left behind: the page, its figures, its data
+    assert sorted(p.name for p in out.parent.iterdir()) == ["cmp.html", "cmp_data", "cmp_figures"]
     assert html.count('<img src="data:image/png;base64,') >= 2 * 2
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)
     assert html.count("<h2>") == 3 and "Comparison" in html

@@ -4,22 +4,38 @@ Reads only ``RUN_DIR/result.json`` (written by the continual runner) and never r
 
     result.json ──load_run──> run dict ──summarize_run──> summary ──build_report──> report
                                             (metrics.py)                    │
-                                                   render_markdown / render_html / json.dumps
+                          tables.render_markdown / html.render_html / json.dumps; export: PNG, JSON, CSV
 
 ``result.json`` (schema 1) holds ``name, strategy, tasks, seed, backbone, config, config_changed,
 oracle, routed, steps, finished``. ``oracle`` and ``routed`` are ``{"baseline": [...], "matrix":
 [[...]]}``: accuracies with the true task's expert, and with the learned router's choice (``routed``
 may be null). Metric definitions and references are in :mod:`adaptbank.metrics`.
 
-The HTML page is self-contained: plots are PNG data URIs drawn with matplotlib's Agg canvas (no
-pyplot global state), and every string from a run is escaped with ``html.escape``.
+Optional keys (absent or null: the report says "not recorded"; present: validated, then rendered):
+
+- ``"metric"``: ``"accuracy"`` (default) or ``"exact_match"`` (generation runs): the cells' unit, used
+  in every table title and colour bar.
+- ``"notes"``: a list of strings, shown under the run's heading.
+- ``"steps"[i]["peak_memory_bytes"]``: peak memory while learning and evaluating task i, in bytes (a
+  finite number >= 0 or null); shown in the cost-per-task table. ``train_steps`` and ``final_loss``
+  (written by the runner) are shown too.
+- ``"router_confusion"``: ``{"tasks": [t_0, ..., t_k], "counts": [[c_00, ..., c_0k], ...]}`` for the
+  final row: ``counts[a][b]`` = number of test examples of task ``tasks[a]`` that the router sent to
+  the expert of ``tasks[b]``. ``tasks`` are unique names from the run's ``tasks``; ``counts`` is a
+  square matrix of non-negative integers of that size.
+- ``"hits"``: ``{"oracle": {task: [h_0, h_1, ...]}, "routed": {task: [...]} | null}`` for the final
+  row: ``h_n`` is 1 when test example n of ``task`` was answered correctly (classification: the
+  predicted label; generation: exact match), else 0, in the test set's order. Every task in
+  ``routed`` must be in ``oracle`` with a vector of the same length. Used for the routed-vs-oracle
+  error split and for the paired bootstrap between runs (:mod:`adaptbank.report.stats`).
+
+A report over several runs adds ``groups`` (mean ± sd per strategy over its runs: runs of one
+strategy over different orders or seeds) and ``differences`` (each run against the first one: a
+paired bootstrap of the final-row ACC difference, when both carry ``hits`` for the same examples).
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import math
 import os
@@ -28,17 +44,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 from adaptbank._atomic import atomic_write_bytes
-from adaptbank.metrics import AccuracyMatrix, pct
+from adaptbank.metrics import AccuracyMatrix
+from adaptbank.report.export import data_files, replace_dir
+from adaptbank.report.html import render_html, report_figures
+from adaptbank.report.stats import error_split, mean_sd, paired_bootstrap
+from adaptbank.report.tables import METRIC_KEYS, render_markdown
 
 __all__ = ["SCHEMA_VERSION", "load_run", "summarize_run", "build_report", "render_markdown", "render_html",
-           "write_report"]  # fmt: skip
+           "write_report", "METRIC_KEYS"]  # fmt: skip
 
 SCHEMA_VERSION = 1
 """The ``result.json`` schema version this module reads."""
 
 REQUIRED_KEYS = ("schema", "name", "strategy", "tasks", "seed", "backbone", "config", "config_changed",
                  "oracle", "routed", "steps", "finished")  # fmt: skip
-METRIC_KEYS = ("acc", "bwt", "fwt", "forgetting", "forgetting_last", "learning_accuracy")
+METRICS = ("accuracy", "exact_match")
+STEP_NUMBERS = ("router_accuracy", "trainable_params", "bank_bytes", "seconds", "peak_memory_bytes")
 
 
 def _matrix(block: object, tasks: Sequence[str], where: str) -> AccuracyMatrix:
@@ -51,6 +72,55 @@ def _matrix(block: object, tasks: Sequence[str], where: str) -> AccuracyMatrix:
         return AccuracyMatrix(tuple(tasks), block["matrix"], block.get("baseline"))
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from err
+
+
+def _hit_vectors(block: object, tasks: Sequence[str], where: str) -> dict[str, list[int]]:
+    if not isinstance(block, Mapping) or not block:
+        raise ValueError(f"{where} must be a non-empty object {{task: [0/1 per test example]}}, got {block!r}")
+    out = {}
+    for task, hits in block.items():
+        if task not in tasks:
+            raise ValueError(f"{where} names task {task!r}, which is not in the run's tasks {list(tasks)}")
+        if not isinstance(hits, list) or not hits or not all(h in (0, 1) and not isinstance(h, float) for h in hits):
+            raise ValueError(f"{where}.{task} must be a non-empty list of 0/1 (or true/false) per test example")
+        out[task] = [int(h) for h in hits]
+    return out
+
+
+def _validate_optional(run: Mapping[str, Any], tasks: Sequence[str], source: str) -> None:
+    """The optional keys of the module docstring, when present and not null."""
+    if run.get("metric") is not None and run["metric"] not in METRICS:
+        raise ValueError(f"{source}: 'metric' = {run['metric']!r}; allowed: {', '.join(METRICS)}")
+    notes = run.get("notes")
+    if notes is not None and (not isinstance(notes, list) or not all(isinstance(n, str) for n in notes)):
+        raise ValueError(f"{source}: 'notes' must be a list of strings, got {notes!r}")
+    conf = run.get("router_confusion")
+    if conf is not None:
+        where = f"{source}: router_confusion"
+        if not isinstance(conf, Mapping) or set(conf) != {"tasks", "counts"}:
+            raise ValueError(f"{where} must be an object with exactly the keys 'tasks' and 'counts', got {conf!r}")
+        names, counts = conf["tasks"], conf["counts"]
+        if (not isinstance(names, list) or not names or len(set(names)) != len(names)
+                or not all(isinstance(t, str) and t in tasks for t in names)):
+            raise ValueError(f"{where}.tasks must be unique names from the run's tasks {list(tasks)}, got {names!r}")
+        k = len(names)
+        if not (isinstance(counts, list) and len(counts) == k and all(
+                isinstance(row, list) and len(row) == k and all(
+                    isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in row) for row in counts)):
+            raise ValueError(f"{where}.counts must be a {k}x{k} matrix of non-negative integers "
+                             f"(rows: true task, columns: routed expert), got {counts!r}")
+    hits = run.get("hits")
+    if hits is not None:
+        where = f"{source}: hits"
+        if not isinstance(hits, Mapping) or "oracle" not in hits or set(hits) - {"oracle", "routed"}:
+            raise ValueError(f"{where} must be an object with key 'oracle' and optionally 'routed', got keys "
+                             f"{sorted(hits) if isinstance(hits, Mapping) else hits!r}")
+        oracle = _hit_vectors(hits["oracle"], tasks, f"{where}.oracle")
+        if hits.get("routed") is not None:
+            for task, vec in _hit_vectors(hits["routed"], tasks, f"{where}.routed").items():
+                if len(oracle.get(task, ())) != len(vec):
+                    raise ValueError(f"{where}.routed.{task} has {len(vec)} hits but hits.oracle.{task} has "
+                                     f"{len(oracle.get(task, ()))}; both must cover the same test examples")
 
 
 def _validate(run: Mapping[str, Any], source: str) -> None:
@@ -79,12 +149,13 @@ def _validate(run: Mapping[str, Any], source: str) -> None:
     for i, step in enumerate(steps):
         if not isinstance(step, Mapping) or step.get("task") not in tasks:
             raise ValueError(f"{source}: steps[{i}] must be an object with 'task' in {tasks}, got {step!r}")
-        for key in ("router_accuracy", "trainable_params", "bank_bytes", "seconds"):
+        for key in STEP_NUMBERS:
             v = step.get(key)
             if v is not None and (
                 isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
             ):
                 raise ValueError(f"{source}: steps[{i}].{key} = {v!r} is not a finite number or null")
+    _validate_optional(run, tasks, source)
     if run["finished"] and not oracle.finished:
         raise ValueError(
             f"{source}: 'finished' is true but oracle.matrix has {len(oracle.rows)} of {len(tasks)} rows"
@@ -114,12 +185,23 @@ def _block(block: AccuracyMatrix) -> dict[str, Any]:
     return {"matrix": d["rows"], "baseline": d["baseline"], **block.summary()}
 
 
+def _hits(run: Mapping[str, Any]) -> dict[str, Any] | None:
+    hits = run.get("hits")
+    if hits is None:
+        return None
+    return {"oracle": {t: [int(h) for h in v] for t, v in hits["oracle"].items()},
+            "routed": None if hits.get("routed") is None else {t: [int(h) for h in v] for t, v in hits["routed"].items()}}
+
+
 def summarize_run(run: Mapping[str, Any]) -> dict[str, Any]:
     """Metrics and bookkeeping for one run (a dict as returned by :func:`load_run`).
 
     Keys: name, strategy, tasks, seed, backbone, finished, matrix, baseline, acc, bwt, fwt, forgetting,
     forgetting_last, learning_accuracy (oracle routing), routed (same matrix/metric keys, or None),
-    steps, total_seconds, trainable_params, bank_bytes (from the last step), config, config_changed.
+    steps, total_seconds, trainable_params, bank_bytes (from the last step), config, config_changed;
+    metric ("accuracy" | "exact_match"), notes, peak_memory_bytes (max over steps, or None),
+    router_confusion, hits (as in result.json, or None) and error_split (per task in ``hits.routed``:
+    ``{"task", "n", "both_right", "routing_errors", "routed_only_right", "both_wrong"}``, or None).
     """
     _validate(run, f"run {run.get('name', '?')!r}" if isinstance(run, Mapping) else "run")
     tasks = run["tasks"]
@@ -127,7 +209,13 @@ def summarize_run(run: Mapping[str, Any]) -> dict[str, Any]:
     routed = None if run["routed"] is None else _block(_matrix(run["routed"], tasks, "routed"))
     steps = [dict(s) for s in run["steps"]]
     seconds = [s["seconds"] for s in steps if s.get("seconds") is not None]
+    peaks = [s["peak_memory_bytes"] for s in steps if s.get("peak_memory_bytes") is not None]
     last = steps[-1] if steps else {}
+    hits = _hits(run)
+    split = None
+    if hits is not None and hits["routed"] is not None:
+        split = [{"task": t, **error_split(hits["oracle"][t], hits["routed"][t])} for t in tasks if t in hits["routed"]]
+    conf = run.get("router_confusion")
     return {
         "name": run["name"],
         "strategy": run["strategy"],
@@ -143,11 +231,77 @@ def summarize_run(run: Mapping[str, Any]) -> dict[str, Any]:
         "bank_bytes": last.get("bank_bytes"),
         "config": dict(run["config"]),
         "config_changed": dict(run["config_changed"]),
+        "metric": run.get("metric") or "accuracy",
+        "notes": list(run.get("notes") or []),
+        "peak_memory_bytes": max(peaks) if peaks else None,
+        "router_confusion": None if conf is None else {"tasks": list(conf["tasks"]), "counts": [list(r) for r in conf["counts"]]},
+        "hits": hits,
+        "error_split": split,
     }
 
 
+GROUP_KEYS = ("acc", "bwt", "fwt", "forgetting", "forgetting_last", "learning_accuracy", "routed_acc",
+              "trainable_params", "bank_bytes", "seconds", "peak_memory_bytes")  # fmt: skip
+
+
+def _groups(runs: Sequence[Mapping[str, Any]], comparison: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Runs of one strategy (different orders or seeds) as one group: mean, sample sd and count per key."""
+    order: dict[str, list[int]] = {}
+    for i, r in enumerate(runs):
+        order.setdefault(str(r["strategy"]), []).append(i)
+    out = []
+    for strategy, idx in order.items():
+        rows = [{**comparison[i], "forgetting_last": runs[i]["forgetting_last"],
+                 "learning_accuracy": runs[i]["learning_accuracy"],
+                 "peak_memory_bytes": runs[i].get("peak_memory_bytes")} for i in idx]  # fmt: skip
+        group: dict[str, Any] = {"strategy": strategy, "n": len(idx), "runs": [runs[i]["name"] for i in idx]}
+        for key in GROUP_KEYS:
+            mean, sd, n = mean_sd([row[key] for row in rows])
+            group[key] = {"mean": mean, "sd": sd, "n": n}
+        out.append(group)
+    return out
+
+
+def _differences(runs: Sequence[Mapping[str, Any]], n: int = 10_000) -> list[dict[str, Any]]:
+    """Each run against the first: paired bootstrap of final-row ACC (oracle; routed when both have it)."""
+    ref = runs[0]
+    out = []
+    for run in runs[1:]:
+        for kind in ("oracle", "routed"):
+            a, b = (run.get("hits") or {}).get(kind), (ref.get("hits") or {}).get(kind)
+            row: dict[str, Any] = {"run": run["name"], "reference": ref["name"], "kind": kind, "diff": None,
+                                   "lo": None, "hi": None, "n_examples": None, "reason": None}
+            if kind == "routed" and (run["routed"] is None or ref["routed"] is None):
+                continue  # no routed evaluation on one side: nothing to compare
+            if a is None or b is None:
+                row["reason"] = f"per-example hits not recorded ({kind})"
+            elif set(a) != set(b) or any(len(a[t]) != len(b[t]) for t in a):
+                row["reason"] = "hits cover different tasks or test sets; not paired"
+            else:
+                row["diff"], row["lo"], row["hi"] = paired_bootstrap(a, b, n=n, seed=0)
+                row["n_examples"] = sum(len(v) for v in a.values())
+            out.append(row)
+    return out
+
+
+def _unique_names(runs: list[dict[str, Any]], run_dirs: Sequence[str | os.PathLike[str]]) -> None:
+    """Runs that share a name (one spec run with several strategies) get their folder's name beside it:
+    ``standard5-order1 (bank-order1)``; ``#k`` (position from 1) if that is not enough."""
+    names = [r["name"] for r in runs]
+    for i, r in enumerate(runs):
+        if names.count(r["name"]) > 1:
+            path = Path(run_dirs[i])
+            r["name"] = f"{r['name']} ({(path.parent if path.name == 'result.json' else path).name})"
+    names = [r["name"] for r in runs]
+    for i, r in enumerate(runs):
+        if names.count(names[i]) > 1:
+            r["name"] = f"{names[i]} #{i + 1}"
+
+
 def build_report(run_dirs: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
-    """One run: its summary. Several: ``{"runs": [summaries], "comparison": [one row per run]}``."""
+    """One run: its summary. Several: ``{"runs": [summaries], "comparison": [one row per run], "groups":
+    [mean ± sd per strategy], "differences": [paired bootstrap against the first run]}``; runs that
+    share a name are told apart by their folder's name (``name (folder)``)."""
     if isinstance(run_dirs, (str, os.PathLike)):
         run_dirs = [run_dirs]
     if len(run_dirs) == 0:
@@ -155,235 +309,40 @@ def build_report(run_dirs: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
     runs = [summarize_run(load_run(d)) for d in run_dirs]
     if len(runs) == 1:
         return runs[0]
+    _unique_names(runs, run_dirs)
     keys = ("name", "strategy", "acc", "bwt", "fwt", "forgetting")
     comparison = [
         {**{k: r[k] for k in keys}, "routed_acc": None if r["routed"] is None else r["routed"]["acc"],
          "trainable_params": r["trainable_params"], "bank_bytes": r["bank_bytes"], "seconds": r["total_seconds"]}
         for r in runs
     ]  # fmt: skip
-    return {"runs": runs, "comparison": comparison}
+    return {"runs": runs, "comparison": comparison, "groups": _groups(runs, comparison),
+            "differences": _differences(runs)}
 
 
-def _runs(report: Mapping[str, Any]) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]] | None]:
-    if "runs" in report and "comparison" in report:
-        return list(report["runs"]), list(report["comparison"])
-    if "matrix" in report and "tasks" in report:
-        return [report], None
-    raise ValueError(f"not a report from build_report: keys {sorted(report)}")
-
-
-def _bytes(n: float | None) -> str:
-    if n is None:
-        return "–"
-    if abs(n) < 1024:
-        return f"{n:.0f} B"
-    exp = min(int(math.log(abs(n), 1024)), 3)  # 1 KiB, 2 MiB, 3 GiB
-    return f"{n / 1024**exp:.1f} {('KiB', 'MiB', 'GiB')[exp - 1]}"
-
-
-def _int(n: float | None) -> str:
-    return "–" if n is None else f"{int(n):,}"
-
-
-def _secs(s: float | None) -> str:
-    return "–" if s is None else f"{s:.1f} s"
-
-
-def _status(run: Mapping[str, Any]) -> str:
-    return "finished" if run["finished"] else f"in progress ({len(run['matrix'])}/{len(run['tasks'])} tasks)"
-
-
-def _changed(config_changed: Mapping[str, Any]) -> list[str]:
-    """``{"epochs": [2, 1]}`` ([default, value]) -> ``["epochs = 1 (default 2)"]``."""
-    out = []
-    for key, v in config_changed.items():
-        if isinstance(v, list) and len(v) == 2:
-            out.append(f"{key} = {json.dumps(v[1])} (default {json.dumps(v[0])})")
-        else:
-            out.append(f"{key} = {json.dumps(v)}")
-    return out
-
-
-COMPARISON_HEAD = ("run", "strategy", "ACC %", "BWT %", "FWT %", "forgetting %", "routed ACC %",
-                   "trainable params", "bank size", "time")  # fmt: skip
-
-
-def _comparison_cells(row: Mapping[str, Any]) -> list[str]:
-    return [str(row["name"]), str(row["strategy"]), pct(row["acc"]), pct(row["bwt"]), pct(row["fwt"]),
-            pct(row["forgetting"]), pct(row["routed_acc"]), _int(row["trainable_params"]),
-            _bytes(row["bank_bytes"]), _secs(row["seconds"])]  # fmt: skip
-
-
-def _metric_rows(run: Mapping[str, Any]) -> list[tuple[str, str, str]]:
-    routed = run["routed"] or {}
-    return [(k, pct(run[k]), pct(routed.get(k))) for k in METRIC_KEYS]
-
-
-def _md(text: object) -> str:
-    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
-
-
-def _md_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    out = ["| " + " | ".join(_md(h) for h in head) + " |", "|" + "---|" * len(head)]
-    return out + ["| " + " | ".join(_md(c) for c in r) + " |" for r in rows]
-
-
-def render_markdown(report: Mapping[str, Any]) -> str:
-    """Markdown: a comparison table (several runs), then per run the matrices and a metrics table."""
-    runs, comparison = _runs(report)
-    lines: list[str] = []
-    if comparison is not None:
-        lines += [
-            "# Comparison",
-            "",
-            *_md_table(COMPARISON_HEAD, [_comparison_cells(r) for r in comparison]),
-            "",
-        ]
-    for run in runs:
-        lines += [f"# {_md(run['name'])}", "", f"strategy `{run['strategy']}`, seed {run['seed']}, "
-                  f"backbone `{run['backbone']}`, {_status(run)}"]  # fmt: skip
-        lines += [f"- changed: {_md(c)}" for c in _changed(run["config_changed"])] + [""]
-        lines += ["## Accuracy % with the true task's expert (oracle)", "",
-                  AccuracyMatrix(tuple(run["tasks"]), run["matrix"], run["baseline"]).to_markdown()]  # fmt: skip
-        if run["routed"] is not None:
-            routed = run["routed"]
-            lines += ["## Accuracy % with the learned router", "",
-                      AccuracyMatrix(tuple(run["tasks"]), routed["matrix"], routed["baseline"]).to_markdown()]  # fmt: skip
-        lines += ["## Metrics (%)", "", *_md_table(("metric", "oracle", "routed"), _metric_rows(run)), ""]
-        steps = [(s["task"], pct(s.get("router_accuracy")), _int(s.get("trainable_params")),
-                  _bytes(s.get("bank_bytes")), _secs(s.get("seconds"))) for s in run["steps"]]  # fmt: skip
-        if steps:
-            head = ("task", "router accuracy %", "trainable params", "bank size", "time")
-            lines += ["## Steps", "", *_md_table(head, steps), ""]
-    return "\n".join(lines).rstrip() + "\n"
-
-
-# ---------------------------------------------------------------------------------------------------
-# HTML: matplotlib figures (Agg canvas, no pyplot) embedded as base64 PNG data URIs.
-
-
-def _png(fig: Any) -> str:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _plain(text: object) -> str:
-    return str(text).replace("$", r"\$")  # matplotlib would parse "$...$" as mathtext
-
-
-def _heatmap(tasks: Sequence[str], rows: Sequence[Sequence[float | None]], title: str) -> str:
-    from matplotlib.figure import Figure
-
-    n, t = len(rows), len(tasks)
-    values = [[math.nan if v is None else v for v in row] for row in rows]  # NaN cells stay blank
-    fig = Figure(figsize=(min(2.0 + 0.8 * t, 16.0), min(1.5 + 0.5 * n, 12.0)))
-    ax = fig.add_subplot()
-    im = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-    size = 9 if t <= 8 else 6
-    for i, row in enumerate(rows):
-        for j, v in enumerate(row):
-            if v is not None:
-                ax.text(j, i, f"{100 * v:.1f}", ha="center", va="center", fontsize=size,
-                        color="black" if v > 0.6 else "white")  # fmt: skip
-    ax.set_xticks(range(t), [_plain(x) for x in tasks], rotation=45, ha="right")
-    ax.set_yticks(range(n), [f"after {_plain(x)}" for x in tasks[:n]])
-    ax.set_xlabel("evaluated on")
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, label="accuracy (fraction; cells in %)")
-    return _png(fig)
-
-
-def _curves(run: Mapping[str, Any]) -> str:
-    from matplotlib.figure import Figure
-
-    tasks, n = run["tasks"], len(run["matrix"])
-    fig = Figure(figsize=(min(3.0 + 0.7 * n, 14.0), 4.0))
-    ax = fig.add_subplot()
-    colors = [f"C{j % 10}" for j in range(len(tasks))]
-    for label, block, style in (("oracle", run, "-"), ("routed", run["routed"], "--")):
-        if block is None:
-            continue
-        for j in range(n):  # a task's line starts at the step that learned it
-            xs = list(range(j, n))
-            ys = [block["matrix"][i][j] for i in xs]
-            name = _plain(tasks[j]) + ("" if label == "oracle" else " (routed)")
-            ax.plot(xs, ys, style, marker="o" if style == "-" else "x", color=colors[j], label=name)
-    ax.set_xticks(range(n), [f"after {_plain(x)}" for x in tasks[:n]], rotation=45, ha="right")
-    ax.set_ylim(0.0, 1.02)
-    ax.set_ylabel("accuracy")
-    ax.set_title(
-        "Accuracy per task over the sequence" + (" (dashed: learned router)" if run["routed"] else "")
-    )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    return _png(fig)
-
-
-def _html_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    th = "".join(f"<th>{html.escape(str(h))}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _matrix_table(tasks: Sequence[str], block: Mapping[str, Any]) -> str:
-    rows = [[f"after {tasks[i]}", *(pct(v) for v in row)] for i, row in enumerate(block["matrix"])]
-    if block["baseline"] is not None:
-        rows.append(["baseline", *(pct(v) for v in block["baseline"])])
-    return _html_table(["", *tasks], rows)
-
-
-_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}
-table{border-collapse:collapse;margin:.5em 0 1em}th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
-th:first-child,td:first-child{text-align:left}img{max-width:100%}.row{display:flex;flex-wrap:wrap;gap:1em}"""
-
-
-def render_html(report: Mapping[str, Any]) -> str:
-    """One self-contained HTML page: comparison table, then per run heatmaps, curves and tables."""
-    runs, comparison = _runs(report)
-    e = html.escape
-    title = e(runs[0]["name"]) if comparison is None else f"{len(runs)} runs"
-    parts = [f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>adaptbank report: {title}</title>",
-             f"<style>{_CSS}</style></head><body><h1>adaptbank report: {title}</h1>"]  # fmt: skip
-    if comparison is not None:
-        parts += [
-            "<h2>Comparison</h2>",
-            _html_table(COMPARISON_HEAD, [_comparison_cells(r) for r in comparison]),
-        ]
-    for run in runs:
-        tasks = run["tasks"]
-        parts += [f"<h2>{e(str(run['name']))}</h2>",
-                  f"<p>strategy <code>{e(str(run['strategy']))}</code>, seed {e(str(run['seed']))}, backbone "
-                  f"<code>{e(str(run['backbone']))}</code>, {e(_status(run))}</p>"]  # fmt: skip
-        changed = _changed(run["config_changed"])
-        if changed:
-            parts.append("<ul>" + "".join(f"<li>changed: {e(c)}</li>" for c in changed) + "</ul>")
-        images = [_heatmap(tasks, run["matrix"], "Accuracy % (oracle task expert)")]
-        if run["routed"] is not None:
-            images.append(_heatmap(tasks, run["routed"]["matrix"], "Accuracy % (learned router)"))
-        images.append(_curves(run))
-        parts.append('<div class="row">' + "".join(f'<img src="{u}" alt="plot">' for u in images) + "</div>")
-        parts += ["<h3>Metrics (%)</h3>", _html_table(("metric", "oracle", "routed"), _metric_rows(run))]
-        parts += ["<h3>Accuracy % (oracle)</h3>", _matrix_table(tasks, run)]
-        if run["routed"] is not None:
-            parts += ["<h3>Accuracy % (learned router)</h3>", _matrix_table(tasks, run["routed"])]
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
+def _json(report: Mapping[str, Any]) -> str:
+    return json.dumps(report, indent=2, allow_nan=False) + "\n"
 
 
 def write_report(
     run_dirs: Sequence[str | os.PathLike[str]], fmt: Literal["md", "html", "json"], out: Path | None = None
 ) -> str:
-    """Build and render a report; when ``out`` is given, also write it atomically (temp file + os.replace)."""
-    renderers = {"md": render_markdown, "html": render_html,
-                 "json": lambda r: json.dumps(r, indent=2, allow_nan=False) + "\n"}  # fmt: skip
-    if fmt not in renderers:
+    """Build and render a report; when ``out`` is given, also write it atomically (temp file + os.replace).
+
+    For ``fmt="html"`` with ``out``, two folders go beside the page: ``<stem>_figures/`` with every
+    figure as a PNG (names in :mod:`adaptbank.report.html`) and ``<stem>_data/`` with the report as
+    JSON and CSV (:mod:`adaptbank.report.export`). Everything is rendered before anything is written.
+    """
+    if fmt not in ("md", "html", "json"):
         raise ValueError(f"fmt must be one of md, html, json, got {fmt!r}")
-    text = renderers[fmt](build_report(run_dirs))
+    report = build_report(run_dirs)
+    figures = report_figures(report) if fmt == "html" else []
+    text = {"md": render_markdown, "json": _json}[fmt](report) if fmt != "html" else render_html(report, figures)
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if fmt == "html":
+            replace_dir(out.with_name(out.stem + "_figures"), {f.name: f.png for f in figures})
+            replace_dir(out.with_name(out.stem + "_data"), data_files(report))
         atomic_write_bytes(out, text.encode("utf-8"))  # temp file in the same dir, fsync, os.replace
     return text
