@@ -9,7 +9,7 @@ method             implementations (the peer is configured as adaptbank's like-f
 =================  ==============================================================================
 full-ft            ``transformers``: every backbone weight trainable, one head (the reference)
 lora               adaptbank ``LoRAConfig(rank 8, alpha 16, dropout 0.1, qv)``; peft ``LoraConfig`` (query, value)
-adapter            adaptbank ``AdapterConfig(bottleneck 64, pfeiffer)``; adapters ``SeqBnConfig(reduction_factor 6)``
+adapter            adaptbank ``AdapterConfig(bottleneck 64, pfeiffer-block)``; adapters ``SeqBnConfig(reduction_factor 6)``
 parallel-adapter   adaptbank ``ParallelAdapterConfig(bottleneck 64, s 4, ffn-block)``; adapters ``ParBnConfig(reduction_factor 6)``
 bitfit             adaptbank ``BitFitConfig(all-linear)``; ``torch``: the same linear biases set trainable in place
 ia3                adaptbank ``IA3Config(k, v, ffn input)``; peft ``IA3Config`` on the same three layers
@@ -246,7 +246,7 @@ def adaptbank_method(method: str):
     from adaptbank.core import config as c
 
     return {"lora": c.LoRAConfig(rank=8, alpha=16.0, dropout=0.1, targets="qv"),
-            "adapter": c.AdapterConfig(bottleneck=BOTTLENECK, targets="pfeiffer"),
+            "adapter": c.AdapterConfig(bottleneck=BOTTLENECK, targets="pfeiffer-block"),
             "parallel-adapter": c.ParallelAdapterConfig(bottleneck=BOTTLENECK, scale=4.0, targets="ffn-block"),
             "bitfit": c.BitFitConfig(targets="all-linear"), "ia3": c.IA3Config(),
             "prompt": c.PromptTuningConfig(prompt_length=P, prompt_init="vocab"),

@@ -151,8 +151,9 @@ def _combined_config(method: str, targets: str | None, rank: int | None, *, prom
 @config_option(PromptTuningConfig, "prompt_length")
 @config_option(PromptTuningConfig, "prompt_init")
 @config_option(PrefixConfig, "prefix_length")
-@click.option("--targets", default=None, help="Preset (qv, attn, all-linear, v, houlsby, pfeiffer, ffn, ia3, "
-              "ffn-block) or comma-separated module-name regexes [lora: qv, adapter: pfeiffer, parallel-adapter: ffn-block, "
+@click.option("--targets", default=None, help="Preset (qv, attn, all-linear, v, houlsby, pfeiffer, pfeiffer-block, ffn, "
+              "ia3, ffn-block) or comma-separated module-name regexes [lora: qv, adapter: pfeiffer-block, "
+              "parallel-adapter: ffn-block, "
               "bitfit: all-linear, ia3: ia3].")
 @click.option("--share-a", default=None, help="Shared-A group name for a LoRA task-B expert, or 'auto'.")
 @click.option("--name", default=None, help="Task name in the bank [the spec's name].")

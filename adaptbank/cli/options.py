@@ -210,7 +210,7 @@ UNFLAGGED: dict[tuple[type, str], str] = {
     (TrainConfig, "grad_clip"): "rarely changed; set it in a run spec's [train] table or TrainConfig",
     (TrainConfig, "probe_c"): "chosen by the ablations (README); set it in a run spec's [train] table or TrainConfig",
     (TrainConfig, "probe_scale"): "chosen by the ablations (README); set it in a run spec's [train] table or TrainConfig",
-    (LoRAConfig, "targets"): "--targets is one flag for three methods whose defaults differ (qv, pfeiffer, ffn), "
+    (LoRAConfig, "targets"): "--targets is one flag for three methods whose defaults differ (qv, pfeiffer-block, ffn), "
                              "and takes comma-separated patterns",
     (PrefixConfig, "reparam_hidden"): "the reparameterisation's width (512, as peft's default); a run spec's "
                                       "[method] table can change it; --method ptuning-v2 trains without it",

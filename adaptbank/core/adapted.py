@@ -53,7 +53,7 @@ from adaptbank.core.config import AdapterConfig, BitFitConfig, IA3Config, LoRACo
 from adaptbank.core.experts import SIDES, Expert, LoRAExpert, Stack, make_expert
 from adaptbank.routing.state import RoutingState
 
-__all__ = ["AdaptedLinear", "ZeroBase", "is_adaptable", "linear_shape"]
+__all__ = ["AdaptedLinear", "ZeroBase", "IdentityBase", "is_adaptable", "linear_shape"]
 
 try:  # GPT-2 family projections
     from transformers.pytorch_utils import Conv1D
@@ -83,6 +83,15 @@ class ZeroBase(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x.new_zeros(*x.shape[:-1], self.out_features)  # (B, T, D)
+
+
+class IdentityBase(ZeroBase):
+    """The base of the adapted layer that runs after a whole post-LN block (``AdaptedBlock.after``):
+    ``y (B, T, D) -> y``, the same tensor object, so serial adapters on it return ``y + delta(y)`` and a
+    forward with no expert active returns ``y`` itself (which the block tests with ``is``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x  # (B, T, D)
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
@@ -177,8 +186,13 @@ class AdaptedLinear(nn.Module):
         return expert
 
     def _check_beside(self, cfg: object) -> None:
-        """Beside a whole block (a :class:`ZeroBase`) only a parallel adapter has a meaning."""
-        if isinstance(self.base, ZeroBase) and not isinstance(cfg, ParallelAdapterConfig):
+        """Beside a whole block (a :class:`ZeroBase`) only a parallel adapter has a meaning, after one (an
+        :class:`IdentityBase`) only a serial adapter."""
+        if isinstance(self.base, IdentityBase):
+            if not isinstance(cfg, AdapterConfig):
+                raise ValueError(f"this layer runs after a whole feed-forward block's LayerNorm, where only a serial "
+                                 f"adapter goes (targets pfeiffer-block); got {getattr(cfg, 'kind', cfg)!r}")
+        elif isinstance(self.base, ZeroBase) and not isinstance(cfg, ParallelAdapterConfig):
             raise ValueError(f"this layer runs beside a whole feed-forward block, where only a parallel adapter "
                              f"goes (targets ffn-block); got {getattr(cfg, 'kind', cfg)!r}")
 

@@ -20,6 +20,20 @@ Two call forms, by model family:
   block's output before the residual sum and LayerNorm, as in He et al. and the adapters library.
 
 With no expert active ``delta`` is an exact zero, so the wrapped block's output is bit-identical.
+
+**Serial adapters after a post-LN block** (residual form only; ``after``, preset ``pfeiffer-block``): the
+placement of the ``adapters`` library's sequential bottleneck (``SeqBnConfig``: Pfeiffer et al. 2021,
+https://arxiv.org/abs/2005.00247, with ``original_ln_before`` / ``original_ln_after``). With
+``r = dropout(dense(u)) + x`` (the pre-LayerNorm residual sum; the parallel delta joins ``x`` first) and the
+block's own LayerNorm ``LN``::
+
+    y = LN(r)                    the block's usual output
+    h = LN(r + up(f(down(y))))   the adapter reads the normalised output and joins before LN again
+
+The adapters live in ``self.after``, an adapted layer over an
+:class:`~adaptbank.core.adapted.IdentityBase` (it returns ``y + delta(y)``, or ``y`` itself when no expert is
+active, in which case the block returns ``y`` unchanged: bit-identical, no second LayerNorm). A row of a
+mixed batch without a serial expert gets ``r + (y - y) = r`` exactly, so ``LN(r) = y``.
 """
 
 from __future__ import annotations
@@ -28,14 +42,18 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from adaptbank.core.adapted import AdaptedLinear, ZeroBase
+from adaptbank.core.adapted import AdaptedLinear, IdentityBase, ZeroBase
 from adaptbank.routing.state import RoutingState
 
-__all__ = ["AdaptedBlock", "BlockForm", "BESIDE"]
+__all__ = ["AdaptedBlock", "BlockForm", "BESIDE", "AFTER"]
 
 BlockForm = Literal["output", "residual"]
 BESIDE = "beside"
 """Attribute (and path segment) of the block's adapted layer: a block target is ``<block path>.beside``."""
+AFTER = "after"
+"""Attribute (and path segment) of a residual-form block's serial adapted layer: ``<block path>.after``."""
+_POST_LN = ("dense", "dropout", "LayerNorm")
+"""What a residual-form (BERT-family ``*Output``) block holds: ``LayerNorm(dropout(dense(u)) + x)``."""
 
 
 class AdaptedBlock(nn.Module):
@@ -52,11 +70,24 @@ class AdaptedBlock(nn.Module):
         self.block = block
         self.beside = AdaptedLinear(ZeroBase(width, like=like), state)
         self.form = form
+        self.after: AdaptedLinear | None = None
+        if form == "residual":
+            missing = [a for a in _POST_LN if not isinstance(getattr(block, a, None), nn.Module)]
+            if missing:
+                raise TypeError(f"a residual-form block computes LayerNorm(dropout(dense(u)) + x), but "
+                                f"{type(block).__name__} has no {', '.join(missing)}")
+            self.after = AdaptedLinear(IdentityBase(width, like=like), state)
 
     def forward(self, *args: object, **kwargs: object) -> object:
         if self.form == "residual":
             u, x = _residual_args(args, kwargs)
-            return self.block(u, x + self.beside(x))  # (B, T, D)
+            x = x + self.beside(x)  # (B, T, D): the parallel delta joins the residual input
+            if self.after is None or not len(self.after.experts):
+                return self.block(u, x)  # (B, T, D)
+            r = self.block.dropout(self.block.dense(u)) + x  # (B, T, D) the pre-LayerNorm residual sum
+            y = self.block.LayerNorm(r)  # (B, T, D)
+            z = self.after(y)  # (B, T, D): y + the serial adapters' delta, or y itself
+            return y if z is y else self.block.LayerNorm(r + (z - y))  # (B, T, D)
         x = args[0] if args else next(iter(kwargs.values()))
         return self.block(*args, **kwargs) + self.beside(x)  # (B, T, D)
 

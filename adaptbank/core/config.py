@@ -88,15 +88,19 @@ class LoRAConfig(_Config):
 
 @dataclass(frozen=True, kw_only=True)
 class AdapterConfig(_Config):
-    """Serial bottleneck adapter (Houlsby et al. 2019; Pfeiffer et al. 2021): ``h + up(f(down(h)))``."""
+    """Serial bottleneck adapter (Houlsby et al. 2019; Pfeiffer et al. 2021): ``h + up(f(down(h)))``; by default
+    (``pfeiffer-block``) where the ``adapters`` library's ``SeqBnConfig`` puts it: on a post-LN model after the
+    feed-forward block's LayerNorm, ``LN(r + up(f(down(LN(r)))))`` (``core.block``)."""
 
     kind: ClassVar[str] = "adapter"
     bottleneck: int = 64
     """Hidden size m of the bottleneck (--rank sets it from the CLI)."""
     activation: Activation = "relu"
     """Non-linearity between down- and up-projection."""
-    targets: str | tuple[str, ...] = "pfeiffer"
-    """houlsby (after attention and after the feed-forward block) or pfeiffer (after the feed-forward only)."""
+    targets: str | tuple[str, ...] = "pfeiffer-block"
+    """pfeiffer-block (the feed-forward block's normalised output on post-LN models, its output projection on
+    pre-LN ones), pfeiffer (on the feed-forward output projection, before the residual sum) or houlsby (after
+    the attention output and the feed-forward output projections)."""
 
     def __post_init__(self) -> None:
         _positive("bottleneck", "--rank", self.bottleneck, integer=True)

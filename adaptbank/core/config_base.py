@@ -12,7 +12,8 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 __all__ = ["TARGET_PRESETS", "NAME_RULE", "Activation", "validate_name", "check_keys"]
 
-TARGET_PRESETS: tuple[str, ...] = ("qv", "attn", "all-linear", "v", "houlsby", "pfeiffer", "ffn", "ia3", "ffn-block")
+TARGET_PRESETS: tuple[str, ...] = ("qv", "attn", "all-linear", "v", "houlsby", "pfeiffer", "pfeiffer-block", "ffn",
+                                   "ia3", "ffn-block")
 """Named target sets; ``inject.py`` maps each to module roles per model family."""
 
 Activation = Literal["relu", "gelu", "silu", "tanh"]

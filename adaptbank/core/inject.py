@@ -1,9 +1,12 @@
 """Find target sub-layers of a Hugging Face model by preset or pattern, and wrap them.
 
-Presets name roles (q, k, v, o, ffn_in, ffn_out, ffn_block); each model family maps roles to module-name
-regexes, matched against the full dotted module path with ``re.search``. ``ffn_block`` is the whole
-feed-forward block, whose target is ``<block>.beside`` (a ``core.block.AdaptedBlock``'s adapted layer,
-made when the block is first targeted); only parallel adapters go there.
+Presets name roles (q, k, v, o, ffn_in, ffn_out, ffn_block, ffn_after); each model family maps roles to
+module-name regexes, matched against the full dotted module path with ``re.search``. ``ffn_block`` is the
+whole feed-forward block, whose target is ``<block>.beside`` (a ``core.block.AdaptedBlock``'s adapted layer,
+made when the block is first targeted); only parallel adapters go there. ``ffn_after`` is where the
+``adapters`` library puts its sequential bottleneck (``pfeiffer-block``): on a post-LN (BERT-family) block
+``<block>.after``, after the block's LayerNorm (see ``core.block``); on the other families, whose FFN output
+joins the residual stream unnormalised, the FFN output projection itself (the ``pfeiffer`` sub-layer).
 
 Paths are *logical*: a wrapper (adapted layer, adapted block, router tap) names the module it wraps by
 ``transparent_child`` and is looked through, so a sub-layer keeps its path whatever wraps it
@@ -23,7 +26,7 @@ from collections.abc import Callable, Iterator
 from torch import nn
 
 from adaptbank.core.adapted import AdaptedLinear, is_adaptable
-from adaptbank.core.block import BESIDE, AdaptedBlock, BlockForm
+from adaptbank.core.block import AFTER, BESIDE, AdaptedBlock, BlockForm
 from adaptbank.core.composed import check_composable
 from adaptbank.core.config import CombinedConfig, IA3Config, MethodConfig
 from adaptbank.core.experts import expert_class
@@ -39,6 +42,7 @@ PRESET_ROLES: dict[str, tuple[str, ...]] = {
     "v": ("v",),
     "houlsby": ("o", "ffn_out"),
     "pfeiffer": ("ffn_out",),
+    "pfeiffer-block": ("ffn_after",),
     "ffn": ("ffn_out",),
     "ia3": ("k", "v", "ffn_out"),
     "ffn-block": ("ffn_block",),
@@ -79,9 +83,11 @@ FAMILY_BLOCKS: dict[str, tuple[str, BlockForm]] = {
     "t5": (r"DenseReluDense$", "output"),
 }
 """Per family: the regex of its feed-forward blocks and how a block is called (see ``core.block``)."""
-for _family, (_pattern, _) in FAMILY_BLOCKS.items():
+for _family, (_pattern, _form) in FAMILY_BLOCKS.items():
     FAMILY_ROLES[_family]["ffn_block"] = _pattern.removesuffix("$") + rf"\.{BESIDE}$"
-del _family, _pattern
+    FAMILY_ROLES[_family]["ffn_after"] = (_pattern.removesuffix("$") + rf"\.{AFTER}$" if _form == "residual"
+                                          else FAMILY_ROLES[_family]["ffn_out"])
+del _family, _pattern, _form
 
 
 def logical_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -142,8 +148,9 @@ def _target_paths(model: nn.Module) -> set[str]:
     paths = {p for p, m in modules.items() if is_adaptable(m) or isinstance(m, AdaptedLinear)}
     family = family_of(model)
     if family in FAMILY_BLOCKS:
-        block = re.compile(FAMILY_BLOCKS[family][0])
-        paths |= {f"{p}.{BESIDE}" for p in modules if block.search(p)}
+        block, form = re.compile(FAMILY_BLOCKS[family][0]), FAMILY_BLOCKS[family][1]
+        paths |= {f"{p}.{child}" for p in modules if block.search(p)
+                  for child in ((BESIDE, AFTER) if form == "residual" else (BESIDE,))}
     return paths
 
 
@@ -194,7 +201,7 @@ def inject(model: nn.Module, paths: list[str], state: RoutingState) -> dict[str,
     out: dict[str, AdaptedLinear] = {}
     for path in paths:
         parent_path, _, child = path.rpartition(".")
-        if child == BESIDE and not isinstance(submodule(model, parent_path), AdaptedBlock):
+        if child in (BESIDE, AFTER) and not isinstance(submodule(model, parent_path), AdaptedBlock):
             _wrap_block(model, parent_path, state)
         module = submodule(model, path)
         if isinstance(module, AdaptedLinear):

@@ -118,7 +118,9 @@ class VirtualExperts(nn.Module):
         else:
             call["input_ids"], mask = input_ids, attention_mask
             shift = torch.zeros(B, dtype=torch.long, device=input_ids.device)  # (B,)
-        kvs = [self.prefixes[r].kv() if r in self.prefixes else None for r in rows]  # type: ignore[operator]
+        # once per task, not per row: a reparameterised prefix runs its MLP here (and its backward once)
+        made = {r: self.prefixes[r].kv() for r in dict.fromkeys(rows) if r in self.prefixes}  # type: ignore[operator]
+        kvs = [made.get(r) if r is not None else None for r in rows]
         if any(kv is not None for kv in kvs):
             from transformers import DynamicCache
 

@@ -179,12 +179,18 @@ def apply_step(loss: Tensor, opt: torch.optim.Optimizer, sched: torch.optim.lr_s
     if not torch.isfinite(loss):
         raise TrainingError(f"{what}: loss became {loss.item()} at step {step}; {_bad_group(opt)}; "
                             "nothing was saved (try a lower --lr)")
-    for g in opt.param_groups:
-        if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in g["params"]):
-            raise TrainingError(f"{what}: non-finite gradient in parameter group {g['name']!r} at step {step}; "
-                                "nothing was saved (try a lower --lr)")
+    # one pass over the gradients: their total norm is both the finiteness check and the clip's norm
+    # (clip_grad_norm_ is get_total_norm + clip_grads_with_norm_); the group is looked up only on a fault
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if not torch.isfinite(norm):
+        for g in opt.param_groups:
+            if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in g["params"]):
+                raise TrainingError(f"{what}: non-finite gradient in parameter group {g['name']!r} at step {step}; "
+                                    "nothing was saved (try a lower --lr)")
+        raise TrainingError(f"{what}: the gradients' total norm overflowed to {norm.item()} at step {step}; "
+                            "nothing was saved (try a lower --lr)")
     if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, norm)
     opt.step()
     sched.step()
 
