@@ -117,6 +117,11 @@ def prepend(embeds: Tensor, mask: Tensor, prompts: Sequence[Tensor | None]) -> t
 
 def real_tokens(hidden: Tensor, shift: Tensor, tokens: int) -> Tensor:
     """The hidden states of the real tokens: ``hidden[i, shift_i : shift_i + T]`` for each row, ``(B, T, D)``."""
-    B, _, D = hidden.shape
+    B, L, D = hidden.shape
+    if L == tokens:  # no prompt in the batch (prefixes live in the cache): nothing precedes the real tokens
+        return hidden  # (B, T, D)
+    if bool((shift == shift[0]).all()):  # one prompt length for every row (one task): a view, no gather
+        start = int(shift[0])
+        return hidden[:, start:start + tokens]  # (B, T, D)
     idx = shift[:, None] + torch.arange(tokens, device=hidden.device)[None]  # (B, T)
     return hidden.gather(1, idx[..., None].expand(B, tokens, D))  # (B, T, D)
