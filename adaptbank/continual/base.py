@@ -101,6 +101,14 @@ class Strategy:
         self.generation = ctx.spec.head == "generation"
         self.gen: list[GenTask] = []
         """Generation runs: each task's test prompts, targets and decoding limit."""
+        self.oracle_hits: dict[str, list[int]] = {}
+        """Classification runs: per test example of each task evaluated in the last ``oracle_row``, 1 when
+        right (``result.json`` ``hits.oracle``, for the paired bootstrap); tasks copied from the baseline
+        (a bank's unseen tasks) have none."""
+        self.routed_hits: dict[str, list[int]] = {}
+        """The same for the last ``routed_row`` (``hits.routed``)."""
+        self.confusion: list[list[int]] | None = None
+        """The last ``routed_row``'s router confusion: ``[true task][routed expert]`` counts over the seen tasks."""
 
     @property
     def dist(self) -> Dist:

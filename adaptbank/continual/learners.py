@@ -44,7 +44,7 @@ from adaptbank.core.model import AdaptBankModel
 from adaptbank.core.seeding import seeded
 from adaptbank.data.tokens import tokenize
 from adaptbank.training import distributed
-from adaptbank.training.evaluate import head_accuracy
+from adaptbank.training.evaluate import head_hits
 from adaptbank.training.features import probe_head
 from adaptbank.training.generation import generation_loss
 from adaptbank.training.loop import LossTerm, Row, epoch_batches, fit, total_steps
@@ -225,8 +225,10 @@ class SeqLoRA(Strategy):
         return self.model.heads[task] if task in self.model.heads else self.init_heads[task]  # type: ignore[return-value]
 
     def oracle_row(self, i: int, baseline: list[float]) -> list[float]:
-        return [head_accuracy(self._head(t), self._encode(self.test_ids[j], self._features, where=f"evaluating {t!r}"),
-                              self._labels(j)) for j, t in enumerate(self.tasks)]
+        self.oracle_hits = {t: head_hits(self._head(t), self._encode(self.test_ids[j], self._features,
+                                                                     where=f"evaluating {t!r}"), self._labels(j))
+                            for j, t in enumerate(self.tasks)}
+        return [sum(h) / len(h) for h in self.oracle_hits.values()]
 
     def gen_oracle(self, i: int, baseline: Scores) -> Scores:
         """Exact match and F1 of every task, seen or not, decoded under the learner's gates."""

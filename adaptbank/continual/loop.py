@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from adaptbank._atomic import atomic_write_bytes
+from adaptbank._memory import peak_bytes, reset_peak
 from adaptbank.continual.runspec import RunSpec
 from adaptbank.continual.strategies import Context, Learned, Strategy, make_strategy
 from adaptbank.data.load import load_task
@@ -206,7 +207,7 @@ def _remove_new_run(run_dir: Path, existed: bool) -> None:
 
 
 def _result(spec: RunSpec, baseline: list[float], oracle: list[list[float]], routed: list[list[float | None]] | None,
-            steps: list[dict[str, Any]], f1: dict[str, Any] | None) -> dict[str, Any]:
+            steps: list[dict[str, Any]], f1: dict[str, Any] | None, last: dict[str, Any] | None = None) -> dict[str, Any]:
     gen = spec.head == "generation"
     notes = list(NOTES) + ([JOINT_NOTE] if spec.strategy == "joint" else []) + ([GENERATION_NOTE] if gen else [])
     out = {"schema": SCHEMA_VERSION, "name": spec.name, "strategy": spec.strategy, "tasks": list(spec.task_names),
@@ -217,6 +218,17 @@ def _result(spec: RunSpec, baseline: list[float], oracle: list[list[float]], rou
            "metric": "exact_match" if gen else "accuracy"}
     if gen:
         out["f1"] = f1
+    out.update(last or {})  # the last row's per-example hits and router confusion (classification runs)
+    return out
+
+
+def _last_row(strategy: Strategy, task_names: tuple[str, ...]) -> dict[str, Any]:
+    """``hits`` and ``router_confusion`` of the row just evaluated (``report.build``'s optional keys), or none."""
+    if not strategy.oracle_hits:
+        return {}
+    out: dict[str, Any] = {"hits": {"oracle": dict(strategy.oracle_hits), "routed": dict(strategy.routed_hits) or None}}
+    if strategy.confusion is not None:
+        out["router_confusion"] = {"tasks": list(task_names[: len(strategy.confusion)]), "counts": strategy.confusion}
     return out
 
 
@@ -303,6 +315,7 @@ def run_sequence(spec: RunSpec, out_dir: str | Path, *, callbacks: Sequence[Call
         task = spec.task_names[i]
         _emit_together(dist, callbacks, "on_task_start", TaskStart(i, task))
         start = time.perf_counter()
+        peak_known = reset_peak()  # this task's peak resident memory (learning and evaluation), where /proc has it
         if i >= learned:
             def on_step(step: int, loss: float, i: int = i, task: str = task) -> None:  # inside fit's agreement
                 _emit(callbacks, "on_step_end", StepEnd(i, task, step, loss))
@@ -322,13 +335,16 @@ def run_sequence(spec: RunSpec, out_dir: str | Path, *, callbacks: Sequence[Call
         if f1 is not None:
             f1["oracle"]["matrix"].append(row_f1)
         seconds = time.perf_counter() - start
+        peak = peak_bytes() if peak_known else None
+        last = _last_row(strategy, spec.task_names)
 
         def record(task: str = task, router_acc: float | None = router_acc, info: Learned = info,
-                   seconds: float = seconds) -> dict[str, Any]:  # rank 0: the step's entry, then result.json
+                   seconds: float = seconds, peak: int | None = peak,
+                   last: dict[str, Any] = last) -> dict[str, Any]:  # rank 0: the step's entry, then result.json
             entry = {"task": task, "router_accuracy": router_acc, "trainable_params": info.trainable_params,
                      "bank_bytes": strategy.size_bytes(), "seconds": seconds, "train_steps": info.train_steps,
-                     "final_loss": info.final_loss}
-            _write_json(result_file, _result(spec, baseline, oracle, routed, [*steps, entry], f1))
+                     "final_loss": info.final_loss, "peak_memory_bytes": peak}
+            _write_json(result_file, _result(spec, baseline, oracle, routed, [*steps, entry], f1, last))
             return entry
 
         steps.append(distributed.on_main(dist, record, where=f"writing result.json after task {task!r}"))
@@ -339,7 +355,8 @@ def run_sequence(spec: RunSpec, out_dir: str | Path, *, callbacks: Sequence[Call
                                                                router_acc, info.trainable_params, size, seconds),
                        lambda line=line: say(line))
 
-    result = _result(spec, baseline, oracle, routed, steps, f1)
+    kept = {k: previous[k] for k in ("hits", "router_confusion") if previous and previous.get(k) is not None}
+    result = _result(spec, baseline, oracle, routed, steps, f1, _last_row(strategy, spec.task_names) or kept)
     summary = AccuracyMatrix(spec.task_names, tuple(map(tuple, oracle)), tuple(baseline)).summary()
     if done == len(spec.tasks):
         say(f"{spec.name} was already finished in {run_dir}; nothing to do")

@@ -53,7 +53,7 @@ from adaptbank.continual.learners import EWC, Joint, OLoRA, Replay, SeqFull, Seq
 from adaptbank.core.model import AdaptBankModel
 from adaptbank.routing.predict import predict, routed_hit
 from adaptbank.training import distributed
-from adaptbank.training.evaluate import evaluate
+from adaptbank.training.evaluate import evaluate_hits
 
 __all__ = ["BankStrategy", "SharedAStrategy", "STRATEGY_CLASSES", "make_strategy"]
 
@@ -103,8 +103,9 @@ class BankStrategy(Strategy):
 
     def oracle_row(self, i: int, baseline: list[float]) -> list[float]:
         model, length = self._loaded(), self.spec.train.max_length
-        return [evaluate(model, t, [e.text for e in self.ctx.data[j].test], self._labels(j), max_length=length,
-                         dist=self.dist) if j <= i else baseline[j] for j, t in enumerate(self.tasks)]
+        self.oracle_hits = {t: evaluate_hits(model, t, [e.text for e in self.ctx.data[j].test], self._labels(j),
+                                             max_length=length, dist=self.dist) for j, t in enumerate(self.tasks[: i + 1])}
+        return [sum(h) / len(h) for h in self.oracle_hits.values()] + baseline[i + 1:]
 
     def gen_oracle(self, i: int, baseline: Scores) -> Scores:
         """Exact match and F1 of every seen task with its own expert (loaded from the bank); an unseen
@@ -136,12 +137,15 @@ class BankStrategy(Strategy):
         def score(part: list[tuple[str, int, int]]) -> Tensor:
             preds = predict(model, [text for text, _, _ in part], max_length=self.spec.train.max_length) if part else []
             return torch.tensor([[p.task == self.tasks[j], routed_hit(p.task, p.label, self.tasks[j],
-                                                                        labels[self.tasks[j]][y], labels)]
-                                 for p, (_, j, y) in zip(preds, part, strict=True)], dtype=torch.long).reshape(-1, 2)
+                                                                        labels[self.tasks[j]][y], labels),
+                                  self.tasks.index(p.task)]
+                                 for p, (_, j, y) in zip(preds, part, strict=True)], dtype=torch.long).reshape(-1, 3)
 
-        hits = distributed.sharded(self.dist, items, score, where=f"routed evaluation after task {i + 1}")  # (N, 2)
+        hits = distributed.sharded(self.dist, items, score, where=f"routed evaluation after task {i + 1}")  # (N, 3)
         owners = torch.tensor([j for _, j, _ in items])  # (N,)
-        row: list[float | None] = [int(hits[owners == j, 1].sum()) / int((owners == j).sum()) for j in range(i + 1)]
+        self.routed_hits = {self.tasks[j]: hits[owners == j, 1].tolist() for j in range(i + 1)}
+        self.confusion = [[int(((owners == j) & (hits[:, 2] == k)).sum()) for k in range(i + 1)] for j in range(i + 1)]
+        row: list[float | None] = [sum(h) / len(h) for h in self.routed_hits.values()]
         return row + [None] * (len(self.tasks) - i - 1), int(hits[:, 0].sum()) / len(items)
 
     def size_bytes(self) -> int:

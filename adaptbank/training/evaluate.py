@@ -17,12 +17,17 @@ from adaptbank.training import distributed
 from adaptbank.training.distributed import LOCAL, Dist
 from adaptbank.training.features import device_of
 
-__all__ = ["predict_task", "evaluate", "head_accuracy", "accuracy"]
+__all__ = ["predict_task", "evaluate", "evaluate_hits", "head_accuracy", "head_hits", "accuracy", "hits"]
 
 
 def accuracy(pred: Tensor, labels: Sequence[int]) -> float:
     """Share of ``pred`` (N,) equal to ``labels``."""
     return int((pred == torch.tensor(list(labels))).sum()) / len(labels)
+
+
+def hits(pred: Tensor, labels: Sequence[int]) -> list[int]:
+    """1 where ``pred`` (N,) equals ``labels``, else 0, per example (the mean is :func:`accuracy`)."""
+    return (pred == torch.tensor(list(labels))).long().tolist()
 
 
 @torch.no_grad()
@@ -44,9 +49,18 @@ def evaluate(model: AdaptBankModel, name: str, texts: Sequence[str], labels: Seq
     block of ``texts`` and the predictions are gathered (``training.distributed.sharded``)."""
     if not texts:
         raise ValueError(f"task {name!r} has no test examples")
+    got = evaluate_hits(model, name, texts, labels, max_length=max_length, batch_size=batch_size, dist=dist)
+    return sum(got) / len(got)
+
+
+def evaluate_hits(model: AdaptBankModel, name: str, texts: Sequence[str], labels: Sequence[int], *,
+                  max_length: int = 128, batch_size: int = 64, dist: Dist = LOCAL) -> list[int]:
+    """Per test example, 1 when task ``name`` (true task id) predicts its label, else 0 (see :func:`evaluate`)."""
+    if not texts:
+        raise ValueError(f"task {name!r} has no test examples")
     probs = distributed.sharded(dist, list(texts), lambda part: predict_task(
         model, name, part, max_length=max_length, batch_size=batch_size), where=f"task {name!r}: evaluation")
-    return accuracy(probs.argmax(1), labels)  # (N, C) -> (N,)
+    return hits(probs.argmax(1), labels)  # (N, C) -> (N,)
 
 
 @torch.no_grad()
@@ -58,3 +72,13 @@ def head_accuracy(head: ClassificationHead, feats: Tensor, labels: Sequence[int]
     pred = head(feats.to(device, head.linear.weight.dtype)).argmax(1).cpu()  # (N,)
     head.train(was_training)
     return accuracy(pred, labels)
+
+
+@torch.no_grad()
+def head_hits(head: ClassificationHead, feats: Tensor, labels: Sequence[int]) -> list[int]:
+    """Per example of pooled features ``feats`` (N, D), 1 when ``head`` (in eval mode) is right, else 0."""
+    was_training = head.training
+    head.eval()
+    pred = head(feats.to(head.linear.weight.device, head.linear.weight.dtype)).argmax(1).cpu()  # (N,)
+    head.train(was_training)
+    return hits(pred, labels)

@@ -1,0 +1,69 @@
+"""What the continual runner records for the report beyond the matrices: the last row's per-example hits
+(oracle and routed), the router's confusion matrix, and each task's peak memory; and the report's paired
+bootstrap between two real runs built on them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adaptbank.continual.loop import run_sequence
+from adaptbank.continual.runspec import run_spec_from_dict
+from adaptbank.report.build import build_report, load_run
+
+TASKS = ["weather", "topic", "intent"]
+
+
+def _doc(backbone: Path, strategy: str) -> dict[str, Any]:
+    return {"run": {"name": f"rec-{strategy}", "backbone": str(backbone), "tasks": TASKS, "strategy": strategy, "seed": 0},
+            "method": {"kind": "lora", "rank": 4, "alpha": 8},
+            "train": {"epochs": 1, "max_train": 40, "max_test": 30, "max_length": 32, "lr": 2e-2, "head_lr": 2e-2}}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_bert_dir, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("records")
+    out = {}
+    for strategy in ("bank", "seq-lora"):
+        out[strategy] = root / strategy
+        run_sequence(run_spec_from_dict(_doc(tiny_bert_dir, strategy)), out[strategy], log=lambda _m: None)
+    return out
+
+
+def test_the_last_rows_hits_are_the_matrix_rows_per_example(runs):
+    for strategy, path in runs.items():
+        result = load_run(path)
+        hits, last = result["hits"], result["oracle"]["matrix"][-1]
+        assert list(hits["oracle"]) == TASKS
+        for j, task in enumerate(TASKS):
+            vec = hits["oracle"][task]
+            assert len(vec) == 30 and set(vec) <= {0, 1}
+            assert sum(vec) / len(vec) == last[j], (strategy, task)
+        if strategy == "bank":
+            routed = result["routed"]["matrix"][-1]
+            assert [sum(hits["routed"][t]) / 30 for t in TASKS] == routed
+        else:
+            assert hits["routed"] is None and "router_confusion" not in result
+
+
+def test_router_confusion_counts_every_test_example_once_and_its_trace_is_the_router_accuracy(runs):
+    result = load_run(runs["bank"])
+    conf = result["router_confusion"]
+    assert conf["tasks"] == TASKS and all(sum(row) == 30 for row in conf["counts"])
+    trace = sum(conf["counts"][k][k] for k in range(3))
+    assert trace / 90 == result["steps"][-1]["router_accuracy"]
+
+
+def test_each_task_records_its_peak_memory(runs):
+    for path in runs.values():
+        peaks = [s["peak_memory_bytes"] for s in load_run(path)["steps"]]
+        assert all(isinstance(p, int) and p > 50 * 2**20 for p in peaks), peaks  # a process holding torch and a model
+
+
+def test_the_report_compares_two_real_runs_with_a_paired_bootstrap(runs):
+    report = build_report([runs["bank"], runs["seq-lora"]])
+    (d,) = [d for d in report["differences"] if d["kind"] == "oracle"]  # seq-lora has no routed row
+    assert d["reason"] is None and d["n_examples"] == 90, d
+    assert d["lo"] <= d["diff"] <= d["hi"] and d["hi"] - d["lo"] > 0
