@@ -34,6 +34,7 @@ from adaptbank.bank.facade import AdapterBank
 from adaptbank.bank.merged_export import write_merged
 from adaptbank.bank.peft_io import PeftFormatError, from_peft, read_peft_dir, to_peft, write_peft_dir
 from adaptbank.bank.store import TaskExistsError
+from adaptbank.bank.task_config import task_config
 from adaptbank.core.backbone import DEFAULT_ALIASES, DEFAULT_BACKBONE
 from adaptbank.core.config import TrainConfig
 from adaptbank.core.model import AdaptBankModel
@@ -178,7 +179,8 @@ def import_peft(bank: AdapterBank, src: str | Path, name: str, *, spec: TaskSpec
     metrics = {"test_accuracy": acc, "n_train": len(data.train), "n_test": len(data.test), "probe_accuracy": None,
                "trainable_params": sum(p.numel() for p in model.expert_parameters(name)),
                "head_params": sum(p.numel() for p in model.heads[name].parameters()), "steps": 0}
-    config = bank._task_config(name, spec, method, train, data, None, False, None, None, metrics=metrics)
+    config = task_config(name, spec, method, train, data, group=None, owns=False, parent=None, reason=None,
+                         init_from=None, metrics=metrics)
     config["imported_from"] = {"format": "peft", "path": str(src.absolute()), "peft_type": adapter.config["peft_type"],
                                "peft_version": adapter.config.get("peft_version"),
                                "base_model_name_or_path": adapter.config.get("base_model_name_or_path"),
