@@ -98,6 +98,10 @@ def prepend(embeds: Tensor, mask: Tensor, prompts: Sequence[Tensor | None]) -> t
     Pm = int(lengths.max())
     L = Pm + T
     distinct = list({id(p): p for p in prompts if p is not None}.values())
+    if len(distinct) == 1 and all(p is not None for p in prompts):  # one task's prompt on every row: no gathers
+        z = distinct[0].to(embeds.dtype)  # (P, D)
+        out = torch.cat([z.expand(B, Pm, D), embeds], 1)  # (B, P + T, D)
+        return out, torch.cat([mask.new_ones(B, Pm), mask], 1), lengths  # (B, P + T)
     table = embeds.new_zeros(len(distinct) + 1, L, D)  # (U + 1, L, D); the last row: no prompt
     padded = [torch.cat([p.to(embeds.dtype), p.new_zeros(L - p.shape[0], D).to(embeds.dtype)]) for p in distinct]
     if padded:
