@@ -213,9 +213,10 @@ def replay_lr(m=200, lam=None, base="none"):
         return {**_stats(x, y), "kept": x[keep]}
 
     def fit(xs, ys, E, l2):
-        w = torch.zeros(xs.shape[1], E, dtype=xs.dtype, requires_grad=True)
-        b = torch.zeros(E, dtype=xs.dtype, requires_grad=True)
-        opt = torch.optim.LBFGS([w, b], lr=1, max_iter=200, history_size=20, line_search_fn="strong_wolfe")
+        xs = xs.float()
+        w = torch.zeros(xs.shape[1], E, requires_grad=True)
+        b = torch.zeros(E, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], lr=1, max_iter=100, history_size=20, line_search_fn="strong_wolfe")
 
         def closure():
             opt.zero_grad()
@@ -224,7 +225,7 @@ def replay_lr(m=200, lam=None, base="none"):
             return loss
 
         opt.step(closure)
-        return w.detach(), b.detach()
+        return w.detach().double(), b.detach().double()
 
     def combine(mems):
         E = len(mems)
@@ -246,9 +247,9 @@ def replay_lr(m=200, lam=None, base="none"):
             perm = torch.randperm(len(ys), generator=g)
             hold, tr = perm[: len(ys) // 5], perm[len(ys) // 5:]
             best = None
-            for cand in (1e-4, 1e-3, 1e-2, 1e-1):
+            for cand in (1e-3, 1e-2, 1e-1):
                 w, b = fit(xs[tr], ys[tr], E, cand)
-                acc = float(((xs[hold] @ w + b).argmax(1) == ys[hold]).double().mean())
+                acc = float(((xs[hold].double() @ w + b).argmax(1) == ys[hold]).double().mean())
                 if best is None or acc > best[0]:
                     best = (acc, cand)
             l2 = best[1]
@@ -318,12 +319,21 @@ def variants():
     v["qda b=0.9"] = qda(0.1, 0.9)
     v["replay200 lr"] = replay_lr(200)
     v["replay500 lr"] = replay_lr(500)
+    v["replay200 lr white"] = replay_lr(200, base="white")
     v["replay500 lr white"] = replay_lr(500, base="white")
     v["replay500 knn10"] = knn(500, 10)
     v["lda l2-norm"] = transformed(lda(0.1), "l2")
     v["lda sqrt"] = transformed(lda(0.1), "sqrt")
     v["sublda lse l2-norm"] = transformed(sublda(0.1, "lse"), "l2")
     return v
+
+
+PLAN = [("L2", v) for v in ("lda a=0.1 (today)", "lda a=0.03", "lda a=0.01", "sublda lse", "sublda lse, task cov",
+                             "qda b=0.9", "replay200 lr white", "replay500 lr white", "replay500 knn10", "lda l2-norm")]
+PLAN += [("L2+rms", "lda a=0.1 (today)"), ("L2+rms", "lda a=0.03"), ("L2+max+rms", "lda a=0.1 (today)"),
+         ("L2+max+rms", "lda l2-norm"), ("L3", "lda a=0.1 (today)"), ("L3", "lda a=0.03"),
+         ("all7", "lda a=0.1 (today)"), ("all7", "lda a=0.03"), ("all7", "sublda lse, task cov")]
+"""(feature set, variant) pairs of the default run; --features / --variants filter them."""
 
 
 def load_cache():
@@ -374,24 +384,24 @@ def run_variant(memory, combine, data, hits, cols, size):
 
 def evaluate(args: argparse.Namespace) -> None:
     data, hits = load_cache()
-    chosen = variants()
-    if args.variants:
-        chosen = {k: v for k, v in chosen.items() if any(s in k for s in args.variants)}
+    all_variants = variants()
+    plan = [(fs, v) for fs, v in PLAN if (not args.features or fs in args.features)
+            and (not args.variants or any(s in v for s in args.variants))]
     results, rows = {}, []
-    for fs in args.features:
+    for fs, name in plan:
         cols = [c for layer in FEATURE_SETS[fs] for c in range(layer * HIDDEN, (layer + 1) * HIDDEN)]
-        for name, (memory, combine) in chosen.items():
-            for size in (500, 2000):
-                t0 = time.perf_counter()
-                r = run_variant(memory, combine, data, hits, cols, size)
-                key = f"{name} | {fs} | {size}"
-                results[key] = r
-                a = r["average"]
-                rows.append([name, fs, size, 100 * a["router"], 100 * a["routed"], 100 * a["oracle"],
-                             100 * r["routed_over_oracle"], r["errors_ambiguous_pairs"], r["errors_elsewhere"],
-                             f"{100 * r['first_task_right_after']:.1f} -> {100 * r['first_task_at_end']:.1f}"])
-                print(f"{key}: task-id {100 * a['router']:.2f} routed/oracle {100 * r['routed_over_oracle']:.2f} "
-                      f"({time.perf_counter() - t0:.0f}s)", flush=True)
+        memory, combine = all_variants[name]
+        for size in (500, 2000):
+            t0 = time.perf_counter()
+            r = run_variant(memory, combine, data, hits, cols, size)
+            key = f"{name} | {fs} | {size}"
+            results[key] = r
+            a = r["average"]
+            rows.append([name, fs, size, 100 * a["router"], 100 * a["routed"], 100 * a["oracle"],
+                         100 * r["routed_over_oracle"], r["errors_ambiguous_pairs"], r["errors_elsewhere"],
+                         f"{100 * r['first_task_right_after']:.1f} -> {100 * r['first_task_at_end']:.1f}"])
+            print(f"{key}: task-id {100 * a['router']:.2f} routed/oracle {100 * r['routed_over_oracle']:.2f} "
+                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
     print()
     print(table(["variant", "features", "train/task", "task-id %", "routed %", "oracle %", "routed/oracle %",
                  "err: pairs", "err: elsewhere", "first task"], rows))
@@ -448,7 +458,7 @@ def main() -> int:
     e.add_argument("--threads", type=int, default=2)
     e.add_argument("--json", default=None)
     e.add_argument("--variants", nargs="*", default=None, help="substrings of variant names to run [all]")
-    e.add_argument("--features", nargs="*", default=["L2", "all7"], choices=list(FEATURE_SETS))
+    e.add_argument("--features", nargs="*", default=None, choices=list(FEATURE_SETS), help="feature sets [all of PLAN]")
     args = ap.parse_args()
     setup_torch(args.threads)
     if args.cmd == "cache":
