@@ -27,7 +27,7 @@ share in the pool with a warning (the old behaviour). Once every task holds its 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -38,9 +38,10 @@ from adaptbank.bank.store import BankError, BankStore
 from adaptbank.core.config import MethodConfig
 from adaptbank.data.specs import validate_task_name
 from adaptbank.routing.lda import LDARouter, RouterStats, shrunk_covariance
+from adaptbank.routing.pools import check_pools
 
 __all__ = ["RouterDriftError", "task_memory", "memory_stats", "stats_from", "router_files", "router_update",
-           "refit", "check_exact_removal", "precheck", "choose_group", "router_distances"]
+           "refit", "stored_router", "check_exact_removal", "precheck", "choose_group", "router_distances"]
 
 TaskStats = tuple[Tensor, int, "Tensor | None"]
 """A task's router statistics: mean (F,), example count, scatter (F, F) or None when not stored."""
@@ -82,15 +83,27 @@ def stats_from(current: tuple[dict, dict[str, Any]] | None, dim: int) -> RouterS
     return RouterStats.from_tensors(meta["expert_order"], files["stats"])
 
 
-def router_files(stats: RouterStats, layers: int, shrinkage: float) -> tuple[dict, dict, list[str]]:
-    """``(files, meta, expert_order)`` for the store: the statistics and the LDA router fitted on them."""
+def router_files(stats: RouterStats, layers: int, shrinkage: float,
+                 pools: Sequence[str] = ("mean",)) -> tuple[dict, dict, list[str]]:
+    """``(files, meta, expert_order)`` for the store: the statistics and the LDA router fitted on them.
+    ``meta["pools"]`` is written only for pools other than today's ``("mean",)``, so such banks' stored
+    router stays byte-identical to before the option."""
     files = {"stats": stats.to_tensors()}
     if stats.names:
-        lda = LDARouter.fit(stats, layers=layers, shrinkage=shrinkage)
+        lda = LDARouter.fit(stats, layers=layers, shrinkage=shrinkage, pools=pools)
         files["lda"] = {"weight": lda.weight.clone(), "bias": lda.bias.clone()}
     meta = {"kind": "lda", "layers": layers, "shrinkage": shrinkage, "expert_order": list(stats.names),
             "adaptbank_version": __version__}
+    if tuple(pools) != ("mean",):
+        meta["pools"] = list(check_pools(pools))
     return files, meta, list(stats.names)
+
+
+def stored_router(files: dict[str, Any], meta: dict[str, Any]) -> LDARouter:
+    """The LDA router of a stored router ``(files, meta)``; a router stored before pools existed (no
+    ``meta["pools"]``) reads mean pools, as it was fitted on."""
+    return LDARouter(meta["expert_order"], files["lda"]["weight"], files["lda"]["bias"], layers=meta["layers"],
+                     pools=meta.get("pools", ("mean",)))
 
 
 def check_exact_removal(where: object, stats: RouterStats, name: str, scatter: Tensor | None, *,
