@@ -262,7 +262,6 @@ def replay_lr(m=200, lam=None, base="none"):
 def transformed(variant, kind):
     """``variant`` on per-example transformed features: ``l2`` scales each layer's 384-block of the pool
     to unit norm; ``sqrt`` is the signed square root (power normalisation) of every number."""
-    import torch
 
     memory, combine = variant
 
