@@ -137,7 +137,8 @@ def precheck(store: BankStore, name: str, *, doing: str, allow_drift: bool) -> N
 
 def router_update(store: BankStore, *, dim: Callable[[], int], layers: int, shrinkage: float,
                   add: tuple[str, TaskStats] | None = None, drop: str | None = None,
-                  allow_drift: bool = False) -> Callable[..., tuple[dict, dict, list[str]]]:
+                  allow_drift: bool = False,
+                  pools: Sequence[str] = ("mean",)) -> Callable[..., tuple[dict, dict, list[str]]]:
     """A store callback (``store.RouterUpdate``): the stored statistics plus task ``add`` (replacing the
     same name's old version in its place) or minus ``drop``, each removal subtracting the task's own
     stored scatter (read as committed before the change), then the router refitted. ``dim()``: the
@@ -161,7 +162,7 @@ def router_update(store: BankStore, *, dim: Callable[[], int], layers: int, shri
         _drop_vanished(stats, tasks, store.path)
         if sorted(stats.names) == sorted(tasks):
             stats.reorder(tasks)
-        return router_files(stats, layers, shrinkage)
+        return router_files(stats, layers, shrinkage, pools)
 
     return update
 
@@ -176,7 +177,8 @@ def _drop_vanished(stats: RouterStats, tasks: list[str], where: object) -> None:
         stats.remove(name, keep_scatter=True)
 
 
-def refit(store: BankStore, *, dim: int, layers: int, shrinkage: float) -> tuple[dict, dict, list[str]]:
+def refit(store: BankStore, *, dim: int, layers: int, shrinkage: float,
+          pools: Sequence[str] = ("mean",)) -> tuple[dict, dict, list[str]]:
     """The router refitted from the bank's memory. When every task holds its scatter, from scratch: the
     tasks' stored means, counts and scatters, nothing else (exact, whatever happened before). Otherwise
     the stored statistics, with the mean (and scatter, when stored) of any task they lack; such a task's
@@ -187,14 +189,14 @@ def refit(store: BankStore, *, dim: int, layers: int, shrinkage: float) -> tuple
         stats = RouterStats(dim)
         for name in tasks:
             stats.add(name, *memory[name])
-        return router_files(stats, layers, shrinkage)
+        return router_files(stats, layers, shrinkage, pools)
     stats = stats_from(store.read_router(), dim)
     _drop_vanished(stats, tasks, store.path)
     for name in tasks:
         if name not in stats.names:
             stats.add(name, *memory[name])
     stats.reorder(tasks)
-    return router_files(stats, layers, shrinkage)
+    return router_files(stats, layers, shrinkage, pools)
 
 
 def router_distances(store: BankStore, tasks: list[str], mean: Tensor, scatter: Tensor, count: int, *, dim: int,
