@@ -27,7 +27,7 @@ share in the pool with a warning (the old behaviour). Once every task holds its 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -38,9 +38,10 @@ from adaptbank.bank.store import BankError, BankStore
 from adaptbank.core.config import MethodConfig
 from adaptbank.data.specs import validate_task_name
 from adaptbank.routing.lda import LDARouter, RouterStats, shrunk_covariance
+from adaptbank.routing.pools import check_pools
 
 __all__ = ["RouterDriftError", "task_memory", "memory_stats", "stats_from", "router_files", "router_update",
-           "refit", "check_exact_removal", "precheck", "choose_group", "router_distances"]
+           "refit", "stored_router", "check_exact_removal", "precheck", "choose_group", "router_distances"]
 
 TaskStats = tuple[Tensor, int, "Tensor | None"]
 """A task's router statistics: mean (F,), example count, scatter (F, F) or None when not stored."""
@@ -82,15 +83,27 @@ def stats_from(current: tuple[dict, dict[str, Any]] | None, dim: int) -> RouterS
     return RouterStats.from_tensors(meta["expert_order"], files["stats"])
 
 
-def router_files(stats: RouterStats, layers: int, shrinkage: float) -> tuple[dict, dict, list[str]]:
-    """``(files, meta, expert_order)`` for the store: the statistics and the LDA router fitted on them."""
+def router_files(stats: RouterStats, layers: int, shrinkage: float,
+                 pools: Sequence[str] = ("mean",)) -> tuple[dict, dict, list[str]]:
+    """``(files, meta, expert_order)`` for the store: the statistics and the LDA router fitted on them.
+    ``meta["pools"]`` is written only for pools other than today's ``("mean",)``, so such banks' stored
+    router stays byte-identical to before the option."""
     files = {"stats": stats.to_tensors()}
     if stats.names:
-        lda = LDARouter.fit(stats, layers=layers, shrinkage=shrinkage)
+        lda = LDARouter.fit(stats, layers=layers, shrinkage=shrinkage, pools=pools)
         files["lda"] = {"weight": lda.weight.clone(), "bias": lda.bias.clone()}
     meta = {"kind": "lda", "layers": layers, "shrinkage": shrinkage, "expert_order": list(stats.names),
             "adaptbank_version": __version__}
+    if tuple(pools) != ("mean",):
+        meta["pools"] = list(check_pools(pools))
     return files, meta, list(stats.names)
+
+
+def stored_router(files: dict[str, Any], meta: dict[str, Any]) -> LDARouter:
+    """The LDA router of a stored router ``(files, meta)``; a router stored before pools existed (no
+    ``meta["pools"]``) reads mean pools, as it was fitted on."""
+    return LDARouter(meta["expert_order"], files["lda"]["weight"], files["lda"]["bias"], layers=meta["layers"],
+                     pools=meta.get("pools", ("mean",)))
 
 
 def check_exact_removal(where: object, stats: RouterStats, name: str, scatter: Tensor | None, *,
@@ -124,7 +137,8 @@ def precheck(store: BankStore, name: str, *, doing: str, allow_drift: bool) -> N
 
 def router_update(store: BankStore, *, dim: Callable[[], int], layers: int, shrinkage: float,
                   add: tuple[str, TaskStats] | None = None, drop: str | None = None,
-                  allow_drift: bool = False) -> Callable[..., tuple[dict, dict, list[str]]]:
+                  allow_drift: bool = False,
+                  pools: Sequence[str] = ("mean",)) -> Callable[..., tuple[dict, dict, list[str]]]:
     """A store callback (``store.RouterUpdate``): the stored statistics plus task ``add`` (replacing the
     same name's old version in its place) or minus ``drop``, each removal subtracting the task's own
     stored scatter (read as committed before the change), then the router refitted. ``dim()``: the
@@ -148,7 +162,7 @@ def router_update(store: BankStore, *, dim: Callable[[], int], layers: int, shri
         _drop_vanished(stats, tasks, store.path)
         if sorted(stats.names) == sorted(tasks):
             stats.reorder(tasks)
-        return router_files(stats, layers, shrinkage)
+        return router_files(stats, layers, shrinkage, pools)
 
     return update
 
@@ -163,7 +177,8 @@ def _drop_vanished(stats: RouterStats, tasks: list[str], where: object) -> None:
         stats.remove(name, keep_scatter=True)
 
 
-def refit(store: BankStore, *, dim: int, layers: int, shrinkage: float) -> tuple[dict, dict, list[str]]:
+def refit(store: BankStore, *, dim: int, layers: int, shrinkage: float,
+          pools: Sequence[str] = ("mean",)) -> tuple[dict, dict, list[str]]:
     """The router refitted from the bank's memory. When every task holds its scatter, from scratch: the
     tasks' stored means, counts and scatters, nothing else (exact, whatever happened before). Otherwise
     the stored statistics, with the mean (and scatter, when stored) of any task they lack; such a task's
@@ -174,14 +189,14 @@ def refit(store: BankStore, *, dim: int, layers: int, shrinkage: float) -> tuple
         stats = RouterStats(dim)
         for name in tasks:
             stats.add(name, *memory[name])
-        return router_files(stats, layers, shrinkage)
+        return router_files(stats, layers, shrinkage, pools)
     stats = stats_from(store.read_router(), dim)
     _drop_vanished(stats, tasks, store.path)
     for name in tasks:
         if name not in stats.names:
             stats.add(name, *memory[name])
     stats.reorder(tasks)
-    return router_files(stats, layers, shrinkage)
+    return router_files(stats, layers, shrinkage, pools)
 
 
 def router_distances(store: BankStore, tasks: list[str], mean: Tensor, scatter: Tensor, count: int, *, dim: int,

@@ -20,6 +20,10 @@ result equals an offline LDA fitted on all tasks at once (Fisher 1936; the incre
 the task, see ``bank.router_memory``), so the statistics always equal a fit from scratch on the tasks
 present.
 
+**Pools.** ``LDARouter.pools`` (default ``("mean",)``, today's router) names the summaries of each read
+hidden state (``routing.pools``: ``mean``, ``rms``); the statistics are the same whatever the features
+are, so every guarantee above holds for any pools.
+
 **Gates.** ``softmax(scores / temperature)``, keep the top-k, renormalise: ``index (B, k)``,
 ``weight (B, k)``.
 """
@@ -30,6 +34,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+
+from adaptbank.routing.pools import check_pools
 
 __all__ = ["RouterStats", "LDARouter", "topk_gates", "shrunk_covariance"]
 
@@ -194,21 +200,25 @@ def shrunk_covariance(stats: RouterStats, shrinkage: float) -> Tensor:
 class LDARouter(nn.Module):
     """Linear task scores ``x W^T + b`` fitted in closed form from :class:`RouterStats`."""
 
-    def __init__(self, names: Sequence[str], weight: Tensor, bias: Tensor, *, layers: int) -> None:
+    def __init__(self, names: Sequence[str], weight: Tensor, bias: Tensor, *, layers: int,
+                 pools: Sequence[str] = ("mean",)) -> None:
         super().__init__()
         self.names = list(names)
         self.layers = layers
+        self.pools = check_pools(pools)
+        """Pools of each read hidden state (``routing.pools``), layer-major in the features."""
         self.register_buffer("weight", weight.float())  # (E, F)
         self.register_buffer("bias", bias.float())  # (E,)
 
     @classmethod
-    def fit(cls, stats: RouterStats, *, layers: int, shrinkage: float = 0.1) -> LDARouter:
+    def fit(cls, stats: RouterStats, *, layers: int, shrinkage: float = 0.1,
+            pools: Sequence[str] = ("mean",)) -> LDARouter:
         if not stats.names:
             raise ValueError("cannot fit a router with no tasks")
         means = torch.stack(stats.means)  # (E, F)
         weight = torch.linalg.solve(shrunk_covariance(stats, shrinkage), means.T).T  # (E, F)
         bias = -0.5 * (weight * means).sum(1)  # (E,)
-        return cls(stats.names, weight, bias, layers=layers)
+        return cls(stats.names, weight, bias, layers=layers, pools=pools)
 
     def forward(self, features: Tensor) -> Tensor:
         return features.float() @ self.weight.T + self.bias  # (B, E)

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from adaptbank.core.pooling import mean_pool
 from adaptbank.routing.lda import LDARouter, topk_gates
+from adaptbank.routing.pools import pool_state
 from adaptbank.routing.state import RoutingState
 
 __all__ = ["RouterTrace", "RouterTap", "layer_list", "install_taps", "remove_taps"]
@@ -35,7 +35,7 @@ class RouterTrace:
     mask: Tensor | None = None
     """(B, T) attention mask of the routed forward in progress; None outside one."""
     features: list[Tensor] = field(default_factory=list)
-    """The (B, D) pools collected so far (embeddings, then one per tapped layer)."""
+    """The (B, D) pools collected so far (embeddings, then each tapped layer; ``router.pools`` per state)."""
     scores: Tensor | None = None
     """(B, E) router scores, in the router's expert order."""
 
@@ -84,11 +84,12 @@ class RouterTap(nn.Module):
         tr = self.trace
         if tr.mask is None or self.router is None:
             return self.layer(hidden, *args, **kwargs)
+        pools = self.router.pools
         if self.first:
-            tr.features = [mean_pool(hidden, tr.mask)]  # (B, D)
+            tr.features = pool_state(hidden, tr.mask, pools)  # P x (B, D)
         out = self.layer(hidden, *args, **kwargs)
         h = out[0] if isinstance(out, tuple) else out  # (B, T, D)
-        tr.features.append(mean_pool(h, tr.mask))  # (B, D)
+        tr.features.extend(pool_state(h, tr.mask, pools))  # P x (B, D)
         if self.last:
             scores = self.router(torch.cat(tr.features, -1))  # (B, E)
             tr.scores = scores
