@@ -190,9 +190,12 @@ def shrunk_covariance(stats: RouterStats, shrinkage: float) -> Tensor:
     shrunk towards a scaled identity, ``(1 - a) S + a tr(S)/F I`` (F x F, float64); the identity while
     the pool is empty or zero (no scatter known, or one example per task)."""
     eye = torch.eye(stats.dim, dtype=torch.float64)  # (F, F)
-    cov = stats.scatter / max(1, stats.scatter_count - sum(stats.pooled))  # (F, F)
+    dof = stats.scatter_count - sum(stats.pooled)  # examples minus tasks in the pool
+    if dof <= 0:  # nothing pooled, or one-example tasks only: the scatter is zero up to rounding, no estimate
+        return eye
+    cov = stats.scatter / dof  # (F, F)
     scale = torch.trace(cov) / stats.dim
-    if not stats.scatter_count or not scale > 0:  # nothing pooled, or one-example tasks only
+    if not scale > 0:  # every pooled task's examples identical
         return eye
     return (1 - shrinkage) * cov + shrinkage * scale * eye
 
