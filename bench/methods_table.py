@@ -39,7 +39,7 @@ def cell(values: list[float]) -> str:
 
 
 def accuracy_table(runs: list[dict[str, Any]]) -> None:
-    print("| task | method | trainable % | adaptbank | peer(s) | adaptbank - best peer | full FT | rel. full FT | disk KiB |")
+    print("| task | method | trainable % | adaptbank | peer(s) | adaptbank - peer | full FT | rel. full FT | disk KiB |")
     print("|---|---|---:|---:|---|---:|---:|---:|---:|")
     for task, methods in runs[0].items():
         full = methods.get("full-ft", {}).get("transformers", {}).get("accuracy")
