@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-__all__ = ["reset_peak", "peak_bytes"]
+__all__ = ["reset_peak", "peak_bytes", "resident_bytes"]
 
 
 def reset_peak() -> bool:
@@ -26,9 +26,18 @@ def reset_peak() -> bool:
 
 def peak_bytes() -> int | None:
     """The resident-set high-water mark in bytes (``VmHWM``), or None where ``/proc`` does not give it."""
+    return _status_bytes("VmHWM")
+
+
+def resident_bytes() -> int | None:
+    """The current resident set in bytes (``VmRSS``), or None where ``/proc`` does not give it."""
+    return _status_bytes("VmRSS")
+
+
+def _status_bytes(field: str) -> int | None:
     try:
         status = Path("/proc/self/status").read_text()
     except OSError:
         return None
-    m = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
+    m = re.search(rf"^{field}:\s+(\d+) kB", status, re.M)
     return int(m.group(1)) * 1024 if m else None

@@ -133,26 +133,25 @@ def parse() -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- measuring, inside a worker
-def _status_kib(field: str) -> int | None:
-    m = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-    return int(m.group(1)) if m else None
-
-
 class PeakMemory:
-    """Peak resident-set growth of a code region: reset VmHWM to the current RSS on entry, read it on exit."""
+    """Peak resident-set growth of a code region: reset VmHWM to the current RSS on entry, read it on exit
+    (``adaptbank._memory``); where the reset is refused, the ``getrusage`` max-RSS delta, flagged in ``method``."""
 
     def __enter__(self) -> PeakMemory:
+        from adaptbank._memory import reset_peak, resident_bytes
+
         gc.collect()
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0: VmHWM := VmRSS
-            self.method, self.start = "VmHWM reset", _status_kib("VmRSS")
-        except OSError:
-            self.method, self.start = "ru_maxrss delta (no VmHWM reset)", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if reset_peak():  # Linux >= 4.0: VmHWM := VmRSS
+            self.method, self.start = "VmHWM reset", resident_bytes()
+        else:
+            self.method, self.start = "ru_maxrss delta (no VmHWM reset)", 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return self
 
     def __exit__(self, *exc: object) -> None:
-        end = _status_kib("VmHWM") if self.method == "VmHWM reset" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        self.mib = (end - self.start) / 1024 if end is not None and self.start is not None else None
+        from adaptbank._memory import peak_bytes
+
+        end = peak_bytes() if self.method == "VmHWM reset" else 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        self.mib = (end - self.start) / 2**20 if end is not None and self.start is not None else None
 
 
 def disk(folder: Path) -> dict:

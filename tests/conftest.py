@@ -24,6 +24,15 @@ DATA = Path(os.environ.get("ADAPTBANK_DATA", REPO.parent / "shared" / "data"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def randomize_expert(model, name: str, seed: int = 0, scale: float = 0.3) -> None:
+    """Give every tensor of task ``name``'s expert (its shared A included) seeded N(0, ``scale``^2) values:
+    B and up-projections start at zero, and an expert at zero would hide what its formula does."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.expert_parameters(name, include_shared=True):
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """Remove this session's allow file (see the ADAPTBANK_CONFIG_DIR above)."""
     shutil.rmtree(os.environ["ADAPTBANK_CONFIG_DIR"], ignore_errors=True)

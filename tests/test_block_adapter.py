@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_backbone
+from conftest import FAMILIES, randomize_expert, tiny_backbone
 
 from adaptbank import AdaptBankModel
 from adaptbank.core.backbone import fingerprint
@@ -21,20 +21,13 @@ from adaptbank.core.inject import FAMILY_BLOCKS, iter_adapted, submodule
 BLOCK = ParallelAdapterConfig(bottleneck=5, scale=2.0, activation="gelu")
 
 
-def _randomize(model: AdaptBankModel, name: str, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.expert_parameters(name):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_block_output_is_ffn_plus_scaled_bottleneck_of_the_block_input(family):
     model = AdaptBankModel(tiny_backbone(family))
     block_path = next(p.removesuffix(".beside") for p in model.target_paths(BLOCK))
     original = copy.deepcopy(submodule(model.backbone, block_path)).eval()
     model.add_task("a", BLOCK, ["x", "y"])
-    _randomize(model, "a")
+    randomize_expert(model, "a")
     model.eval()
     model.route(task="a")
     wrapped = submodule(model.backbone, block_path)
@@ -81,8 +74,8 @@ def test_sub_layer_paths_and_fingerprint_do_not_depend_on_the_block_wrapper_and_
     assert list(first.layers_of("lo")) == list(second.layers_of("lo"))
     assert set(first.export_task("lo")["adapter"]) == set(second.export_task("lo")["adapter"])
     assert all(p.endswith(".beside") for p in first.layers_of("blk"))
-    _randomize(first, "lo", 1)
-    _randomize(first, "blk", 2)
+    randomize_expert(first, "lo", 1)
+    randomize_expert(first, "blk", 2)
     first.route(task_ids=["lo", "blk", "blk", "lo"])
     mixed = first.features(**inputs)
     for i, t in enumerate(["lo", "blk", "blk", "lo"]):

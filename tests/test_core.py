@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_backbone
+from conftest import FAMILIES, randomize_expert, tiny_backbone
 
 from adaptbank import AdaptBankModel, AdapterConfig, LoRAConfig, ParallelAdapterConfig
 from adaptbank.core.adapted import AdaptedLinear
@@ -19,14 +19,6 @@ METHODS = {
     "parallel": ParallelAdapterConfig(bottleneck=6, targets="ffn"),
     "parallel-block": ParallelAdapterConfig(bottleneck=6),
 }
-
-
-def randomize(model: AdaptBankModel, name: str, seed: int = 0) -> None:
-    """Give task ``name``'s expert non-zero values everywhere (B and up-projections start at zero)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.expert_parameters(name, include_shared=True):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def base_features(family: str, inputs: dict) -> torch.Tensor:
@@ -54,7 +46,7 @@ def test_mixed_batch_rows_equal_single_task_runs(family, method, inputs):
     kinds = [METHODS[method]] * 3 if method != "mixed-kinds" else [METHODS["lora"], METHODS["adapter-houlsby"], METHODS["parallel-block"]]
     for i, (name, cfg) in enumerate(zip("abc", kinds)):
         model.add_task(name, cfg, ["x", "y"])
-        randomize(model, name, seed=i)
+        randomize_expert(model, name, seed=i)
     tasks = ["c", "a", "b", "a"]
     model.route(task_ids=tasks)
     mixed = model.features(**inputs)
@@ -116,7 +108,7 @@ def test_merge_equals_unmerged_and_unmerge_restores(family, inputs):
     model = AdaptBankModel(tiny_backbone(family))
     model.add_task("a", LoRAConfig(rank=4, dropout=0.0, targets="all-linear"), ["x", "y"])
     model.add_task("b", LoRAConfig(rank=2, dropout=0.0, targets="qv"), ["x", "y"])
-    randomize(model, "a")
+    randomize_expert(model, "a")
     weights = {p: layer.base.weight.clone() for p, layer in iter_adapted(model.backbone)}
     model.route(task="a")
     unmerged = model.features(**inputs)
@@ -169,7 +161,7 @@ def test_trainable_parameter_counts_match_closed_form(family):
 def test_only_active_expert_and_head_get_gradients(family, inputs):
     model = AdaptBankModel(tiny_backbone(family))
     model.add_task("old", LoRAConfig(rank=2), ["x", "y"])
-    randomize(model, "old")
+    randomize_expert(model, "old")
     model.add_task("new", LoRAConfig(rank=2), ["x", "y"])
     expert, head = model.train_only("new")
     logits = model(**inputs, task="new").logits
@@ -192,7 +184,7 @@ def test_save_load_is_bit_exact(method, inputs, tmp_path):
     group = "g" if method == "shared-a" else None
     cfg = METHODS["lora"] if method == "shared-a" else METHODS[method]
     model.add_task("a", cfg, ["x", "y"], shared_group=group)
-    randomize(model, "a")
+    randomize_expert(model, "a")
     save_expert(model, "a", tmp_path / "a")
     files = model.export_task("a")
     assert not any("a" == part for k in files["adapter"] for part in k.split(".")), "keys must not hold the task name"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _lm import tiny_lm, word_tokenizer
-from conftest import tiny_backbone
+from conftest import randomize_expert, tiny_backbone
 
 from adaptbank.core.config import AdapterConfig, IA3Config, LoRAConfig, PromptTuningConfig, TrainConfig
 from adaptbank.core.generate import generate
@@ -28,10 +28,7 @@ LM_FAMILIES = ["gpt2", "llama"]
 
 def randomize(model: AdaptBankModel, name: str, seed: int) -> None:
     """Non-zero values in every tensor of task ``name``'s expert (B and up-projections start at zero)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.expert_parameters(name, include_shared=True):
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
+    randomize_expert(model, name, seed, scale=0.5)
 
 
 def lm_model(family: str, tasks: dict[str, object], *, reserved: int = 0) -> AdaptBankModel:

@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_backbone
+from conftest import FAMILIES, randomize_expert, tiny_backbone
 
 from adaptbank import AdaptBankModel
 from adaptbank.core.block import AdaptedBlock
@@ -21,13 +21,6 @@ from adaptbank.core.inject import FAMILY_BLOCKS, submodule
 SERIAL = AdapterConfig(bottleneck=5)
 
 
-def _randomize(model: AdaptBankModel, name: str, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.expert_parameters(name):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-
-
 def test_the_default_serial_adapter_reads_the_normalised_block_output_and_joins_before_layernorm():
     model = AdaptBankModel(tiny_backbone("bert"))
     assert AdapterConfig().targets == "pfeiffer-block"
@@ -36,7 +29,7 @@ def test_the_default_serial_adapter_reads_the_normalised_block_output_and_joins_
     block_path = path.removesuffix(".after")
     original = copy.deepcopy(submodule(model.backbone, block_path)).eval()
     model.add_task("a", SERIAL, ["x", "y"])
-    _randomize(model, "a")
+    randomize_expert(model, "a")
     model.eval()
     model.route(task="a")
     wrapped = submodule(model.backbone, block_path)
@@ -81,7 +74,7 @@ def test_rows_with_and_without_the_serial_adapter_equal_their_single_task_runs(i
     model.reserved_layers = 0
     for name, cfg in (("s", SERIAL), ("p", ParallelAdapterConfig(bottleneck=4)), ("l", LoRAConfig(rank=2))):
         model.add_task(name, cfg, ["x", "y"])
-        _randomize(model, name, seed=len(name) + ord(name))
+        randomize_expert(model, name, seed=len(name) + ord(name))
     model.eval()
     rows = ["s", "p", "l", "s"]
     model.route(task_ids=rows)

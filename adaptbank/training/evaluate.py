@@ -63,15 +63,10 @@ def evaluate_hits(model: AdaptBankModel, name: str, texts: Sequence[str], labels
     return hits(probs.argmax(1), labels)  # (N, C) -> (N,)
 
 
-@torch.no_grad()
 def head_accuracy(head: ClassificationHead, feats: Tensor, labels: Sequence[int]) -> float:
-    """Accuracy of ``head`` (in eval mode) on pooled features ``feats`` (N, D)."""
-    was_training = head.training
-    head.eval()
-    device = head.linear.weight.device
-    pred = head(feats.to(device, head.linear.weight.dtype)).argmax(1).cpu()  # (N,)
-    head.train(was_training)
-    return accuracy(pred, labels)
+    """Accuracy of ``head`` (in eval mode) on pooled features ``feats`` (N, D): the mean of :func:`head_hits`."""
+    got = head_hits(head, feats, labels)
+    return sum(got) / len(got)
 
 
 @torch.no_grad()
