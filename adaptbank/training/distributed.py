@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -131,8 +132,17 @@ def current() -> Dist:
 
 
 def _leave() -> None:
-    if torch_dist.is_initialized():
-        torch_dist.destroy_process_group()
+    """Leave the group joined by :func:`current` at exit: every rank meets at a barrier first, so no rank
+    tears its gloo pairs down while a peer still talks to it (a peer already gone fails the barrier at
+    once; the exit goes on), then the group is destroyed while the interpreter is fully alive."""
+    if not torch_dist.is_initialized():
+        return
+    gc.collect()  # any DDP reducer still holding the group goes first
+    try:
+        torch_dist.barrier()
+    except Exception:  # noqa: BLE001 - a failed peer: nothing left to wait for
+        pass
+    torch_dist.destroy_process_group()
 
 
 def check_batch(batch_size: int, dist: Dist) -> None:
@@ -282,6 +292,19 @@ class Synced:
         if self._ddp is None or last:
             return contextlib.nullcontext()
         return self._ddp.no_sync()  # type: ignore[operator]
+
+    def close(self) -> None:
+        """Drop the DDP wrapper now (its reducer holds the process group and autograd hooks; left to the
+        garbage collector it may outlive the group and die in interpreter shutdown, a gloo abort)."""
+        if self._ddp is not None:
+            self._ddp = None
+            gc.collect()
+
+    def __enter__(self) -> Synced:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def synced(params: Sequence[nn.Parameter], dist: Dist) -> Synced:

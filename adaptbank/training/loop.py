@@ -227,10 +227,10 @@ def fit(model: AdaptBankModel, plan: Iterable[list[Row]], *, steps: int, groups:
     for p in params:
         p.requires_grad_(True)
     opt, sched = make_optimizer(groups, cfg, steps)
-    synced = distributed.synced(params, dist)  # one process: a plain call; else DDP over ``params`` only
     result = TrainResult()
     start, seen = time.perf_counter(), 0
-    with seeded(distributed.rank_seed(seed, dist)):
+    # synced: one process, a plain call; else DDP over ``params`` only, dropped when the loop ends
+    with distributed.synced(params, dist) as synced, seeded(distributed.rank_seed(seed, dist)):
         model.train(dropout)
         for rows in plan:
             if result.steps >= steps:
