@@ -58,6 +58,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -128,6 +129,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--lr", nargs="+", default=[], metavar="METHOD=LR",
                    help="override the learning rate of a method (for every implementation of it), e.g. prefix=1e-3")
     p.add_argument("--redo", action="store_true", help="measure again even what --json already has")
+    p.add_argument("--prefix-positions", default="auto", choices=["auto", "from-zero", "after-prefix"],
+                   help="adaptbank's PrefixConfig.positions for prefix and P-tuning v2 (auto: from-zero on MiniLM; "
+                        "peft's numerics are after-prefix, the adapters library's from-zero)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one run, spec JSON path
     return p.parse_args()
 
@@ -256,6 +260,7 @@ def adaptbank_method(method: str):
 def run_adaptbank(spec: dict, data: dict, out: Path) -> dict:
     from adaptbank import AdaptBankModel, TrainConfig, load_backbone
     from adaptbank.bank.expert_io import save_expert
+    from adaptbank.core.config import PrefixConfig
     from adaptbank.data.tokens import tokenize
     from adaptbank.training.evaluate import predict_task
     from adaptbank.training.loop import train_task
@@ -265,7 +270,10 @@ def run_adaptbank(spec: dict, data: dict, out: Path) -> dict:
     model.reserved_layers = 0  # experts in every layer, as the peers
     base = count(model.backbone.parameters())
     task = spec["task"]
-    model.add_task(task, adaptbank_method(spec["method"]), data["labels"], seed=cfg.seed)
+    method = adaptbank_method(spec["method"])
+    if isinstance(method, PrefixConfig):
+        method = dataclasses.replace(method, positions=spec.get("prefix_positions", "auto"))
+    info = model.add_task(task, method, data["labels"], seed=cfg.seed)
     trainable = count(model.expert_parameters(task))
     texts, labels = data["train"]["texts"], data["train"]["labels"]
     if tokenize(model.tokenizer, texts, cfg.max_length) != data["train"]["ids"]:
@@ -278,7 +286,8 @@ def run_adaptbank(spec: dict, data: dict, out: Path) -> dict:
     return {"accuracy": hits / len(pred), "train_ex_per_s": result.examples_per_second,
             "train_seconds": result.seconds, "steps": result.steps, "final_loss": result.losses[-1],
             "train_peak_mib": mem.mib, "peak_method": mem.method, "trainable_params": trainable,
-            "stored_params": count(model.expert_parameters(task)), "base_params": base, **disk(out / "saved")}
+            "stored_params": count(model.expert_parameters(task)), "base_params": base, **disk(out / "saved"),
+            **({"positions": info.method.positions} if isinstance(info.method, PrefixConfig) else {})}
 
 
 def peft_config(method: str):
@@ -515,7 +524,8 @@ def main() -> None:
                     else:
                         python = args.adapters_python if impl == "adapters" else sys.executable
                         spec = {"task": task, "method": method, "impl": impl, "train_config": cfg.to_dict(),
-                                "threads": args.threads, "data": str(data_path)}
+                                "threads": args.threads, "data": str(data_path),
+                                "prefix_positions": args.prefix_positions}
                         res[impl] = run_worker(python, spec, folder) | shape
                     shown = {k: v for k, v in res[impl].items() if k not in ("disk_files", "python")}
                     print(f"   {method:16} {impl:12} {shown}", flush=True)

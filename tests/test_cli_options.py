@@ -202,6 +202,7 @@ def test_python_dash_m_runs_the_same_cli():
     ("prompt", ["--alpha", "8"], "--alpha"),
     ("lora", ["--prompt-length", "4"], "--prompt-length"),
     ("ia3", ["--prefix-length", "4"], "--prefix-length"),
+    ("lora", ["--prefix-positions", "from-zero"], "--prefix-positions"),
 ])
 def test_add_task_refuses_a_flag_the_method_does_not_take(tmp_path, method, flags, named):
     bank = tmp_path / "bank"
@@ -209,6 +210,25 @@ def test_add_task_refuses_a_flag_the_method_does_not_take(tmp_path, method, flag
     assert res.exit_code == 2, res.output
     assert named in res.output and f"--method {method}" in res.output and "it takes" in res.output
     assert not bank.exists()  # nothing was created
+
+
+def test_prefix_positions_reach_the_prefix_part_of_a_method():
+    from adaptbank.cli.bank_commands import _method_config
+
+    flags = {"prompt_length": None, "prompt_init": None, "prefix_length": 5, "prefix_positions": "after-prefix"}
+    assert _method_config("ptuning-v2", None, None, prompt=flags) == config_module.PTuningV2Config(
+        prefix_length=5, positions="after-prefix")
+    both = _method_config("prefix+lora", None, 4, prompt=flags, alpha=None, dropout=None)
+    assert both.parts == (config_module.PrefixConfig(prefix_length=5, positions="after-prefix"),
+                          config_module.LoRAConfig(rank=4))
+    assert _method_config("prefix", None, None, prompt={**flags, "prefix_positions": None}).positions == "auto"
+
+
+def test_a_bad_prefix_positions_value_names_the_allowed_ones(tmp_path):
+    res = CliRunner().invoke(main, ["add-task", str(tmp_path / "bank"), "weather", "--method", "prefix",
+                                    "--prefix-positions", "zero"])
+    assert res.exit_code == 2 and "'zero' is not one of 'auto', 'from-zero', 'after-prefix'" in res.output
+    assert not (tmp_path / "bank").exists()
 
 
 def test_method_choices_are_every_method_kind():

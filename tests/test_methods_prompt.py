@@ -4,6 +4,8 @@ routing, equality with peft, training on a built-in task, and the errors; on tin
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import warnings
 
 import pytest
@@ -186,7 +188,7 @@ def test_prefix_equals_peft_prefix_tuning(family, projection, batch):
     ids, mask = batch
     hf = copy.deepcopy(tiny_backbone(family).model)
     name = "prefix" if projection else "ptuning-v2"
-    model = model_with(family, {name: METHODS[name]})
+    model = model_with(family, {name: dataclasses.replace(METHODS[name], positions="after-prefix")})  # peft's positions
     expert = model.virtual.prefixes[name]
     P = expert.length
     cfg = peft.PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=P, prefix_projection=projection,
@@ -204,6 +206,74 @@ def test_prefix_equals_peft_prefix_tuning(family, projection, batch):
             hidden = ref(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, D)
     torch.testing.assert_close(run(model, ids, mask, name), pool(hidden, mask, model.pooling),
                                atol=1e-5 if projection else 1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------- prefix positions
+@pytest.mark.parametrize("family, want", [("bert", "from-zero"), ("gpt2", "after-prefix"), ("llama", "after-prefix")])
+def test_auto_positions_are_fixed_when_the_task_is_created(family, want):
+    from adaptbank.core.config import CombinedConfig
+
+    model = model_with(family, {"p": METHODS["ptuning-v2"], "given": PrefixConfig(prefix_length=2, positions="from-zero"),
+                                "both": CombinedConfig(parts=(LoRAConfig(rank=2), PTuningV2Config(prefix_length=2)))})
+    assert METHODS["ptuning-v2"].positions == "auto"
+    assert model.tasks["p"].method.positions == want and model.virtual.prefixes["p"].shift == (want == "after-prefix")
+    assert model.tasks["given"].method.positions == "from-zero"  # a concrete choice is kept on every family
+    assert model.tasks["both"].method.parts[1].positions == want
+
+
+def test_from_zero_positions_are_the_unprefixed_ones_and_after_prefix_the_shifted(batch):
+    """With positions from zero the real tokens read position embeddings 0..T-1 only (those of the run
+    without a prefix); after the prefix they read P..P+T-1. Changing the embeddings of positions >= T
+    moves only the latter; a mixed batch of both kinds still equals each row's own run."""
+    ids, mask = batch
+    T = ids.shape[1]
+    model = model_with("bert", {"zero": PTuningV2Config(prefix_length=4, positions="from-zero"),
+                                "after": PTuningV2Config(prefix_length=4, positions="after-prefix")})
+    with torch.no_grad():
+        model.virtual.prefixes["after"].key.copy_(model.virtual.prefixes["zero"].key)
+        model.virtual.prefixes["after"].value.copy_(model.virtual.prefixes["zero"].value)
+    zero, after = run(model, ids, mask, "zero"), run(model, ids, mask, "after")
+    assert (zero - after).abs().max() > 1e-3  # the same prefixes, other positions
+    tasks = ["zero", "after", "after", "zero", "after", "zero"]
+    model.route(task_ids=tasks)
+    mixed = model.features(ids, mask)
+    for i, t in enumerate(tasks):
+        torch.testing.assert_close(mixed[i], run(model, ids, mask, t)[i], atol=1e-6, rtol=0)
+    table = model.encoder.embeddings.position_embeddings.weight
+    with torch.no_grad():
+        table[T:] += torch.randn_like(table[T:])
+    torch.testing.assert_close(run(model, ids, mask, "zero"), zero, atol=0, rtol=0)
+    assert (run(model, ids, mask, "after") - after).abs().max() > 1e-2
+
+
+def test_from_zero_prefix_needs_only_the_input_positions():
+    model = model_with("bert", {"zero": PTuningV2Config(prefix_length=60, positions="from-zero"),
+                                "after": PTuningV2Config(prefix_length=60, positions="after-prefix")})
+    model.check_length("zero", 64)  # the model's 64 positions hold the 64 input tokens
+    with pytest.raises(ValueError, match="60 virtual tokens plus 10 input tokens need 70 positions"):
+        model.check_length("after", 10)
+    with pytest.raises(ValueError, match="positions must be one of auto, from-zero, after-prefix "
+                                         r"\(--prefix-positions\), got 'zero'"):
+        PrefixConfig(positions="zero")  # type: ignore[arg-type]
+
+
+def test_a_prefix_stored_before_positions_existed_keeps_its_shifted_positions(tmp_path, batch):
+    from adaptbank.bank.expert_io import load_expert, save_expert
+    from adaptbank.core.config import stored_method
+
+    ids, mask = batch
+    model = model_with("bert", {"old": PTuningV2Config(prefix_length=3, positions="after-prefix")})
+    save_expert(model, "old", tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "adapter_config.json").read_text())
+    assert config["method"]["positions"] == "after-prefix"  # the resolved value is what is stored
+    del config["method"]["positions"]  # as an expert saved before the field existed
+    (tmp_path / "old" / "adapter_config.json").write_text(json.dumps(config))
+    fresh = model_with("bert", {})
+    assert load_expert(fresh, tmp_path / "old").method.positions == "after-prefix"
+    torch.testing.assert_close(run(fresh.eval(), ids, mask, "old"), run(model, ids, mask, "old"), atol=0, rtol=0)
+    parts = stored_method({"kind": "lora+prefix", "parts": [{"kind": "lora"}, {"kind": "prefix"}]}).parts
+    assert parts[1].positions == "after-prefix"
+    assert stored_method({"kind": "prefix", "positions": "from-zero"}).positions == "from-zero"
 
 
 # ----------------------------------------------------------------------------- errors

@@ -30,7 +30,7 @@ from typing import Any
 from adaptbank._atomic import atomic_write_bytes, write_folder
 from adaptbank._tensorfile import check_safetensors
 from adaptbank._version import __version__
-from adaptbank.core.config import method_from_dict
+from adaptbank.core.config import stored_method
 from adaptbank.core.model import AdaptBankModel, TaskInfo
 from adaptbank.core.quantize import quantization_of
 
@@ -121,5 +121,5 @@ def load_expert(model: AdaptBankModel, directory: str | Path, *, name: str | Non
     paths = {stem: _tensor_file(src, stem) for stem in stems}  # every file checked before any is read
     files = {stem: load_file(paths[stem]) for stem in ("adapter", "head")}
     shared = load_file(paths["shared_A"]) if "shared_A" in paths else None
-    return model.import_task(name or config["task"], method_from_dict(config["method"]), config["labels"], files,
+    return model.import_task(name or config["task"], stored_method(config["method"]), config["labels"], files,
                              shared_group=group, shared=shared)

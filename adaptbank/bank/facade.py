@@ -29,7 +29,7 @@ from adaptbank.bank.store import DEFAULT_LOCK_TIMEOUT, BankError, BankStore, Pro
 from adaptbank.bank.task_config import task_config
 from adaptbank.bank.trust import allow_base, base_to_load, canonical
 from adaptbank.core.backbone import DEFAULT_ALIASES, DEFAULT_BACKBONE, Backbone, load_backbone
-from adaptbank.core.config import LoRAConfig, MethodConfig, RouterConfig, TrainConfig, method_from_dict
+from adaptbank.core.config import LoRAConfig, MethodConfig, RouterConfig, TrainConfig, stored_method
 from adaptbank.core.heads import check_head
 from adaptbank.core.model import AdaptBankModel, share_frozen
 from adaptbank.core.quantize import quantize_loaded
@@ -180,7 +180,7 @@ class AdapterBank:
         shared = None
         if group is not None and not any(t.shared_group == group for t in model.tasks.values()):
             shared = self.store.read_shared(group, "A")
-        model.import_task(name, method_from_dict(cfg["method"]), cfg["labels"], files, shared_group=group,
+        model.import_task(name, stored_method(cfg["method"]), cfg["labels"], files, shared_group=group,
                           shared=shared, head=cfg.get("head", "classification"))
 
     # ----------------------------------------------------------------------------- add / remove
@@ -218,8 +218,6 @@ class AdapterBank:
                 raise KeyError(f"parent task {parent!r} is not in bank {self.path}")
             if share_a is not None and not isinstance(method, LoRAConfig):
                 raise ValueError(f"--share-a works with --method lora only, not {method.kind!r}")
-            if init_from is not None:
-                init_source.check(self.store, init_from, method, share_a=share_a)
             if (gen := spec.head == "generation") and diagnose:  # generation: the shared LM head, no head of its own
                 raise ValueError("--diagnose works with classification tasks only (its report reads the head's gradients)")
             if gen and dist.world > 1:
@@ -228,6 +226,9 @@ class AdapterBank:
             data = load_task(spec, max_train=train.max_train, max_test=train.max_test, seed=train.seed)
             start = time.perf_counter()
             model = self.new_model()  # the task trains alone: other experts would be frozen anyway
+            method = model.resolve_method(method)  # as stored: a prefix's auto positions made concrete
+            if init_from is not None:
+                init_source.check(self.store, init_from, method, share_a=share_a)
             if dist.device.type != "cpu":
                 model.to(dist.device)
             if gen:  # before any tokenising: an encoder has no LM head, a prompt expert cannot decode with the cache

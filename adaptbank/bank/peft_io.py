@@ -128,6 +128,10 @@ def to_peft(model: AdaptBankModel, name: str, *, base_name: str | None) -> PeftA
 def _export_refusal(method: MethodConfig) -> str | None:
     if isinstance(method, CombinedConfig):
         return "a combination of methods, while a peft adapter holds one method"
+    if isinstance(method, PrefixConfig) and method.positions != "after-prefix":
+        return (f"a prefix with positions={method.positions!r} (the real tokens at positions 0..T-1), while peft's "
+                "prefix tuning puts them after the prefix (P..P+T-1) and would compute other outputs; train the task "
+                "with --prefix-positions after-prefix (PrefixConfig(positions='after-prefix')) to export it to peft")
     if isinstance(method, (LoRAConfig, IA3Config, PromptTuningConfig, PrefixConfig)):
         return None
     what = {"adapter": "a bottleneck adapter", "parallel-adapter": "a bottleneck adapter",
@@ -337,9 +341,10 @@ def _virtual_from_peft(model: AdaptBankModel, adapter: PeftAdapter) -> tuple[Par
     kv = emb.reshape(P, N, 2, H * d)  # (P, N, 2, W)
     tensors = {"prefix.key": kv[:, :, 0].transpose(0, 1).contiguous(),  # (N, P, W)
                "prefix.value": kv[:, :, 1].transpose(0, 1).contiguous()}  # (N, P, W)
-    if config.get("prefix_projection"):
-        return PrefixConfig(prefix_length=P, reparam_hidden=int(config.get("encoder_hidden_size") or 512)), tensors
-    return PTuningV2Config(prefix_length=P), tensors
+    if config.get("prefix_projection"):  # peft's real tokens sit after the prefix: positions P..P+T-1
+        return (PrefixConfig(prefix_length=P, reparam_hidden=int(config.get("encoder_hidden_size") or 512),
+                             positions="after-prefix"), tensors)
+    return PTuningV2Config(prefix_length=P, positions="after-prefix"), tensors
 
 
 # ----------------------------------------------------------------------------- files

@@ -65,7 +65,8 @@ def init(bank: str, base: str | None, quantize: str | None, **router: Any) -> No
 _TAKES: dict[str, set[str]] = {
     "lora": {"targets", "rank", "alpha", "dropout"}, "adapter": {"targets", "rank"},
     "parallel-adapter": {"targets", "rank"}, "bitfit": {"targets"}, "ia3": {"targets"},
-    "prompt": {"prompt_length", "prompt_init"}, "prefix": {"prefix_length"}, "ptuning-v2": {"prefix_length"}}
+    "prompt": {"prompt_length", "prompt_init"}, "prefix": {"prefix_length", "prefix_positions"},
+    "ptuning-v2": {"prefix_length", "prefix_positions"}}
 """The add-task flags each method kind takes (by parameter name)."""
 
 
@@ -90,7 +91,8 @@ def _method_config(method: str, targets: str | None, rank: int | None, *, prompt
                    **lora: Any) -> MethodConfig:
     """The method config of add-task's flags: ``--rank`` is LoRA's rank or an adapter's bottleneck width;
     ``--targets`` a preset or comma-separated patterns; ``--alpha``/``--dropout`` apply to LoRA only;
-    ``--prompt-length``/``--prompt-init`` to prompt tuning, ``--prefix-length`` to prefix and P-tuning v2.
+    ``--prompt-length``/``--prompt-init`` to prompt tuning, ``--prefix-length``/``--prefix-positions`` to
+    prefix and P-tuning v2.
     A flag given for a method that does not take it is an error naming both. A combined ``a+b`` gives
     each flag to the part that takes it (``--rank`` to the LoRA part where there is one, else the first
     taker); its parts keep their default targets, so ``--targets`` is refused there."""
@@ -112,7 +114,7 @@ def _method_config(method: str, targets: str | None, rank: int | None, *, prompt
         return PromptTuningConfig(**given(**{k: prompt[k] for k in ("prompt_length", "prompt_init")}))
     if method in ("prefix", "ptuning-v2"):
         cls = PrefixConfig if method == "prefix" else PTuningV2Config
-        return cls(**given(prefix_length=prompt["prefix_length"]))
+        return cls(**given(prefix_length=prompt["prefix_length"], positions=prompt.get("prefix_positions")))
     return (BitFitConfig if method == "bitfit" else IA3Config)(**kw)
 
 
@@ -132,7 +134,7 @@ def _combined_config(method: str, targets: str | None, rank: int | None, *, prom
         per_part[next((i for i in takers if kinds[i] == "lora"), takers[0])][flag] = value
     parts = []
     for kind, kw in zip(kinds, per_part):
-        got = {k: kw.get(k) for k in ("prompt_length", "prompt_init", "prefix_length")}
+        got = {k: kw.get(k) for k in ("prompt_length", "prompt_init", "prefix_length", "prefix_positions")}
         parts.append(_method_config(kind, None, kw.get("rank"), prompt=got, alpha=kw.get("alpha"),
                                     dropout=kw.get("dropout")))
     return CombinedConfig(parts=tuple(parts))  # type: ignore[arg-type]
@@ -151,6 +153,7 @@ def _combined_config(method: str, targets: str | None, rank: int | None, *, prom
 @config_option(PromptTuningConfig, "prompt_length")
 @config_option(PromptTuningConfig, "prompt_init")
 @config_option(PrefixConfig, "prefix_length")
+@config_option(PrefixConfig, "positions", "--prefix-positions")
 @click.option("--targets", default=None, help="Preset (qv, attn, all-linear, v, houlsby, pfeiffer, pfeiffer-block, ffn, "
               "ia3, ffn-block) or comma-separated module-name regexes [lora: qv, adapter: pfeiffer-block, "
               "parallel-adapter: ffn-block, "
@@ -179,8 +182,8 @@ def _combined_config(method: str, targets: str | None, rank: int | None, *, prom
 @lock_timeout_option
 @_friendly
 def add_task(bank: str, spec: str, method: str, rank: int | None, alpha: float | None, dropout: float | None,
-             prompt_length: int | None, prompt_init: str | None, prefix_length: int | None, targets: str | None,
-             share_a: str | None, name: str | None, parent: str | None, init_from: str | None, replace: bool,
+             prompt_length: int | None, prompt_init: str | None, prefix_length: int | None, positions: str | None,
+             targets: str | None, share_a: str | None, name: str | None, parent: str | None, init_from: str | None, replace: bool,
              allow_router_drift: bool, as_json: bool, lock_timeout: float, diagnose: bool, **train: Any) -> None:
     """Train SPEC's expert and head, evaluate on its test split, and store them in BANK.
 
@@ -196,7 +199,7 @@ def add_task(bank: str, spec: str, method: str, rank: int | None, alpha: float |
 
     cfg = _method_config(method, targets, rank, alpha=alpha, dropout=dropout,
                          prompt={"prompt_length": prompt_length, "prompt_init": prompt_init,
-                                 "prefix_length": prefix_length})
+                                 "prefix_length": prefix_length, "prefix_positions": positions})
     train_cfg = TrainConfig(**given(**train))
     dist = distributed.current()  # joins a torchrun/accelerate launch; one process: LOCAL
     b = AdapterBank.open(bank, lock_timeout=lock_timeout)

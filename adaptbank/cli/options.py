@@ -194,6 +194,7 @@ CONFIG_FLAGS: dict[str, dict[str, ConfigFlag]] = {
         "--prompt-length": ConfigFlag(PromptTuningConfig, "prompt_length"),
         "--prompt-init": ConfigFlag(PromptTuningConfig, "prompt_init"),
         "--prefix-length": ConfigFlag(PrefixConfig, "prefix_length"),
+        "--prefix-positions": ConfigFlag(PrefixConfig, "positions", alias="--positions alone would not say of what"),
         **{flag_for(f): ConfigFlag(TrainConfig, f) for f in _TRAIN},
     },
     "eval": dict(_ROUTED),

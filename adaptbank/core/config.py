@@ -22,6 +22,7 @@ its defaults. That is also the ``to_dict`` form (``{"kind": ..., "parts": [part.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, get_args
 
@@ -56,6 +57,9 @@ __all__ = [
     "MethodConfig",
     "TrainConfig",
     "method_from_dict",
+    "resolve_positions",
+    "stored_method",
+    "PrefixPositions",
     "check_keys",
     "TARGET_PRESETS",
 ]
@@ -183,6 +187,9 @@ class PromptTuningConfig(_Config):
         return ()
 
 
+PrefixPositions = Literal["auto", "from-zero", "after-prefix"]
+
+
 @dataclass(frozen=True, kw_only=True)
 class PrefixConfig(_Config):
     """Prefix-Tuning (Li and Liang 2021): ``prefix_length`` trainable key/value vectors in every attention
@@ -193,9 +200,14 @@ class PrefixConfig(_Config):
     """Key/value prefix vectors per attention layer (--prefix-length)."""
     reparam_hidden: int = 512
     """Hidden width of the reparameterisation MLP used during training (0: none, i.e. P-Tuning v2)."""
+    positions: PrefixPositions = "auto"
+    """Position ids of the real tokens: from-zero (0..T-1, as without a prefix; the adapters library's
+    choice), after-prefix (P..P+T-1, as after a cache of length P; peft's), or auto: from-zero on encoders,
+    after-prefix on decoders, fixed when the task is created (--prefix-positions)."""
 
     def __post_init__(self) -> None:
         _positive("prefix_length", "--prefix-length", self.prefix_length, integer=True)
+        _choice("positions", "--prefix-positions", self.positions, get_args(PrefixPositions))
         if not isinstance(self.reparam_hidden, int) or isinstance(self.reparam_hidden, bool) or self.reparam_hidden < 0:
             raise ValueError(f"reparam_hidden must be an integer >= 0, got {self.reparam_hidden!r}")
 
@@ -321,6 +333,31 @@ class CombinedConfig(_Config):
 
 MethodConfig = PartConfig | CombinedConfig
 """Any task's method: one kind, or a combination."""
+
+
+def resolve_positions(method: MethodConfig, decoder: bool) -> MethodConfig:
+    """``method`` with a prefix's ``positions="auto"`` made concrete: after-prefix on a decoder (``decoder``),
+    from-zero on an encoder; other methods and concrete positions are returned unchanged."""
+    if isinstance(method, CombinedConfig):
+        parts = tuple(resolve_positions(p, decoder) for p in method.parts)
+        return method if parts == method.parts else dataclasses.replace(method, parts=parts)  # type: ignore[arg-type]
+    if isinstance(method, PrefixConfig) and method.positions == "auto":
+        return dataclasses.replace(method, positions="after-prefix" if decoder else "from-zero")
+    return method
+
+
+def stored_method(data: dict[str, Any]) -> MethodConfig:
+    """The method config of a stored expert: :func:`method_from_dict`, where a prefix stored without
+    ``positions`` (written before the field existed) keeps the after-prefix positions it was
+    trained with."""
+    def legacy(part: Any) -> Any:
+        if isinstance(part, dict) and part.get("kind") in ("prefix", "ptuning-v2") and "positions" not in part:
+            return {**part, "positions": "after-prefix"}
+        return part
+
+    if isinstance(data, dict) and isinstance(data.get("parts"), list):
+        data = {**data, "parts": [legacy(p) for p in data["parts"]]}
+    return method_from_dict(legacy(data))
 
 
 def method_from_dict(data: dict[str, Any]) -> MethodConfig:

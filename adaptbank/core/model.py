@@ -46,6 +46,7 @@ from adaptbank.core.config import (
     IA3Config,
     LoRAConfig,
     MethodConfig,
+    resolve_positions,
     validate_name,
 )
 from adaptbank.core.experts import LoRAExpert
@@ -118,6 +119,7 @@ class AdaptBankModel(nn.Module):
         if not name.startswith("_"):  # "_learner" and the like: internal experts of the continual baselines
             validate_name(name)
         check_head(self, name, method, labels, head)
+        method = self.resolve_method(method)
         if shared_group is not None and not isinstance(method, LoRAConfig):
             raise ValueError(f"--share-a works with LoRA only, not {method.kind!r}")
         if isinstance(method, CombinedConfig):
@@ -133,6 +135,11 @@ class AdaptBankModel(nn.Module):
         if shared_group is not None:
             self.shared_groups.setdefault(shared_group, tuple(paths))
         return self._register(TaskInfo(name, method, tuple(labels), tuple(paths), shared_group, owns, head), head_dropout)
+
+    def resolve_method(self, method: MethodConfig) -> MethodConfig:
+        """``method`` as a task of this model holds it: a prefix's ``positions="auto"`` made concrete
+        (after-prefix on a decoder, from-zero on an encoder; ``config.resolve_positions``)."""
+        return resolve_positions(method, decoder=self.pooling == "last")
 
     def _add_combined(self, name: str, method: CombinedConfig, labels: Sequence[str], head: HeadKind) -> TaskInfo:
         """The linear parts in their target layers (one ``ComposedExpert`` per layer), then the prompt/prefix
@@ -290,7 +297,7 @@ class AdaptBankModel(nn.Module):
         prompt or prefix (a no-op for kinds that add no positions)."""
         self._info(name)
         if name in self.virtual:
-            check_positions(f"task {name!r}", self.virtual.length(name), max_length, self.encoder.config)
+            check_positions(f"task {name!r}", self.virtual.positions_taken(name), max_length, self.encoder.config)
 
     # ----------------------------------------------------------------------------- forward
     def route(self, *, task: str | None = None, task_ids: Sequence[str] | None = None,

@@ -20,8 +20,11 @@ d head size, W = H d the key/value width (D unless grouped-query attention), N l
 The prefixes enter the unchanged Hugging Face model as a pre-filled ``DynamicCache`` (what peft does):
 each attention layer's ``cache.update`` concatenates them before its own keys and values, which it
 has already rotated (LLaMA), so the prefix keys carry no rotation, as in peft. The real tokens take
-the positions ``P_i .. P_i + T - 1`` (explicit ``position_ids`` per row), as after a cache of length
-``P_i``. Rows of one batch with different prefix lengths (or none) pad the prefix to the longest,
+explicit ``position_ids`` per row: ``0 .. T - 1`` with ``positions="from-zero"`` (as without a
+prefix, the adapters library's choice; the default on encoders, where shifting BERT's learned
+absolute positions by P cost 2-4 points on trec in bench/methods.py --validation), or
+``P_i .. P_i + T - 1`` with ``"after-prefix"`` (as after a cache of length ``P_i``: peft's
+numerics, the default on decoders). Rows of one batch with different prefix lengths (or none) pad the prefix to the longest,
 masked, so each row equals its own single-task run.
 """
 
@@ -61,7 +64,12 @@ class PrefixExpert(nn.Module):
 
     def __init__(self, cfg: PrefixConfig, layers: int, width: int, d_model: int) -> None:
         super().__init__()
+        if cfg.positions not in ("from-zero", "after-prefix"):
+            raise ValueError(f"a prefix expert needs concrete positions (from-zero or after-prefix), got "
+                             f"{cfg.positions!r}; AdaptBankModel.add_task resolves 'auto' (config.resolve_positions)")
         self.layers, self.length, self.width = layers, cfg.prefix_length, width
+        self.shift = cfg.positions == "after-prefix"
+        """Whether the real tokens' positions start after the prefix (P) rather than at 0."""
         P = cfg.prefix_length
         if cfg.reparam_hidden > 0:
             self.embedding = nn.Parameter(torch.randn(P, d_model))  # (P, D), nn.Embedding's N(0, 1) as in peft

@@ -98,6 +98,12 @@ class VirtualExperts(nn.Module):
         module = self.get(name)
         return module.length  # type: ignore[return-value]
 
+    def positions_taken(self, name: str) -> int:
+        """Positions task ``name``'s virtual tokens take before the real tokens: a prompt's length (it
+        occupies the first positions), a prefix's with ``positions="after-prefix"``, else 0."""
+        shifted = name in self.prompts or bool(self.prefixes[name].shift)
+        return self.length(name) if shifted else 0
+
     def encode(self, encoder: nn.Module, input_ids: Tensor, attention_mask: Tensor, rows: Sequence[str | None],
                **extra: Tensor) -> Tensor:
         """Run ``encoder`` once with row i's prompt or prefix (``rows[i]``, None: neither) and return the
@@ -109,7 +115,7 @@ class VirtualExperts(nn.Module):
             raise ValueError(f"{', '.join(clash)} cannot be passed with prompt/prefix tasks (their length is T, "
                              f"the sequence they see is longer)")
         for name in dict.fromkeys(r for r in rows if r is not None):
-            check_positions(f"task {name!r}", self.length(name), T, encoder.config)
+            check_positions(f"task {name!r}", self.positions_taken(name), T, encoder.config)
         prompts = [self.prompts[r].prompt if r in self.prompts else None for r in rows]
         call: dict[str, object] = dict(extra)
         if any(p is not None for p in prompts):
@@ -127,8 +133,10 @@ class VirtualExperts(nn.Module):
             _, heads, head_dim = prefix_geometry(encoder.config)
             dtype = encoder.get_input_embeddings().weight.dtype
             layers, prefix_mask, lengths = prefix_cache(kvs, heads, head_dim, dtype)  # (B, P_max), (B,)
+            shifted = torch.tensor([r in self.prefixes and bool(self.prefixes[r].shift) for r in rows],
+                                   device=mask.device)  # (B,) after-prefix rows
             L = mask.shape[1]
-            positions = lengths[:, None] + torch.arange(L, device=mask.device)[None]  # (B, L)
+            positions = (lengths * shifted)[:, None] + torch.arange(L, device=mask.device)[None]  # (B, L)
             limit = position_limit(encoder.config)
             call["position_ids"] = positions if limit is None else positions.clamp(max=limit - 1)  # pads only
             call["cache"] = DynamicCache(layers)
