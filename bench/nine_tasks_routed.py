@@ -1,6 +1,7 @@
 """A bank of all nine shared tasks, added one by one: routed vs oracle accuracy, and router forgetting.
 
     python bench/nine_tasks_routed.py --max-train 1000 --epochs 1 --json bench/results/nine_tasks_routed.json
+    python bench/nine_tasks_routed.py --max-train 500 --max-test 500 --router-pools mean+rms --json ...
 
 After each addition, the router's task-identification accuracy is measured on the test split of every
 task seen so far (the router alone: its features come from the frozen lower layers, so this needs only
@@ -30,19 +31,20 @@ def main() -> int:
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bank", default=None, help="bank folder [a new temp folder]")
+    ap.add_argument("--router-pools", default="mean", help="RouterConfig.pools of the bank: mean, rms or mean+rms")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     from adaptbank.bank.facade import AdapterBank
-    from adaptbank.core.config import LoRAConfig, TrainConfig
+    from adaptbank.core.config import LoRAConfig, RouterConfig, TrainConfig
     from adaptbank.data.load import load_task
     from adaptbank.data.tokens import tokenize
     from adaptbank.training.features import frozen_pass
 
     path = Path(args.bank or tempfile.mkdtemp(prefix="adaptbank-nine-")) / "bank"
-    bank = AdapterBank.init(path)
+    bank = AdapterBank.init(path, router=RouterConfig(pools=args.router_pools))
     train = TrainConfig(epochs=args.epochs, max_train=args.max_train, max_test=args.max_test)
     feats: dict[str, torch.Tensor] = {}
     router_acc: list[dict[str, float]] = []
@@ -52,7 +54,7 @@ def main() -> int:
         model = bank.new_model()
         data = load_task(task, max_train=1, max_test=args.max_test, seed=0)
         ids = tokenize(model.tokenizer, [e.text for e in data.test], train.max_length)
-        feats[task] = frozen_pass(model, ids, router_layers=bank.router_layers)[1]
+        feats[task] = frozen_pass(model, ids, router_layers=bank.router_layers, pools=bank.router_pools)[1]
         router = bank.router()
         row = {t: float((router(x).argmax(1) == router.names.index(t)).float().mean()) for t, x in feats.items()}
         router_acc.append(row)

@@ -38,6 +38,7 @@ from adaptbank.data.specs import TaskSpec, load_task_spec, validate_task_name
 from adaptbank.data.tokens import tokenize
 from adaptbank.metrics import confusion_table, expert_usage, gate_entropy
 from adaptbank.routing.lda import LDARouter
+from adaptbank.routing.pools import feature_dim
 from adaptbank.routing.predict import predict, routed_hit
 from adaptbank.routing.taps import layer_list
 from adaptbank.routing.token import fit_token_router, load_token_gates, token_gate_tensors
@@ -160,6 +161,11 @@ class AdapterBank:
     def router_layers(self) -> int:
         return self.router_config.layers
 
+    @property
+    def router_pools(self) -> tuple[str, ...]:
+        """The pools of each hidden state the router reads (``RouterConfig.pools``; old banks: mean)."""
+        return self.router_config.pool_names
+
     @consistent
     def load(self, names: Sequence[str] | None = None) -> AdaptBankModel:
         """A new model with tasks ``names`` (all when None) loaded, owned by the caller; reads only those
@@ -236,7 +242,7 @@ class AdapterBank:
             train_ids = (encode_prompts(model, generation_pairs(data, "train")[0], train.max_length) if gen
                          else tokenize(model.tokenizer, [e.text for e in data.train], train.max_length))
         pooled, router_feats = distributed.sharded(dist, train_ids, lambda part: frozen_pass(  # (N, D), (N, F)
-            model, part, router_layers=self.router_layers), where=f"task {name!r}: frozen features")
+            model, part, router_layers=self.router_layers, pools=self.router_pools), where=f"task {name!r}: frozen features")
         with distributed.together(dist, f"task {name!r}: router memory"):
             memory = router_memory.task_memory(router_feats)
             mean, count, scatter = task_stats = router_memory.memory_stats(memory)  # (F,), N, (F, F)
@@ -302,18 +308,18 @@ class AdapterBank:
     # ----------------------------------------------------------------------------- router
     @property
     def _router_dim(self) -> int:
-        return (self.router_layers + 1) * int(self.base["hidden_size"])
+        return feature_dim(self.router_layers, int(self.base["hidden_size"]), self.router_pools)
 
     def _router_update(self, **change: Any) -> Any:
         """A store callback: the router statistics with ``change`` (see ``router_memory.router_update``)."""
         return router_memory.router_update(self.store, dim=lambda: self._router_dim, layers=self.router_layers,
-                                           shrinkage=self.router_config.shrinkage, **change)
+                                           shrinkage=self.router_config.shrinkage, pools=self.router_pools, **change)
 
     def fit_router(self) -> list[str]:
         """Refit the router from the bank's memory (``router_memory.refit``: from scratch on the tasks'
         stored means, counts and scatters when all hold one). Returns the expert order."""
         files, meta, order = router_memory.refit(self.store, dim=self._router_dim, layers=self.router_layers,
-                                                 shrinkage=self.router_config.shrinkage)
+                                                 shrinkage=self.router_config.shrinkage, pools=self.router_pools)
         self.store.write_router(files, meta, order)
         return order
 
@@ -326,7 +332,7 @@ class AdapterBank:
         if list(meta["expert_order"]) != self.tasks():
             raise BankError(f"the router of bank {self.path} covers {meta['expert_order']} but the bank holds "
                             f"{self.tasks()}; run `adaptbank router fit`")
-        return LDARouter(meta["expert_order"], files["lda"]["weight"], files["lda"]["bias"], layers=meta["layers"])
+        return router_memory.stored_router(files, meta)
 
     @consistent
     def load_routed(self, *, top_k: int | None = None, temperature: float | None = None,

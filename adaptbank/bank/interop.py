@@ -168,7 +168,7 @@ def import_peft(bank: AdapterBank, src: str | Path, name: str, *, spec: TaskSpec
     model.check_length(name, train.max_length)
     say(f"{name}: {adapter.config['peft_type']} adapter read as adaptbank {method.kind}")
     ids = tokenize(model.tokenizer, [e.text for e in data.train], train.max_length)
-    _, router_feats = frozen_pass(model, ids, router_layers=bank.router_layers)  # (N, F)
+    _, router_feats = frozen_pass(model, ids, router_layers=bank.router_layers, pools=bank.router_pools)  # (N, F)
     if head is None:
         feats = encode(model, ids, task_features(model, name))  # (N, D) under the frozen imported expert
         probe_head(model.heads[name], feats, [e.label for e in data.train], seed=train.seed, c=train.probe_c)

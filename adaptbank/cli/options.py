@@ -186,6 +186,7 @@ CONFIG_FLAGS: dict[str, dict[str, ConfigFlag]] = {
         "--temperature": ConfigFlag(RouterConfig, "temperature"),
         "--router-shrinkage": ConfigFlag(RouterConfig, "shrinkage", alias="--shrinkage alone would not say of what"),
         "--share-distance": ConfigFlag(RouterConfig, "share_distance"),
+        "--router-pools": ConfigFlag(RouterConfig, "pools", alias="--pools alone would not say of what"),
     },
     "add-task": {
         "--rank": ConfigFlag(LoRAConfig, "rank", also=ADAPTER_WIDTHS),

@@ -41,6 +41,7 @@ from adaptbank.core.config_base import (  # re-exported: the names every config 
 __all__ = [
     "NAME_RULE",
     "RouterConfig",
+    "ROUTER_POOLS",
     "validate_name",
     "LoRAConfig",
     "AdapterConfig",
@@ -449,6 +450,10 @@ class TrainConfig(_Config):
         return self.batch_size * self.grad_accum
 
 
+ROUTER_POOLS: tuple[str, ...] = ("mean", "rms")
+"""The pools a router may read of each hidden state (``routing.pools``), in the order they are concatenated."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class RouterConfig(_Config):
     """The sequence router of a bank: LDA over pooled lower-layer features (see ``routing.lda``)."""
@@ -465,6 +470,10 @@ class RouterConfig(_Config):
     share_distance: float = 3.0
     """``--share-a auto`` joins a group whose task lies within this Mahalanobis distance of the new task's
     mean router feature (--share-distance; about where two tasks' inputs start to overlap for the router)."""
+    pools: str = "mean"
+    """Summaries of each read hidden state, joined by '+': mean, rms or mean+rms, the per-dimension root
+    mean square beside the mean (--router-pools; routed/oracle 96.7 -> 97.0% at 500 texts per task on
+    the nine shared tasks, for twice the router statistics)."""
 
     def __post_init__(self) -> None:
         _positive("layers", "--router-layers", self.layers, integer=True)
@@ -473,3 +482,12 @@ class RouterConfig(_Config):
         _positive("share_distance", "--share-distance", self.share_distance)
         if not (isinstance(self.shrinkage, (int, float)) and 0.0 <= self.shrinkage <= 1.0):
             raise ValueError(f"shrinkage must be in [0, 1] (--router-shrinkage), got {self.shrinkage!r}")
+        names = self.pools.split("+") if isinstance(self.pools, str) else []
+        if not names or any(n not in ROUTER_POOLS for n in names) or len(set(names)) != len(names):
+            raise ValueError(f"pools must be distinct names from {', '.join(ROUTER_POOLS)} joined by '+' (e.g. mean+rms) "
+                             f"(--router-pools), got {self.pools!r}")
+
+    @property
+    def pool_names(self) -> tuple[str, ...]:
+        """The pools, in :data:`ROUTER_POOLS` order (the order of the router's features)."""
+        return tuple(p for p in ROUTER_POOLS if p in self.pools.split("+"))

@@ -25,13 +25,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from adaptbank.core.config import ROUTER_POOLS
 from adaptbank.core.pooling import mean_pool
 
 __all__ = ["ROUTER_POOLS", "check_pools", "pool_state", "router_features", "feature_dim"]
-
-ROUTER_POOLS: tuple[str, ...] = ("mean", "rms")
-"""The pools a router may use, in the order they are concatenated."""
-
 
 def check_pools(pools: Sequence[str]) -> tuple[str, ...]:
     """``pools`` as a tuple, in :data:`ROUTER_POOLS` order; an error names a bad or repeated pool."""

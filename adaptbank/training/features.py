@@ -12,8 +12,9 @@ from torch import Tensor
 
 from adaptbank.core.heads import ClassificationHead
 from adaptbank.core.model import AdaptBankModel
-from adaptbank.core.pooling import mean_pool, pool
+from adaptbank.core.pooling import pool
 from adaptbank.data.tokens import batches, collate, pad_id
+from adaptbank.routing.pools import feature_dim, router_features
 
 __all__ = ["device_of", "task_features", "encode", "frozen_pass", "fit_probe", "probe_head", "choose_probe_c", "PROBE_CS"]
 
@@ -53,19 +54,21 @@ def encode(model: AdaptBankModel, ids: Sequence[list[int]],
 
 
 def frozen_pass(model: AdaptBankModel, ids: Sequence[list[int]], *, router_layers: int,
-                batch_size: int = 64) -> tuple[Tensor, Tensor]:
+                pools: Sequence[str] = ("mean",), batch_size: int = 64) -> tuple[Tensor, Tensor]:
     """One pass of the frozen backbone: pooled features (N, D) for the probe head, and router
-    features (N, (L+1) D): masked mean-pools of the embeddings and layers 0 .. L-1, concatenated."""
+    features (N, F): the ``pools`` (``routing.pools``; masked mean-pools by default) of the embeddings
+    and layers 0 .. L-1, layer-major, as the router taps compute them in the routed forward."""
     D = model.hidden_size
+    F = feature_dim(router_layers, D, pools)
 
     def both(batch: dict[str, Tensor]) -> Tensor:
         model.route()
         out = model.encoder(**batch, output_hidden_states=True)
         mask = batch["attention_mask"]
-        router = torch.cat([mean_pool(h, mask) for h in out.hidden_states[: router_layers + 1]], -1)  # (B, F)
+        router = router_features(out.hidden_states[: router_layers + 1], mask, pools)  # (B, F)
         return torch.cat([pool(out.last_hidden_state, mask, model.pooling), router], -1)  # (B, D + F)
 
-    joined = _map(model, ids, both, (router_layers + 2) * D, batch_size)  # (N, D + F)
+    joined = _map(model, ids, both, D + F, batch_size)  # (N, D + F)
     return joined[:, :D], joined[:, D:]
 
 
