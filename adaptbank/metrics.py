@@ -38,6 +38,7 @@ __all__ = [
     "pct",
     "AccuracyMatrix",
     "average_accuracy",
+    "check_matrix",
     "backward_transfer",
     "forward_transfer",
     "forgetting",
@@ -99,6 +100,12 @@ def _check_rows(R: Matrix, n_tasks: int | None = None, name: str = "R") -> Rows:
                 out.append(_number(v, f"{name}[{i}][{j}]"))
         rows.append(tuple(out))
     return tuple(rows)
+
+
+def check_matrix(R: Matrix, n_tasks: int, name: str = "R") -> Rows:
+    """``R`` validated as an accuracy matrix over ``n_tasks`` tasks (values in [0, 1], None only for j > i);
+    the error names ``name``, the cell and what is allowed."""
+    return _check_rows(R, n_tasks, name)
 
 
 def _check_baseline(baseline: Sequence[float], n_tasks: int) -> tuple[float, ...]:

@@ -56,6 +56,24 @@ def test_router_confusion_counts_every_test_example_once_and_its_trace_is_the_ro
     assert trace / 90 == result["steps"][-1]["router_accuracy"]
 
 
+def test_the_router_matrix_is_each_steps_task_identification_and_the_report_summarises_it(runs):
+    """Row i holds, per task seen by then, the share of its test examples the router sent to its own
+    expert: the last row is the final confusion's diagonal over its row sums, each row's mean the step's
+    router accuracy (equal test sets); the report's router forgetting is RWalk's over this matrix."""
+    result = load_run(runs["bank"])
+    matrix, conf = result["router_matrix"], result["router_confusion"]["counts"]
+    assert [len([v for v in row if v is not None]) for row in matrix] == [1, 2, 3] and matrix[0][0] == 1.0
+    assert matrix[-1] == [conf[j][j] / sum(conf[j]) for j in range(3)]
+    for row, step in zip(matrix, result["steps"], strict=True):
+        seen = [v for v in row if v is not None]
+        assert abs(sum(seen) / len(seen) - step["router_accuracy"]) < 1e-12 and step["router_row"] == seen
+    router = build_report([runs["bank"]])["router"]
+    best = [max(matrix[i][j] for i in range(j, 2)) for j in range(2)]
+    assert abs(router["forgetting"] - sum(b - matrix[2][j] for j, b in enumerate(best)) / 2) < 1e-12
+    assert router["first_task"] == [1.0, matrix[2][0]]
+    assert "router_matrix" not in load_run(runs["seq-lora"])  # no router, no matrix
+
+
 def test_each_task_records_its_peak_memory(runs):
     for path in runs.values():
         peaks = [s["peak_memory_bytes"] for s in load_run(path)["steps"]]

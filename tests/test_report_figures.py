@@ -31,6 +31,7 @@ def rich_run(name: str = "rich", strategy: str = "bank", seed: int = 0, better: 
     routed = {t: [h if k % 10 else 0 for k, h in enumerate(v)] for t, v in oracle.items()}  # every 10th misrouted
     run["hits"] = {"oracle": oracle, "routed": routed}
     run["router_confusion"] = {"tasks": TASKS, "counts": [[45, 3, 2], [1, 47, 2], [0, 5, 45]]}
+    run["router_matrix"] = [[1.0, None, None], [0.96, 0.98, None], [0.9, 0.94, 0.9]]
     run["notes"] = ["baseline b_j: chance level"]
     for i, step in enumerate(run["steps"]):
         step["peak_memory_bytes"] = (300 + 10 * i) * 2**20
@@ -67,7 +68,8 @@ def test_optional_keys_absent_say_not_recorded(tmp_path: Path) -> None:
     report = build_report([write_run(tmp_path, make_run())])
     assert report["router_confusion"] is None and report["hits"] is None and report["error_split"] is None
     md, page = render_markdown(report), render_html(report)
-    assert md.count("not recorded in result.json") == 2  # confusion and error split
+    assert md.count("not recorded in result.json") == 3  # router per step, confusion and error split
+    assert report["router"] is None and "router task identification per step: not recorded" in page
     assert "router confusion: not recorded" in page and "per-example hits: not recorded" in page
     assert "<h3>Steps</h3>" in page and "<h3>Cost per task</h3>" in page  # steps table in the HTML too
 
@@ -85,7 +87,14 @@ def test_router_diagnostics_and_cost_are_rendered(tmp_path: Path) -> None:
     assert "| dbpedia | 45 | 3 | 2 | 50 | 90.0 |" in md  # confusion row: counts, total, routed right %
     assert "| amazon | 13.5 s | 26.0 s | 2,468 | 8.9 KiB | 310.0 MiB | 60 |" in md  # cost per task
     assert "- note: baseline b_j: chance level" in md
+    router = report["router"]  # forgetting: mean over the two earlier tasks of (best - last) = (0.1 + 0.04) / 2
+    assert router["first_task"] == [1.0, 0.9] and abs(router["forgetting"] - 0.07) < 1e-12
+    assert abs(router["acc"] - (0.9 + 0.94 + 0.9) / 3) < 1e-12
+    assert "| after amazon | 96.0 | 98.0 | – |" in md and "| drop from best | 10.0 | 4.0 | – |" in md
+    assert "_final-row mean 91.3%, forgetting 7.0 points (first-minus-last 7.0); first task 100.0% when added, " \
+           "90.0% now_" in md
     page = render_html(report)
+    assert "<td>drop from best</td><td>10.0</td>" in page and "first task 100.0% when added" in page
     names = [n for n in ("router-confusion", "error-split") if f'data-name="01-rich-{n}.png"' in page]
     assert names == ["router-confusion", "error-split"]
     assert page.count("<img ") == 5  # 2 heatmaps, curves, confusion, error split
@@ -98,6 +107,9 @@ def test_router_diagnostics_and_cost_are_rendered(tmp_path: Path) -> None:
     ({"hits": {"oracle": {"dbpedia": [1, 0]}, "routed": {"dbpedia": [1]}}}, "has 1 hits but hits.oracle.dbpedia has 2"),
     ({"hits": {"oracle": {"zzz": [1]}}}, "names task 'zzz'"),
     ({"metric": "bleu"}, "'metric' = 'bleu'; allowed: accuracy, exact_match"),
+    ({"router_matrix": [[1.0, None, None], [0.9, 1.5, None], [0.9, 0.9, 0.9]]},
+     r"router_matrix\[1\]\[1\] = 1.5 is outside \[0, 1\]"),
+    ({"router_matrix": [[1.0, None, None]]}, "router_matrix has 1 rows but the oracle matrix 3; one row per step"),
     ({"steps": [{"task": "dbpedia", "peak_memory_bytes": "1G"}]}, r"steps\[0\].peak_memory_bytes"),
 ])  # fmt: skip
 def test_malformed_optional_keys_are_named(tmp_path: Path, change: dict[str, Any], message: str) -> None:

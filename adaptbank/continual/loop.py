@@ -218,8 +218,19 @@ def _result(spec: RunSpec, baseline: list[float], oracle: list[list[float]], rou
            "metric": "exact_match" if gen else "accuracy"}
     if gen:
         out["f1"] = f1
+    rows = [s.get("router_row") for s in steps]
+    if routed is not None and rows and all(r is not None for r in rows):  # runs resumed from before it: none
+        out["router_matrix"] = [list(r) + [None] * (len(spec.tasks) - len(r)) for r in rows]  # type: ignore[arg-type]
     out.update(last or {})  # the last row's per-example hits and router confusion (classification runs)
     return out
+
+
+def _router_row(strategy: Strategy) -> list[float] | None:
+    """Task-identification accuracy of each seen task in the routed row just evaluated (the router
+    confusion's diagonal over its row sums), or None without one."""
+    if strategy.confusion is None:
+        return None
+    return [row[j] / sum(row) if sum(row) else 0.0 for j, row in enumerate(strategy.confusion)]
 
 
 def _last_row(strategy: Strategy, task_names: tuple[str, ...]) -> dict[str, Any]:
@@ -337,11 +348,13 @@ def run_sequence(spec: RunSpec, out_dir: str | Path, *, callbacks: Sequence[Call
         seconds = time.perf_counter() - start
         peak = peak_bytes() if peak_known else None
         last = _last_row(strategy, spec.task_names)
+        router_row = _router_row(strategy) if routed is not None else None
 
         def record(task: str = task, router_acc: float | None = router_acc, info: Learned = info,
-                   seconds: float = seconds, peak: int | None = peak,
-                   last: dict[str, Any] = last) -> dict[str, Any]:  # rank 0: the step's entry, then result.json
-            entry = {"task": task, "router_accuracy": router_acc, "trainable_params": info.trainable_params,
+                   seconds: float = seconds, peak: int | None = peak, last: dict[str, Any] = last,
+                   router_row: list[float] | None = router_row) -> dict[str, Any]:  # rank 0: the entry, result.json
+            entry = {"task": task, "router_accuracy": router_acc, "router_row": router_row,
+                     "trainable_params": info.trainable_params,
                      "bank_bytes": strategy.size_bytes(), "seconds": seconds, "train_steps": info.train_steps,
                      "final_loss": info.final_loss, "peak_memory_bytes": peak}
             _write_json(result_file, _result(spec, baseline, oracle, routed, [*steps, entry], f1, last))

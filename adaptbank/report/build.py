@@ -23,6 +23,10 @@ Optional keys (absent or null: the report says "not recorded"; present: validate
   final row: ``counts[a][b]`` = number of test examples of task ``tasks[a]`` that the router sent to
   the expert of ``tasks[b]``. ``tasks`` are unique names from the run's ``tasks``; ``counts`` is a
   square matrix of non-negative integers of that size.
+- ``"router_matrix"``: ``[[r_00, null, ...], [r_10, r_11, null, ...], ...]``, one row per step like
+  the accuracy matrices: ``r_ij`` is the router's task-identification accuracy on task j's test
+  examples after task i was added (null for j > i). Summarised as router forgetting (RWalk's
+  definition over this matrix) and the first task's identification when added and at the end.
 - ``"hits"``: ``{"oracle": {task: [h_0, h_1, ...]}, "routed": {task: [...]} | null}`` for the final
   row: ``h_n`` is 1 when test example n of ``task`` was answered correctly (classification: the
   predicted label; generation: exact match), else 0, in the test set's order. Every task in
@@ -44,7 +48,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from adaptbank._atomic import atomic_write_bytes
-from adaptbank.metrics import AccuracyMatrix
+from adaptbank.metrics import AccuracyMatrix, average_accuracy, check_matrix, forgetting, forgetting_last
 from adaptbank.report.export import data_files, replace_dir
 from adaptbank.report.html import render_html, report_figures
 from adaptbank.report.stats import error_split, mean_sd, paired_bootstrap
@@ -109,6 +113,11 @@ def _validate_optional(run: Mapping[str, Any], tasks: Sequence[str], source: str
                     isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in row) for row in counts)):
             raise ValueError(f"{where}.counts must be a {k}x{k} matrix of non-negative integers "
                              f"(rows: true task, columns: routed expert), got {counts!r}")
+    if run.get("router_matrix") is not None:
+        rows = check_matrix(run["router_matrix"], len(tasks), f"{source}: router_matrix")
+        if len(rows) != len(run["oracle"]["matrix"]):
+            raise ValueError(f"{source}: router_matrix has {len(rows)} rows but the oracle matrix "
+                             f"{len(run['oracle']['matrix'])}; one row per step")
     hits = run.get("hits")
     if hits is not None:
         where = f"{source}: hits"
@@ -200,8 +209,10 @@ def summarize_run(run: Mapping[str, Any]) -> dict[str, Any]:
     forgetting_last, learning_accuracy (oracle routing), routed (same matrix/metric keys, or None),
     steps, total_seconds, trainable_params, bank_bytes (from the last step), config, config_changed;
     metric ("accuracy" | "exact_match"), notes, peak_memory_bytes (max over steps, or None),
-    router_confusion, hits (as in result.json, or None) and error_split (per task in ``hits.routed``:
-    ``{"task", "n", "both_right", "routing_errors", "routed_only_right", "both_wrong"}``, or None).
+    router_confusion, hits (as in result.json, or None), error_split (per task in ``hits.routed``:
+    ``{"task", "n", "both_right", "routing_errors", "routed_only_right", "both_wrong"}``, or None) and
+    router (``{"matrix", "acc", "forgetting", "forgetting_last", "first_task": [when added, now]}``: the
+    router's task identification over the steps, or None when not recorded).
     """
     _validate(run, f"run {run.get('name', '?')!r}" if isinstance(run, Mapping) else "run")
     tasks = run["tasks"]
@@ -237,7 +248,18 @@ def summarize_run(run: Mapping[str, Any]) -> dict[str, Any]:
         "router_confusion": None if conf is None else {"tasks": list(conf["tasks"]), "counts": [list(r) for r in conf["counts"]]},
         "hits": hits,
         "error_split": split,
+        "router": _router_block(run.get("router_matrix")),
     }
+
+
+def _router_block(matrix: Sequence[Sequence[float | None]] | None) -> dict[str, Any] | None:
+    """Router task identification over the steps: the matrix, its final-row mean, forgetting (the drop
+    from each earlier task's best identification to the last row's) and the first task's figures."""
+    if matrix is None:
+        return None
+    rows = [list(r) for r in matrix]
+    return {"matrix": rows, "acc": average_accuracy(rows), "forgetting": forgetting(rows),
+            "forgetting_last": forgetting_last(rows), "first_task": [rows[0][0], rows[-1][0]]}
 
 
 GROUP_KEYS = ("acc", "bwt", "fwt", "forgetting", "forgetting_last", "learning_accuracy", "routed_acc",

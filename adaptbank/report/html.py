@@ -30,6 +30,8 @@ from adaptbank.report.tables import (
     error_split_table,
     groups_table,
     metric_rows,
+    router_summary,
+    router_table,
     split_report,
     status,
     steps_table,
@@ -149,7 +151,10 @@ def render_html(report: Mapping[str, Any], figures: Sequence[Figure] | None = No
         parts += [f"<h3>{unit.capitalize()} % (oracle)</h3>", _matrix_table(tasks, run)]
         if run["routed"] is not None:
             parts += [f"<h3>{unit.capitalize()} % (learned router)</h3>", _matrix_table(tasks, run["routed"])]
-            conf, split = run.get("router_confusion"), run.get("error_split")
+            conf, split, router = run.get("router_confusion"), run.get("error_split"), run.get("router")
+            parts += ["<h3>Router task identification % after each task</h3>",
+                      _missing("router task identification per step") if router is None
+                      else _table(router_table(tasks, router)) + f"<p>{e(router_summary(router))}</p>"]
             parts += ["<h3>Router confusion (final row; counts)</h3>",
                       _missing("router confusion") if conf is None else _table(confusion_table(conf)),
                       "<h3>Routed-vs-oracle error split (final row; test examples)</h3>",

@@ -16,7 +16,7 @@ from adaptbank.metrics import AccuracyMatrix, pct
 
 __all__ = ["METRIC_KEYS", "COMPARISON_HEAD", "split_report", "unit_name", "comparison_rows", "metric_rows",
            "steps_table", "cost_table", "groups_table", "differences_table", "confusion_table",
-           "error_split_table", "status", "changed", "render_markdown"]  # fmt: skip
+           "router_table", "router_summary", "error_split_table", "status", "changed", "render_markdown"]  # fmt: skip
 
 METRIC_KEYS = ("acc", "bwt", "fwt", "forgetting", "forgetting_last", "learning_accuracy")
 Table = tuple[Sequence[str], list[list[str]]]
@@ -156,6 +156,23 @@ def confusion_table(confusion: Mapping[str, Any]) -> Table:
     return ("true task \\ routed to", *map(str, tasks), "examples", "routed right %"), rows
 
 
+def router_table(tasks: Sequence[str], router: Mapping[str, Any]) -> Table:
+    """The router's task identification % after each step (rows) on each task (columns), then each
+    earlier task's drop from its best to the last row (the forgetting the summary line averages)."""
+    matrix = router["matrix"]
+    rows = [[f"after {tasks[i]}", *(pct(v) for v in row)] for i, row in enumerate(matrix)]
+    t = len(matrix) - 1
+    drop = [pct(max(matrix[i][j] for i in range(j, t)) - matrix[t][j]) if j < t else "–" for j in range(len(tasks))]
+    return ("", *tasks), [*rows, ["drop from best", *drop]]
+
+
+def router_summary(router: Mapping[str, Any]) -> str:
+    first = router["first_task"]
+    return (f"final-row mean {pct(router['acc'])}%, forgetting {pct(router['forgetting'])} points "
+            f"(first-minus-last {pct(router['forgetting_last'])}); first task {pct(first[0])}% when added, "
+            f"{pct(first[1])}% now")
+
+
 def error_split_table(split: Sequence[Mapping[str, Any]]) -> Table:
     """Per task: both right; routing errors (oracle right, routed wrong); routed only right; both wrong."""
     rows = [[str(s["task"]), str(s["n"]), str(s["both_right"]), str(s["routing_errors"]),
@@ -210,7 +227,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                       AccuracyMatrix(tuple(run["tasks"]), routed["matrix"], routed["baseline"]).to_markdown()]  # fmt: skip
         lines += ["## Metrics (%)", "", *md_table(("metric", "oracle", "routed", "definition"), metric_rows(run)), ""]
         if run["routed"] is not None:
-            conf = run.get("router_confusion")
+            conf, router = run.get("router_confusion"), run.get("router")
+            lines += _md_section("Router task identification % after each task", None if router is None
+                                 else router_table(run["tasks"], router))
+            if router is not None:
+                lines[-1:] = [f"_{router_summary(router)}_", ""]
             lines += _md_section("Router confusion (final row; counts)", None if conf is None else confusion_table(conf))
             split = run.get("error_split")
             lines += _md_section("Routed-vs-oracle error split (final row; test examples)",
