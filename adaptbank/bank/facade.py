@@ -39,12 +39,13 @@ from adaptbank.data.tokens import tokenize
 from adaptbank.metrics import confusion_table, expert_usage, gate_entropy
 from adaptbank.routing.lda import LDARouter
 from adaptbank.routing.pools import feature_dim
+from adaptbank.routing.ambiguity import AMBIGUOUS_PAIR, ambiguous_pairs, gap_split
 from adaptbank.routing.predict import predict, routed_hit
 from adaptbank.routing.taps import layer_list
 from adaptbank.routing.token import fit_token_router, load_token_gates, token_gate_tensors
 from adaptbank.training import distributed
 from adaptbank.training.distributed import Dist
-from adaptbank.training.evaluate import evaluate
+from adaptbank.training.evaluate import evaluate, evaluate_hits
 from adaptbank.training.features import frozen_pass
 from adaptbank.training.generation import encode_prompts, evaluate_task, fit_generation_task
 from adaptbank.training.loop import train_task
@@ -406,7 +407,13 @@ class AdapterBank:
         ``top_k`` and ``temperature`` default to the bank's :class:`RouterConfig`.
 
         A routed prediction is correct when its label is the true label and it came from the true
-        task, or from a task with the identical label list (amazon vs yelp)."""
+        task, or from a task with the identical label list (amazon vs yelp).
+
+        Also (``routing.ambiguity``): ``ambiguity``, the task pairs the router confuses (mean router
+        probability each puts on the other, and test texts they share; ambiguous at overlap >=
+        :data:`AMBIGUOUS_PAIR` or any shared text), and ``gap_split`` per task and on average: the
+        routed-vs-oracle gap split into routing loss on ambiguous pairs, routing loss elsewhere,
+        mixing loss and routing gain, beside the expert error (1 - oracle)."""
         names = list(self.tasks() if names is None else names)
         self._classification_only("routed evaluation")
         top_k = self.router_config.top_k if top_k is None else top_k
@@ -414,6 +421,9 @@ class AdapterBank:
         rows: dict[str, dict[str, float]] = {}
         confusion: dict[str, dict[str, int]] = {}
         chosen: list[str] = []
+        outcomes: dict[str, list[tuple[int, int, str, bool]]] = {}
+        mass: dict[str, dict[str, float]] = {}
+        texts_of: dict[str, list[str]] = {}
         for name in names:
             cfg = self.store.read_config(name)
             train = TrainConfig.from_dict(cfg["train"])
@@ -423,8 +433,14 @@ class AdapterBank:
             names_of = model.tasks[name].labels
             hit_task = sum(p.task == name for p in preds)
             labels_of = {t: info.labels for t, info in model.tasks.items()}
-            hit = sum(routed_hit(p.task, p.label, name, names_of[y], labels_of) for p, y in zip(preds, labels))
-            oracle = evaluate(model, name, texts, labels, max_length=train.max_length)
+            routed_hits = [int(routed_hit(p.task, p.label, name, names_of[y], labels_of)) for p, y in zip(preds, labels)]
+            hit = sum(routed_hits)
+            oracle_hits = evaluate_hits(model, name, texts, labels, max_length=train.max_length)
+            oracle = sum(oracle_hits) / len(oracle_hits)
+            outcomes[name] = [(o, r, p.task, p.task == name or labels_of[p.task] == labels_of[name])
+                              for o, r, p in zip(oracle_hits, routed_hits, preds)]
+            mass[name] = {t: sum(p.task_probabilities.get(t, 0.0) for p in preds) / len(preds) for t in self.tasks()}
+            texts_of[name] = texts
             tasks = self.tasks()
             gates = [[p.routing.get(t, 0.0) for t in tasks] for p in preds]  # (n, E) each row sums to 1
             rows[name] = {"router_accuracy": hit_task / len(preds), "routed_accuracy": hit / len(preds),
@@ -438,8 +454,14 @@ class AdapterBank:
         if avg:
             avg["routed_over_oracle"] = avg["routed_accuracy"] / avg["oracle_accuracy"] if avg["oracle_accuracy"] else 0.0
         usage = expert_usage(chosen, self.tasks()) if chosen else {}
+        pairs = ambiguous_pairs(mass, texts_of)
+        split = {name: gap_split(outcomes[name], name, pairs) for name in names}
+        for name in names:
+            rows[name]["gap_split"] = split[name]
+        avg_split = {k: sum(s[k] for s in split.values()) / len(split) for k in next(iter(split.values()))} if split else {}
         return {"tasks": rows, "average": avg, "confusion": confusion, "expert_usage": usage, "top_k": top_k,
-                "router": "token" if token_level else "sequence"}
+                "router": "token" if token_level else "sequence",
+                "ambiguity": {"pairs": pairs, "threshold": AMBIGUOUS_PAIR}, "gap_split": avg_split}
 
     def _classification_only(self, what: str) -> None:
         if gen := [n for n in self.tasks() if self.store.read_config(n).get("head") == "generation"]:

@@ -19,6 +19,7 @@ from adaptbank.cli.inputs import chunked, iter_jsonl_texts
 from adaptbank.cli.options import BANK_ROUTER, config_option, given, lock_timeout_option
 from adaptbank.cli.output import emit, pct
 from adaptbank.core.config import RouterConfig, TrainConfig
+from adaptbank.routing.ambiguity import AMBIGUOUS_AT
 
 if TYPE_CHECKING:
     from adaptbank.bank.facade import AdapterBank
@@ -69,6 +70,14 @@ def eval_(bank: str, tasks: tuple[str, ...], routed: bool, top_k: int | None, te
         a = res["average"]
         click.echo(f"  {'average':<20} {pct(a['router_accuracy']):>8} {pct(a['routed_accuracy']):>8} "
                    f"{pct(a['oracle_accuracy']):>8}   routed/oracle {a['routed_over_oracle']:.3f}")
+        s = res["gap_split"]
+        click.echo(f"  gap split (mean over tasks): expert error {pct(s['expert_error'])}, routing loss on ambiguous "
+                   f"pairs {pct(s['loss_ambiguous'])}, elsewhere {pct(s['loss_other'])}, mixing "
+                   f"{pct(s['loss_mixing'])}, gain {pct(s['gain'])}")
+        amb = [p for p in res["ambiguity"]["pairs"] if p["ambiguous"]]
+        click.echo(f"  ambiguous task pairs (router overlap >= {pct(res['ambiguity']['threshold'])}% or shared "
+                   f"texts): " + (", ".join(f"{a}~{b} {pct(p['overlap'])}% ({p['shared_texts']} shared)"
+                                            for p in amb for a, b in [p["tasks"]]) or "none"))
         click.echo("  router confusion (true task -> chosen task: count):")
         for t, row in res["confusion"].items():
             off = {k: v for k, v in row.items() if k != t}
@@ -94,9 +103,14 @@ PREDICT_CHUNK = 1024
 @click.option("--router", "router_kind", type=click.Choice(["sequence", "token"]), default="sequence",
               show_default=True, help="The sequence router, or the per-layer token gates.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per input (JSON lines).")
+@click.option("--explain", is_flag=True, help="Show every input's runner-up task and its answer (without it: only "
+              "for ambiguous inputs, where the runner-up holds at least --ambiguous-at of the router's probability).")
+@click.option("--ambiguous-at", type=click.FloatRange(0.0, 1.0, min_open=True), default=AMBIGUOUS_AT,
+              show_default=True, help="Router probability of the runner-up task from which an input is ambiguous.")
 @_friendly
 def predict(bank: str, texts: tuple[str, ...], input_file: str | None, task: str | None, top_k: int | None,
-            temperature: float | None, max_length: int | None, router_kind: str, as_json: bool) -> None:
+            temperature: float | None, max_length: int | None, router_kind: str, as_json: bool, explain: bool,
+            ambiguous_at: float) -> None:
     """Predict TEXTS (or --input FILE) with BANK: the router picks the task, its head the label. A
     generation task writes text: with --task each input goes into the task's template; without it (a
     bank of generation tasks only) each input is a whole prompt and the router picks the expert."""
@@ -121,14 +135,21 @@ def predict(bank: str, texts: tuple[str, ...], input_file: str | None, task: str
     model = b.load() if task else b.load_routed(top_k=k, temperature=temperature, token_level=token)
     seen = 0
     for chunk in chunked(items, PREDICT_CHUNK):  # streamed: memory bounded by the chunk, not the input
-        for i, p in enumerate(run(model, chunk, task=task, max_length=length, token_level=token, top_k=k), seen):
+        for i, p in enumerate(run(model, chunk, task=task, max_length=length, token_level=token, top_k=k,
+                                  explain=explain, ambiguous_at=ambiguous_at), seen):
             if p.truncated:
                 click.echo(f"warning: input {i + 1} is longer than {length} tokens and was truncated", err=True)
             if as_json:
                 click.echo(json.dumps(p.to_dict(), ensure_ascii=False))
             else:
                 mix = ", ".join(f"{t} {w:.2f}" for t, w in p.routing.items())
-                click.echo(f"{p.task}: {p.label} ({p.score:.2f})  [{mix}]  {p.text[:60]!r}")
+                sure = "" if p.router_probability is None else f" router p {p.router_probability:.2f}"
+                click.echo(f"{p.task}: {p.label} ({p.score:.2f})  [{mix}]{sure}  {p.text[:60]!r}")
+                if p.alternative is not None:
+                    a = p.alternative
+                    why = "ambiguous; " if p.ambiguous else ""
+                    click.echo(f"    {why}runner-up {a['task']} (router p {a['probability']:.2f}): {a['label']} "
+                               f"({a['score']:.2f})")
         seen += len(chunk)
     if not seen:
         raise click.ClickException(f"{input_file}: no inputs (only blank lines)")

@@ -88,6 +88,8 @@ class AdaptBankModel(nn.Module):
         self.reserved_layers = 0
         """Transformer layers 0 .. n-1 get no experts: the router reads its features there."""
         self.router: LDARouter | None = None
+        self.router_temperature = 1.0
+        """The softmax temperature the attached router's gates use (``attach_router``)."""
         self.trace = RouterTrace()
         """The router taps' per-forward record (see ``routing.taps``); read back by :meth:`forward`."""
         config = self.backbone.config
@@ -207,7 +209,7 @@ class AdaptBankModel(nn.Module):
         order = {n: i for i, n in enumerate(self.state.experts)}
         to_model = torch.tensor([order[n] for n in router.names], device=next(self.parameters()).device)
         install_taps(layer_list(self.encoder), router, self.state, self.trace, top_k, temperature, to_model)
-        self.router = router
+        self.router, self.router_temperature = router, temperature
         self.reserved_layers = max(self.reserved_layers, router.layers)
 
     def _check_group_fits(self, group: str, method: MethodConfig, paths: Sequence[str]) -> None:

@@ -6,6 +6,13 @@ Letters in shape comments: B batch, D hidden size, C classes, k experts per row.
 Where several selected experts belong to tasks with the same label list (amazon and yelp, say),
 their heads' probabilities are mixed with the routing weights, so a row routed 55/45 between two
 star-rating tasks gets a blend of both heads rather than a coin flip between them.
+
+**Confidence and ambiguity.** With the sequence router each answer carries the router's probability
+for its task, ``softmax(scores / temperature)`` over all tasks (the LDA posterior at the bank's
+temperature), and the full distribution. When the runner-up task holds at least ``ambiguous_at`` of
+it (default 0.2), or with ``explain``, the answer also carries the runner-up's own answer: the same
+rows run once more under that task (``alternative``), so a caller sees both readings of an input
+that two tasks claim.
 """
 
 from __future__ import annotations
@@ -18,10 +25,11 @@ from torch import Tensor
 
 from adaptbank.core.model import AdaptBankModel
 from adaptbank.data.tokens import batches, collate, pad_id, tokenize_checked
+from adaptbank.routing.ambiguity import AMBIGUOUS_AT
 from adaptbank.routing.token import token_routed_features
 from adaptbank.training.features import device_of
 
-__all__ = ["Prediction", "predict", "routed_hit"]
+__all__ = ["AMBIGUOUS_AT", "Prediction", "predict", "routed_hit"]
 
 
 @dataclass
@@ -35,10 +43,31 @@ class Prediction:
     score: float
     routing: dict[str, float] = field(default_factory=dict)
     truncated: bool = False
+    router_probability: float | None = None
+    """The sequence router's probability for ``task`` (None: oracle or token routing)."""
+    task_probabilities: dict[str, float] = field(default_factory=dict)
+    """The router's whole distribution over the tasks (empty: oracle or token routing)."""
+    alternative: dict[str, object] | None = None
+    """The runner-up task's answer, ``{"task", "probability", "label", "score"}``, when the input is
+    ambiguous (or asked for with ``explain``); else None."""
+
+    @property
+    def ambiguous(self) -> bool:
+        """Whether the runner-up task holds at least :data:`AMBIGUOUS_AT` of the router's probability."""
+        second = sorted(self.task_probabilities.values(), reverse=True)[1:2]
+        return bool(second) and second[0] >= AMBIGUOUS_AT
 
     def to_dict(self) -> dict[str, object]:
-        return {"text": self.text, "task": self.task, "label": self.label, "score": round(self.score, 6),
-                "routing": {k: round(v, 6) for k, v in self.routing.items()}, "truncated": self.truncated}
+        out: dict[str, object] = {"text": self.text, "task": self.task, "label": self.label,
+                                  "score": round(self.score, 6),
+                                  "routing": {k: round(v, 6) for k, v in self.routing.items()}, "truncated": self.truncated}
+        if self.router_probability is not None:
+            top = sorted(self.task_probabilities.items(), key=lambda kv: -kv[1])[:3]
+            out |= {"router_probability": round(self.router_probability, 6), "ambiguous": self.ambiguous,
+                    "router_top": {k: round(v, 6) for k, v in top}}
+        if self.alternative is not None:
+            out["alternative"] = {k: round(v, 6) if isinstance(v, float) else v for k, v in self.alternative.items()}
+        return out
 
 
 def routed_hit(pred_task: str, pred_label: str, true_task: str, true_label: str,
@@ -51,10 +80,14 @@ def routed_hit(pred_task: str, pred_label: str, true_task: str, true_label: str,
 @torch.no_grad()
 def predict(model: AdaptBankModel, texts: Sequence[str], *, task: str | None = None, max_length: int = 128,
             batch_size: int = 64, mix_heads: bool = True, token_level: bool = False,
-            top_k: int = 2) -> list[Prediction]:
+            top_k: int = 2, explain: bool = False, ambiguous_at: float = AMBIGUOUS_AT) -> list[Prediction]:
     """Predict every text; ``task`` forces oracle routing to that task, else the router decides:
     the sequence router (default), or with ``token_level`` the per-layer token gates, whose gate mass
-    per expert picks the head (the ``top_k`` largest masses are reported and mixed)."""
+    per expert picks the head (the ``top_k`` largest masses are reported and mixed). The sequence
+    router's answers carry its probabilities and, for ambiguous inputs (runner-up probability >=
+    ``ambiguous_at``) or with ``explain``, the runner-up task's answer (module docstring)."""
+    if not 0.0 < ambiguous_at <= 1.0:
+        raise ValueError(f"ambiguous_at must be in (0, 1], got {ambiguous_at!r}")
     if not model.tasks:
         raise ValueError("the bank holds no tasks; add one with `adaptbank add-task`")
     if task is not None and task not in model.tasks:
@@ -76,9 +109,38 @@ def predict(model: AdaptBankModel, texts: Sequence[str], *, task: str | None = N
         else:
             out = model(**batch, routed=True)
             pooled, index, weight = out.pooled, out.index.cpu(), out.weight.float().cpu()  # type: ignore[union-attr]
+        answers = [_answer(model, texts[i], pooled[row], index[row], weight[row], names, mix_heads, truncated[i])
+                   for row, i in enumerate(chunk)]
+        if task is None and not token_level and model.router is not None:
+            probs = (out.scores.float() / model.router_temperature).softmax(-1).cpu()  # (B, E) router order
+            _with_alternatives(model, batch, answers, probs, explain, ambiguous_at)
         for row, i in enumerate(chunk):
-            out_list[i] = _answer(model, texts[i], pooled[row], index[row], weight[row], names, mix_heads, truncated[i])
+            out_list[i] = answers[row]
     return out_list  # type: ignore[return-value]
+
+
+def _with_alternatives(model: AdaptBankModel, batch: dict[str, Tensor], answers: list[Prediction], probs: Tensor,
+                       explain: bool, ambiguous_at: float) -> None:
+    """Fill each answer's router probabilities and, where the runner-up task is close (or ``explain``),
+    the runner-up's answer: those rows run once more, each under its runner-up task."""
+    router_names = list(model.router.names)  # type: ignore[union-attr]
+    wanted: list[tuple[int, str, float]] = []
+    for row, answer in enumerate(answers):
+        dist = {t: float(p) for t, p in zip(router_names, probs[row])}
+        answer.task_probabilities, answer.router_probability = dist, dist[answer.task]
+        others = sorted(((p, t) for t, p in dist.items() if t != answer.task), reverse=True)
+        if others and (explain or others[0][0] >= ambiguous_at):
+            wanted.append((row, others[0][1], others[0][0]))
+    if not wanted:
+        return
+    rows = torch.tensor([r for r, _, _ in wanted], device=batch["input_ids"].device)  # (A,)
+    sub = {k: v[rows] for k, v in batch.items()}
+    pooled = model(**sub, task_ids=[t for _, t, _ in wanted]).pooled  # (A, D)
+    for (row, alt, p), feats in zip(wanted, pooled):
+        scores = model.heads[alt](feats[None]).float().softmax(-1)[0]  # (C,)
+        label = int(scores.argmax())
+        answers[row].alternative = {"task": alt, "probability": p, "label": model.tasks[alt].labels[label],
+                                    "score": float(scores[label])}
 
 
 def _answer(model: AdaptBankModel, text: str, pooled: Tensor, index: Tensor, weight: Tensor, names: list[str],
