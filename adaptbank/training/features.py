@@ -72,6 +72,8 @@ def frozen_pass(model: AdaptBankModel, ids: Sequence[list[int]], *, router_layer
     return joined[:, :D], joined[:, D:]
 
 
+PROBE_TOL = 1e-8
+"""Stopping tolerance of the probe's logistic regression (scikit-learn's default is 1e-4)."""
 PROBE_CS: tuple[float, ...] = (0.01, 0.1, 1.0)
 """The L2 strengths (scikit-learn's C) that :func:`choose_probe_c` chooses from."""
 
@@ -93,7 +95,7 @@ def choose_probe_c(features: Tensor, labels: Sequence[int], *, seed: int = 0, cs
     out, fit = order[:n_out], order[n_out:]
     if len(set(y[fit].tolist())) < 2:
         return float(max(cs))
-    x = features.numpy()
+    x = features.double().numpy()  # float64: the solver's path must not hinge on float32 rounding
     best, best_loss = float(max(cs)), float("inf")
     for c in sorted(cs):
         clf = LogisticRegression(max_iter=2000, C=c, random_state=seed).fit(x[fit], y[fit])
@@ -124,8 +126,11 @@ def fit_probe(features: Tensor, labels: Sequence[int], n_classes: int, *, seed: 
         return W, b
     if c is None:
         c = choose_probe_c(features, y, seed=seed)
-    clf = LogisticRegression(max_iter=2000, C=c, random_state=seed)
-    clf.fit(features.numpy(), y)
+    # float64 and a tight tolerance: the probe is the optimum of a strictly convex problem, found to 1e-8, so
+    # features that differ by float noise (a sharded pass: 2e-7) give heads that differ by about as much,
+    # not by the 1e-3 that lbfgs' default stopping point left (it depends on the path to the optimum)
+    clf = LogisticRegression(max_iter=2000, C=c, random_state=seed, tol=PROBE_TOL)
+    clf.fit(features.double().numpy(), y)
     coef = torch.as_tensor(clf.coef_, dtype=torch.float32)  # (C', D) or (1, D) for two classes
     bias = torch.as_tensor(clf.intercept_, dtype=torch.float32)
     if len(present) == 2:  # sklearn keeps one row for two classes: split it symmetrically
