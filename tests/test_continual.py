@@ -28,7 +28,7 @@ TASKS = ["weather", "topic", "intent"]
 # head keeps scikit-learn's C = 1 as fitted: on 40 near-random examples the default rule picks the
 # strongest L2 (C = 0.01) and halves it, a near-uniform head whose predictions hide the drift of the
 # features that these tests look for (seq-lora changing old tasks).
-TRAIN = {"epochs": 1, "max_train": 40, "max_test": 30, "max_length": 32, "lr": 2e-2, "head_lr": 2e-2,
+TRAIN = {"epochs": 1, "max_train": 40, "max_test": 30, "max_length": 32, "lr": 5e-2, "head_lr": 5e-2,
          "probe_c": 1.0, "probe_scale": 1.0}
 ROOT = Path(__file__).resolve().parent.parent
 
