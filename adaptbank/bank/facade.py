@@ -117,7 +117,7 @@ class AdapterBank:
 
     @property
     def base(self) -> dict[str, Any]:
-        return self.store.manifest["base"]
+        return self.store.section("base")
 
     def tasks(self) -> list[str]:
         """Task names in the order they were added (the router's expert order)."""
@@ -251,7 +251,7 @@ class AdapterBank:
                 self.store, share_a, mean, scatter, count, method, dim=self._router_dim,
                 shrinkage=self.router_config.shrinkage, share_distance=self.router_config.share_distance)
                 if share_a else (None, None))
-            owns = group is not None and group not in self.store.manifest["shared"]
+            owns = group is not None and group not in self.store.section("shared")
             if group is not None and not owns:
                 model.import_shared(group, self.store.read_shared(group, "A"), method)  # type: ignore[arg-type]
             model.add_task(name, method, data.labels, shared_group=group, seed=train.seed, head=spec.head)

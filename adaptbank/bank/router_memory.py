@@ -223,7 +223,7 @@ def choose_group(store: BankStore, share_a: str, mean: Tensor, scatter: Tensor, 
     space (Mahalanobis distance under the pooled within-task covariance, shrunk by ``shrinkage``), when the
     router could barely tell the two apart (distance <= ``share_distance``): tasks with overlapping inputs
     share A."""
-    groups = store.manifest["shared"]
+    groups = store.section("shared")
     if share_a != "auto":
         validate_task_name(share_a)
         if share_a in groups:

