@@ -90,7 +90,10 @@ def test_two_tasks_of_the_same_texts_are_an_ambiguous_pair_and_answer_both(tiny_
     oracle = predict(model, [text], task=alt["task"], max_length=24)[0]  # the runner-up's answer is its oracle one
     assert (oracle.label, round(oracle.score, 5)) == (alt["label"], round(alt["score"], 5))
     (sure,) = predict(model, ["the weather is"], max_length=24, ambiguous_at=1.0)
-    assert sure.alternative is None and sure.router_probability == max(sure.task_probabilities.values())
+    assert sure.alternative is None and not sure.ambiguous
+    assert sure.router_probability == max(sure.task_probabilities.values())
+    (forced,) = predict(model, [text], max_length=24, ambiguous_at=1.0, explain=True)  # explain: the runner-up anyway
+    assert not forced.ambiguous and forced.alternative is not None and forced.alternative["task"] == alt["task"]
     out = CliRunner().invoke(main, ["predict", str(tmp_path / "bank"), text, "--json"])
     assert out.exit_code == 0, out.output
     line = json.loads(out.output.splitlines()[-1])

@@ -50,12 +50,8 @@ class Prediction:
     alternative: dict[str, object] | None = None
     """The runner-up task's answer, ``{"task", "probability", "label", "score"}``, when the input is
     ambiguous (or asked for with ``explain``); else None."""
-
-    @property
-    def ambiguous(self) -> bool:
-        """Whether the runner-up task holds at least :data:`AMBIGUOUS_AT` of the router's probability."""
-        second = sorted(self.task_probabilities.values(), reverse=True)[1:2]
-        return bool(second) and second[0] >= AMBIGUOUS_AT
+    ambiguous: bool = False
+    """Whether the runner-up task holds at least ``predict``'s ``ambiguous_at`` of the router's probability."""
 
     def to_dict(self) -> dict[str, object]:
         out: dict[str, object] = {"text": self.text, "task": self.task, "label": self.label,
@@ -129,7 +125,8 @@ def _with_alternatives(model: AdaptBankModel, batch: dict[str, Tensor], answers:
         dist = {t: float(p) for t, p in zip(router_names, probs[row])}
         answer.task_probabilities, answer.router_probability = dist, dist[answer.task]
         others = sorted(((p, t) for t, p in dist.items() if t != answer.task), reverse=True)
-        if others and (explain or others[0][0] >= ambiguous_at):
+        answer.ambiguous = bool(others) and others[0][0] >= ambiguous_at
+        if others and (explain or answer.ambiguous):
             wanted.append((row, others[0][1], others[0][0]))
     if not wanted:
         return
