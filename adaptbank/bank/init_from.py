@@ -31,7 +31,7 @@ from torch import Tensor
 
 from adaptbank.bank.router_memory import router_distances
 from adaptbank.bank.store import BankStore
-from adaptbank.core.config import MethodConfig, PrefixConfig
+from adaptbank.core.config import MethodConfig, PrefixConfig, stored_method
 from adaptbank.core.model import AdaptBankModel
 from adaptbank.core.task_io import load_adapter
 from adaptbank.training import distributed
@@ -44,7 +44,7 @@ NEAREST = "nearest"
 
 
 def _same_method(store: BankStore, task: str, method: MethodConfig) -> bool:
-    return store.read_config(task)["method"] == method.to_dict()
+    return stored_method(store.read_config(task)["method"]).to_dict() == method.to_dict()  # old records filled in
 
 
 def check(store: BankStore, init_from: str, method: MethodConfig, *, share_a: str | None) -> None:
