@@ -48,6 +48,20 @@ def environment(threads: int) -> dict[str, Any]:
             "argv": sys.argv}
 
 
+QUIET = 1.5
+"""Load average (1 minute) below which a start counts as quiet."""
+
+
+def announce_load() -> bool:
+    """Print the load average at the start of a timing run and whether it counts as quiet (below
+    :data:`QUIET`; figures from a start that is not quiet are not results); returns that verdict."""
+    load = os.getloadavg()
+    quiet = load[0] < QUIET
+    print(f"load average at start: {load} ({'quiet' if quiet else 'NOT QUIET: these figures are not results'})",
+          flush=True)
+    return quiet
+
+
 def median_time(fn: Callable[[], object], *, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
     """Median wall seconds of ``fn`` over ``repeats`` calls after ``warmup`` untimed calls."""
     for _ in range(warmup):

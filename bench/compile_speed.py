@@ -23,10 +23,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
-from _common import NOISE_NOTE, environment, interleaved, setup_torch, table, write_json
+from _common import NOISE_NOTE, announce_load, environment, interleaved, setup_torch, table, write_json
 
 PATHS = ("one-expert", "mixed", "routed")
 
@@ -54,8 +53,7 @@ def main() -> None:
     from adaptbank.routing.lda import LDARouter
     from adaptbank.routing.pools import router_features
 
-    load = os.getloadavg()
-    print(f"load average at start: {load} ({'quiet' if load[0] < 1.5 else 'NOT quiet: timings are not results'})")
+    announce_load()
     layers = 2
     model = AdaptBankModel(load_backbone())
     model.reserved_layers = layers
@@ -109,7 +107,7 @@ def main() -> None:
             compile_s = time.perf_counter() - t0
             diff = float((got - fn()).abs().max())
 
-            def comp(path: str = path) -> object:
+            def comp(path: str = path, compiled: object = compiled) -> object:
                 if path == "one-expert":
                     model.route(task=names[0])
                 elif path == "mixed":

@@ -27,10 +27,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
-from _common import NOISE_NOTE, environment, interleaved, setup_torch, table, write_json
+from _common import NOISE_NOTE, announce_load, environment, interleaved, setup_torch, table, write_json
 
 
 def parse() -> argparse.Namespace:
@@ -81,7 +80,7 @@ def stats_part(args: argparse.Namespace, F: int) -> list[dict]:
             have += 1
         build_s = time.perf_counter() - t0
         times = []
-        for r in range(args.repeats):  # one more task added and the router refitted, then taken out again
+        for _ in range(args.repeats):  # one more task added and the router refitted, then taken out again
             mean, count, scatter = memory_stats(task_memory(synthetic_task(g, F, args.texts).float()))
             t1 = time.perf_counter()
             stats.add("new", mean, count, scatter)
@@ -106,6 +105,7 @@ def forward_part(args: argparse.Namespace, F: int) -> list[dict]:
     import torch
 
     from adaptbank import AdaptBankModel, LoRAConfig, load_backbone
+    from adaptbank._memory import resident_bytes
     from adaptbank.core.config import RouterConfig
     from adaptbank.data.load import load_task
     from adaptbank.routing.lda import LDARouter
@@ -145,7 +145,7 @@ def forward_part(args: argparse.Namespace, F: int) -> list[dict]:
                 return model.features(**batch)
 
             t = interleaved({"routed": routed, "single": single}, args.repeats, args.warmup)
-        rss = _rss_mib()
+        rss = (resident_bytes() or float("nan")) / 2**20
         row = {"tasks": E, "routed_s": t["routed"], "single_s": t["single"], "routed_over_single": t["routed"] / t["single"],
                "distinct_experts_in_batch": distinct, "process_rss_mib": rss, "add_tasks_s": add_s}
         rows.append(row)
@@ -154,22 +154,13 @@ def forward_part(args: argparse.Namespace, F: int) -> list[dict]:
     return rows
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def main() -> None:
     args = parse()
     setup_torch(args.threads)
     from adaptbank.core.config import RouterConfig
     from adaptbank.routing.pools import feature_dim
 
-    load = os.getloadavg()
-    print(f"load average at start: {load} ({'quiet' if load[0] < 1.5 else 'NOT quiet: timings are not results'})")
+    announce_load()
     F = feature_dim(args.router_layers, 384, RouterConfig(pools=args.pools).pool_names)
     out = {"env": environment(args.threads), "config": vars(args), "feature_dim": F, "stats": stats_part(args, F)}
     if not args.no_forward:

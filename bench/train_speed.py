@@ -42,12 +42,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, setup_torch, table, write_json
+from _common import REPO, announce_load, setup_torch, table, write_json
 
 PEERS = {"lora": "peft", "lora-all": "peft", "ia3": "peft", "prompt": "peft", "prefix": "peft", "ptuning-v2": "peft",
          "bitfit": "torch", "full-ft": "torch", "adapter": "adapters", "parallel-adapter": "adapters"}
-QUIET = 1.5
-"""Load average (1 minute) below which a start counts as quiet."""
 
 
 def parse() -> argparse.Namespace:
@@ -319,10 +317,7 @@ def main() -> None:
 
     from _common import environment
 
-    load = os.getloadavg()
-    quiet = load[0] < QUIET
-    print(f"load average at start: {load} ({'quiet' if quiet else 'NOT QUIET: these figures are not results'})",
-          flush=True)
+    quiet = announce_load()
     plan, labels, pad = plan_of(args.task, args.steps, args.batch_size, args.max_length)
     tokens = sum(len(r.ids) for rows in plan for r in rows) / sum(len(rows) for rows in plan)
     print(f"{args.task}: {args.steps} steps of {args.batch_size} rows ({tokens:.1f} tokens per row on average), "
@@ -354,7 +349,7 @@ def main() -> None:
     out["loadavg_at_end"] = os.getloadavg()
     print()
     print(table(["method", "peer", "adaptbank ms/step", "peer ms/step", "speed ab/peer", "control-normalised"], rows_out))
-    print(f"\nload average at start {load}, at end {out['loadavg_at_end']}; ratio > 1: adaptbank faster")
+    print(f"\nload average at start {out['env']['loadavg_at_start']}, at end {out['loadavg_at_end']}; ratio > 1: adaptbank faster")
     if args.json:
         write_json(args.json, out)
 
