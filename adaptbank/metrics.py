@@ -43,6 +43,7 @@ __all__ = [
     "forward_transfer",
     "forgetting",
     "forgetting_last",
+    "forgetting_per_task",
     "learning_accuracy",
     "gate_entropy",
     "expert_usage",
@@ -163,9 +164,15 @@ def forgetting(R: Matrix) -> float:
     The drop from the best accuracy a task ever had (after it was learned) to now; 0.0 when ``t == 0``.
     Can be negative when a task is now better than ever before.
     """
+    return _mean(forgetting_per_task(R))
+
+
+def forgetting_per_task(R: Matrix) -> list[float]:
+    """Each earlier task's drop ``max_{l in [j, t-1]} R[l][j] - R[t][j]`` for ``j < t`` (what
+    :func:`forgetting` averages); empty when ``t == 0``."""
     rows = _check_rows(R)
     t = len(rows) - 1
-    return _mean([max(rows[i][j] for i in range(j, t)) - rows[t][j] for j in range(t)])  # type: ignore[type-var, operator]
+    return [max(rows[i][j] for i in range(j, t)) - rows[t][j] for j in range(t)]  # type: ignore[type-var, operator, misc]
 
 
 def forgetting_last(R: Matrix) -> float:

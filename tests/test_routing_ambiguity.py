@@ -74,7 +74,7 @@ def test_two_tasks_of_the_same_texts_are_an_ambiguous_pair_and_answer_both(tiny_
     assert pair["ambiguous"] and pair["shared_texts"] == 20 and pair["overlap"] > 0.2, pair
     assert res["ambiguity"]["pairs"][0] is pair  # the pair of the same texts overlaps most
     assert all(p["shared_texts"] == 0 for p in res["ambiguity"]["pairs"] if "topic" in p["tasks"])
-    for name, row in res["tasks"].items():
+    for row in res["tasks"].values():
         s = row["gap_split"]
         assert s["oracle"] == row["oracle_accuracy"] and s["routed"] == row["routed_accuracy"]
         assert abs(s["oracle"] - s["loss_ambiguous"] - s["loss_other"] - s["loss_mixing"] + s["gain"] - s["routed"]) < 1e-12

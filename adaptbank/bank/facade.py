@@ -37,9 +37,9 @@ from adaptbank.data.load import generation_pairs, load_task
 from adaptbank.data.specs import TaskSpec, load_task_spec, validate_task_name
 from adaptbank.data.tokens import tokenize
 from adaptbank.metrics import confusion_table, expert_usage, gate_entropy
+from adaptbank.routing.ambiguity import AMBIGUOUS_PAIR, ambiguous_pairs, gap_split
 from adaptbank.routing.lda import LDARouter
 from adaptbank.routing.pools import feature_dim
-from adaptbank.routing.ambiguity import AMBIGUOUS_PAIR, ambiguous_pairs, gap_split
 from adaptbank.routing.predict import predict, routed_hit
 from adaptbank.routing.taps import layer_list
 from adaptbank.routing.token import fit_token_router, load_token_gates, token_gate_tensors

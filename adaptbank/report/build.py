@@ -48,7 +48,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from adaptbank._atomic import atomic_write_bytes
-from adaptbank.metrics import AccuracyMatrix, average_accuracy, check_matrix, forgetting, forgetting_last
+from adaptbank.metrics import (
+    AccuracyMatrix,
+    average_accuracy,
+    check_matrix,
+    forgetting,
+    forgetting_last,
+    forgetting_per_task,
+)
 from adaptbank.report.export import data_files, replace_dir
 from adaptbank.report.html import render_html, report_figures
 from adaptbank.report.stats import error_split, mean_sd, paired_bootstrap
@@ -211,7 +218,7 @@ def summarize_run(run: Mapping[str, Any]) -> dict[str, Any]:
     metric ("accuracy" | "exact_match"), notes, peak_memory_bytes (max over steps, or None),
     router_confusion, hits (as in result.json, or None), error_split (per task in ``hits.routed``:
     ``{"task", "n", "both_right", "routing_errors", "routed_only_right", "both_wrong"}``, or None) and
-    router (``{"matrix", "acc", "forgetting", "forgetting_last", "first_task": [when added, now]}``: the
+    router (``{"matrix", "acc", "forgetting", "drops", "forgetting_last", "first_task": [when added, now]}``: the
     router's task identification over the steps, or None when not recorded).
     """
     _validate(run, f"run {run.get('name', '?')!r}" if isinstance(run, Mapping) else "run")
@@ -259,6 +266,7 @@ def _router_block(matrix: Sequence[Sequence[float | None]] | None) -> dict[str, 
         return None
     rows = [list(r) for r in matrix]
     return {"matrix": rows, "acc": average_accuracy(rows), "forgetting": forgetting(rows),
+            "drops": forgetting_per_task(rows),
             "forgetting_last": forgetting_last(rows), "first_task": [rows[0][0], rows[-1][0]]}
 
 

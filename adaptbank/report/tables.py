@@ -161,8 +161,8 @@ def router_table(tasks: Sequence[str], router: Mapping[str, Any]) -> Table:
     earlier task's drop from its best to the last row (the forgetting the summary line averages)."""
     matrix = router["matrix"]
     rows = [[f"after {tasks[i]}", *(pct(v) for v in row)] for i, row in enumerate(matrix)]
-    t = len(matrix) - 1
-    drop = [pct(max(matrix[i][j] for i in range(j, t)) - matrix[t][j]) if j < t else "–" for j in range(len(tasks))]
+    drops = list(router["drops"])  # one per earlier task (metrics.forgetting_per_task)
+    drop = [pct(drops[j]) if j < len(drops) else "–" for j in range(len(tasks))]
     return ("", *tasks), [*rows, ["drop from best", *drop]]
 
 
