@@ -40,7 +40,7 @@ from adaptbank.metrics import confusion_table, expert_usage, gate_entropy
 from adaptbank.routing.ambiguity import AMBIGUOUS_PAIR, ambiguous_pairs, gap_split
 from adaptbank.routing.lda import LDARouter
 from adaptbank.routing.pools import feature_dim
-from adaptbank.routing.predict import predict, routed_hit
+from adaptbank.routing.predict import predict, right_task, routed_hit
 from adaptbank.routing.taps import layer_list
 from adaptbank.routing.token import fit_token_router, load_token_gates, token_gate_tensors
 from adaptbank.training import distributed
@@ -437,7 +437,7 @@ class AdapterBank:
             hit = sum(routed_hits)
             oracle_hits = evaluate_hits(model, name, texts, labels, max_length=train.max_length)
             oracle = sum(oracle_hits) / len(oracle_hits)
-            outcomes[name] = [(o, r, p.task, p.task == name or labels_of[p.task] == labels_of[name])
+            outcomes[name] = [(o, r, p.task, right_task(p.task, name, labels_of))
                               for o, r, p in zip(oracle_hits, routed_hits, preds)]
             mass[name] = {t: sum(p.task_probabilities.get(t, 0.0) for p in preds) / len(preds) for t in self.tasks()}
             texts_of[name] = texts
@@ -456,8 +456,8 @@ class AdapterBank:
         usage = expert_usage(chosen, self.tasks()) if chosen else {}
         pairs = ambiguous_pairs(mass, texts_of)
         split = {name: gap_split(outcomes[name], name, pairs) for name in names}
-        for name in names:
-            rows[name]["gap_split"] = split[name]
+        for name, s in split.items():
+            rows[name]["gap_split"] = s
         avg_split = {k: sum(s[k] for s in split.values()) / len(split) for k in next(iter(split.values()))} if split else {}
         return {"tasks": rows, "average": avg, "confusion": confusion, "expert_usage": usage, "top_k": top_k,
                 "router": "token" if token_level else "sequence",

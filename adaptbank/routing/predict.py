@@ -29,7 +29,7 @@ from adaptbank.routing.ambiguity import AMBIGUOUS_AT
 from adaptbank.routing.token import token_routed_features
 from adaptbank.training.features import device_of
 
-__all__ = ["AMBIGUOUS_AT", "Prediction", "predict", "routed_hit"]
+__all__ = ["AMBIGUOUS_AT", "Prediction", "predict", "routed_hit", "right_task"]
 
 
 @dataclass
@@ -70,7 +70,13 @@ def routed_hit(pred_task: str, pred_label: str, true_task: str, true_label: str,
                labels_of: dict[str, tuple[str, ...]]) -> bool:
     """The one rule for a correct routed prediction: the right label name, from the true task's head or
     from a head with the identical label list (amazon vs yelp: the label names mean the same there)."""
-    return pred_label == true_label and (pred_task == true_task or labels_of[pred_task] == labels_of[true_task])
+    return pred_label == true_label and right_task(pred_task, true_task, labels_of)
+
+
+def right_task(pred_task: str, true_task: str, labels_of: dict[str, tuple[str, ...]]) -> bool:
+    """Whether routing to ``pred_task`` answers ``true_task``'s question: the same task, or one with the
+    identical label list (:func:`routed_hit`'s rule for the task)."""
+    return pred_task == true_task or labels_of[pred_task] == labels_of[true_task]
 
 
 @torch.no_grad()
