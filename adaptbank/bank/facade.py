@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adaptbank._timing import Phases
 from adaptbank.bank import init_from as init_source
 from adaptbank.bank import router_memory
 from adaptbank.bank.snapshot import consistent
@@ -30,6 +31,7 @@ from adaptbank.bank.task_config import task_config
 from adaptbank.bank.trust import allow_base, base_to_load, canonical
 from adaptbank.core.backbone import DEFAULT_ALIASES, DEFAULT_BACKBONE, Backbone, load_backbone
 from adaptbank.core.config import LoRAConfig, MethodConfig, RouterConfig, TrainConfig, stored_method
+from adaptbank.core.frozen_start import cache_refusal, first_layer
 from adaptbank.core.heads import check_head
 from adaptbank.core.model import AdaptBankModel, share_frozen
 from adaptbank.core.quantize import quantize_loaded
@@ -46,7 +48,7 @@ from adaptbank.routing.token import fit_token_router, load_token_gates, token_ga
 from adaptbank.training import distributed
 from adaptbank.training.distributed import Dist
 from adaptbank.training.evaluate import evaluate, evaluate_hits
-from adaptbank.training.features import frozen_pass
+from adaptbank.training.features import frozen_pass, frozen_pass_states
 from adaptbank.training.generation import encode_prompts, evaluate_task, fit_generation_task
 from adaptbank.training.loop import train_task
 
@@ -212,6 +214,7 @@ class AdapterBank:
         raises when any rank failed, the bank unchanged. ``log`` is called on rank 0 only."""
         dist = distributed.current() if dist is None else dist
         say = log if log is not None and dist.main else (lambda _msg: None)
+        phases = Phases()  # the profile stored as metrics.phase_seconds
         method = method or LoRAConfig()
         train = train or TrainConfig()
         with distributed.together(dist, "add-task: preparing"):
@@ -232,6 +235,7 @@ class AdapterBank:
                                  "classification tasks only so far; add it in one process")
             data = load_task(spec, max_train=train.max_train, max_test=train.max_test, seed=train.seed)
             start = time.perf_counter()
+            phases.mark("data")
             model = self.new_model()  # the task trains alone: other experts would be frozen anyway
             method = model.resolve_method(method)  # as stored: a prefix's auto positions made concrete
             if init_from is not None:
@@ -240,10 +244,22 @@ class AdapterBank:
                 model.to(dist.device)
             if gen:  # before any tokenising: an encoder has no LM head, a prompt expert cannot decode with the cache
                 check_head(model, name, method, data.labels, "generation")
+            if train.cache_frozen and (why := cache_refusal(model, method, spec.head, dist.world)):
+                raise ValueError(f"--cache-frozen cannot train task {name!r} on cached layers: {why}")
+            phases.mark("model")
             train_ids = (encode_prompts(model, generation_pairs(data, "train")[0], train.max_length) if gen
                          else tokenize(model.tokenizer, [e.text for e in data.train], train.max_length))
-        pooled, router_feats = distributed.sharded(dist, train_ids, lambda part: frozen_pass(  # (N, D), (N, F)
-            model, part, router_layers=self.router_layers, pools=self.router_pools), where=f"task {name!r}: frozen features")
+            phases.mark("tokenise")
+        cached = None
+        if train.cache_frozen:  # one process (cache_refusal): the pass also keeps the states the training starts from
+            pooled, router_feats, cached = frozen_pass_states(  # (N, D), (N, F), N x (T_i, D)
+                model, train_ids, router_layers=self.router_layers, pools=self.router_pools,
+                capture=first_layer(model, method, spec.head))
+        else:
+            pooled, router_feats = distributed.sharded(dist, train_ids, lambda part: frozen_pass(  # (N, D), (N, F)
+                model, part, router_layers=self.router_layers, pools=self.router_pools),
+                where=f"task {name!r}: frozen features")
+        phases.mark("frozen pass")
         with distributed.together(dist, f"task {name!r}: router memory"):
             memory = router_memory.task_memory(router_feats)
             mean, count, scatter = task_stats = router_memory.memory_stats(memory)  # (F,), N, (F, F)
@@ -259,17 +275,22 @@ class AdapterBank:
                                            shrinkage=self.router_config.shrinkage)
             parent = start_from["task"] if parent is None and start_from else parent
             say(f"{name}: training on {len(data.train)} examples, testing on {len(data.test)}")
+        phases.mark("router memory")
         scores: dict[str, float] = {}
         if gen:
             result, scores = fit_generation_task(model, name, data, train, on_step=on_step)
             acc = scores["test_exact_match"]  # a generation task's accuracy is its exact match
+            phases.mark("training and evaluation")
         else:
             result = train_task(model, name, [e.text for e in data.train], [e.label for e in data.train], train,
                                 on_step=on_step, features=init_source.probe_features(model, name, train_ids, pooled,
                                                                                      start_from, dist),
-                                diagnose=diagnose, dist=dist)
+                                diagnose=diagnose, dist=dist, cached=cached)
+            phases.mark("training")
+            phases.carve("training", "probe", result.probe_seconds)
             acc = evaluate(model, name, [e.text for e in data.test], [e.label for e in data.test],
                            max_length=train.max_length, dist=dist)
+            phases.mark("evaluation")
         with distributed.together(dist, f"task {name!r}: before the commit"):
             say(f"{name}: trained {result.steps} steps in {result.seconds:.1f}s")
             files = model.export_task(name)
@@ -282,7 +303,7 @@ class AdapterBank:
                 "trainable_params": sum(p.numel() for p in model.expert_parameters(name)),
                 "head_params": sum(p.numel() for p in model.heads[name].parameters()) if name in model.heads else 0,
                 "final_loss": result.losses[-1] if result.losses else None, "diagnostics": result.diagnostics,
-                "processes": dist.world, **scores})
+                "processes": dist.world, "phase_seconds": phases.rounded(), **scores})
             shared_files = {"A": model.export_shared(group)} if owns and group else None
 
         def commit() -> int:  # rank 0 only; the others wait for its outcome

@@ -6,6 +6,7 @@ One function per command, argument handling only; the work is done by ``adaptban
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,8 @@ def init(bank: str, base: str | None, quantize: str | None, **router: Any) -> No
 
 
 _TAKES: dict[str, set[str]] = {
-    "lora": {"targets", "rank", "alpha", "dropout"}, "adapter": {"targets", "rank"},
-    "parallel-adapter": {"targets", "rank"}, "bitfit": {"targets"}, "ia3": {"targets"},
+    "lora": {"targets", "layers", "rank", "alpha", "dropout"}, "adapter": {"targets", "layers", "rank"},
+    "parallel-adapter": {"targets", "layers", "rank"}, "bitfit": {"targets", "layers"}, "ia3": {"targets", "layers"},
     "prompt": {"prompt_length", "prompt_init"}, "prefix": {"prefix_length", "prefix_positions"},
     "ptuning-v2": {"prefix_length", "prefix_positions"}}
 """The add-task flags each method kind takes (by parameter name)."""
@@ -88,8 +89,28 @@ class MethodChoice(click.Choice):  # type: ignore[type-arg]
         return super().convert(value, param, ctx)
 
 
+def parse_layers(value: str | None) -> tuple[int, ...] | None:
+    """``--layers``: comma-separated layer indices and ranges (``4,5``, ``2-5``; negative indices count from
+    the top, ``-2,-1``) as a tuple; ``click.BadParameter`` naming the bad part."""
+    if value is None:
+        return None
+    out: list[int] = []
+    for part in value.split(","):
+        token = part.strip()
+        if re.fullmatch(r"-?\d+", token):
+            out.append(int(token))
+        elif (m := re.fullmatch(r"(\d+)-(\d+)", token)) and int(m[1]) <= int(m[2]):
+            out.extend(range(int(m[1]), int(m[2]) + 1))
+        else:
+            raise click.BadParameter(f"{token!r} in {value!r} is not a layer index or an ascending range; give e.g. "
+                                     "4,5 or 2-5 or -2,-1", param_hint="--layers")
+    if len(set(out)) != len(out):
+        raise click.BadParameter(f"{value!r} names a layer twice", param_hint="--layers")
+    return tuple(out)
+
+
 def _method_config(method: str, targets: str | None, rank: int | None, *, prompt: dict[str, Any],
-                   **lora: Any) -> MethodConfig:
+                   layers: tuple[int, ...] | None = None, **lora: Any) -> MethodConfig:
     """The method config of add-task's flags: ``--rank`` is LoRA's rank or an adapter's bottleneck width;
     ``--targets`` a preset or comma-separated patterns; ``--alpha``/``--dropout`` apply to LoRA only;
     ``--prompt-length``/``--prompt-init`` to prompt tuning, ``--prefix-length``/``--prefix-positions`` to
@@ -98,11 +119,11 @@ def _method_config(method: str, targets: str | None, rank: int | None, *, prompt
     each flag to the part that takes it (``--rank`` to the LoRA part where there is one, else the first
     taker); its parts keep their default targets, so ``--targets`` is refused there."""
     if "+" in method:
-        return _combined_config(method, targets, rank, prompt=prompt, **lora)
-    kw: dict[str, Any] = {}
+        return _combined_config(method, targets, rank, prompt=prompt, layers=layers, **lora)
+    kw: dict[str, Any] = given(layers=layers)
     if targets is not None:
         kw["targets"] = targets if "," not in targets and targets in TARGET_PRESETS else tuple(targets.split(","))
-    flags = {"targets": targets, "rank": rank, **lora, **prompt}
+    flags = {"targets": targets, "layers": layers, "rank": rank, **lora, **prompt}
     wrong = [k for k, v in flags.items() if v is not None and k not in _TAKES[method]]
     if wrong:
         raise click.UsageError(f"{_flags(wrong)} does not apply to --method {method}; it takes: {_flags(_TAKES[method])}")
@@ -120,11 +141,14 @@ def _method_config(method: str, targets: str | None, rank: int | None, *, prompt
 
 
 def _combined_config(method: str, targets: str | None, rank: int | None, *, prompt: dict[str, Any],
-                     **lora: Any) -> CombinedConfig:
+                     layers: tuple[int, ...] | None = None, **lora: Any) -> CombinedConfig:
     kinds = combined_kinds(method)
     if targets is not None:
         raise click.UsageError(f"--targets does not apply to the combined --method {method}: each part keeps its "
                                "default targets; give per-part targets in a run spec's [method] parts")
+    if layers is not None and any("layers" not in _TAKES[k] for k in kinds):
+        raise click.UsageError(f"--layers does not apply to --method {method}: its prompt/prefix part acts in every "
+                               "layer; give per-part layers in a run spec's [method] parts")
     given_flags = {k: v for k, v in {"rank": rank, **lora, **prompt}.items() if v is not None}
     per_part: list[dict[str, Any]] = [{} for _ in kinds]
     for flag, value in given_flags.items():
@@ -137,7 +161,7 @@ def _combined_config(method: str, targets: str | None, rank: int | None, *, prom
     for kind, kw in zip(kinds, per_part):
         got = {k: kw.get(k) for k in ("prompt_length", "prompt_init", "prefix_length", "prefix_positions")}
         parts.append(_method_config(kind, None, kw.get("rank"), prompt=got, alpha=kw.get("alpha"),
-                                    dropout=kw.get("dropout")))
+                                    dropout=kw.get("dropout"), layers=layers))  # every part in the same layers
     return CombinedConfig(parts=tuple(parts))  # type: ignore[arg-type]
 
 
@@ -159,6 +183,10 @@ def _combined_config(method: str, targets: str | None, rank: int | None, *, prom
               "ia3, ffn-block) or comma-separated module-name regexes [lora: qv, adapter: pfeiffer-block, "
               "parallel-adapter: ffn-block, "
               "bitfit: all-linear, ia3: ia3].")
+@click.option("--layers", "layers_text", default=None, metavar="LIST",
+              help="Transformer layers the expert goes in, comma-separated indices or ranges (4,5 or 2-5; -2,-1 the "
+              "top two) [every layer the router leaves free]; with --cache-frozen the layers below train from "
+              "cached states.")
 @click.option("--share-a", default=None, help="Shared-A group name for a LoRA task-B expert, or 'auto'.")
 @click.option("--name", default=None, help="Task name in the bank [the spec's name].")
 @click.option("--parent", default=None, help="Record this bank task as the new task's parent (lineage).")
@@ -174,6 +202,7 @@ def _combined_config(method: str, targets: str | None, rank: int | None, *, prom
 @config_option(TrainConfig, "max_test")
 @config_option(TrainConfig, "seed")
 @config_option(TrainConfig, "train_dropout")
+@config_option(TrainConfig, "cache_frozen")
 @click.option("--replace", is_flag=True, help="Retrain and replace a task that exists already.")
 @click.option("--allow-router-drift", is_flag=True, help="With --replace of a task stored before tasks kept "
               "their router scatter: leave the old version's share in the router's pooled covariance.")
@@ -184,7 +213,7 @@ def _combined_config(method: str, targets: str | None, rank: int | None, *, prom
 @_friendly
 def add_task(bank: str, spec: str, method: str, rank: int | None, alpha: float | None, dropout: float | None,
              prompt_length: int | None, prompt_init: str | None, prefix_length: int | None, positions: str | None,
-             targets: str | None, share_a: str | None, name: str | None, parent: str | None, init_from: str | None, replace: bool,
+             targets: str | None, layers_text: str | None, share_a: str | None, name: str | None, parent: str | None, init_from: str | None, replace: bool,
              allow_router_drift: bool, as_json: bool, lock_timeout: float, diagnose: bool, **train: Any) -> None:
     """Train SPEC's expert and head, evaluate on its test split, and store them in BANK.
 
@@ -198,7 +227,7 @@ def add_task(bank: str, spec: str, method: str, rank: int | None, alpha: float |
     from adaptbank.training import distributed
     from adaptbank.training.diagnostics import DEFAULT_STEPS, diagnose_report
 
-    cfg = _method_config(method, targets, rank, alpha=alpha, dropout=dropout,
+    cfg = _method_config(method, targets, rank, alpha=alpha, dropout=dropout, layers=parse_layers(layers_text),
                          prompt={"prompt_length": prompt_length, "prompt_init": prompt_init,
                                  "prefix_length": prefix_length, "prefix_positions": positions})
     train_cfg = TrainConfig(**given(**train))

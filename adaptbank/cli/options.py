@@ -174,7 +174,7 @@ class ConfigFlag:
 HEAD_TRAIN = "the head file's"
 """Where ``import`` takes its data settings from when a flag is not given: the exported task's own."""
 _TRAIN = ("epochs", "lr", "head_lr", "batch_size", "grad_accum", "max_length", "max_train", "max_test", "seed",
-          "train_dropout")
+          "train_dropout", "cache_frozen")
 ADAPTER_WIDTHS: tuple[tuple[type, str], ...] = ((AdapterConfig, "bottleneck"), (ParallelAdapterConfig, "bottleneck"))
 _ROUTED = {"--top-k": ConfigFlag(RouterConfig, "top_k", default_from=BANK_ROUTER),
            "--temperature": ConfigFlag(RouterConfig, "temperature", default_from=BANK_ROUTER)}
@@ -219,11 +219,16 @@ UNFLAGGED: dict[tuple[type, str], str] = {
     (BitFitConfig, "targets"): "set by the one --targets flag of every method",
     (IA3Config, "targets"): "set by the one --targets flag of every method",
     (IA3Config, "feedforward"): "which targets scale their input; a run spec's [method] table can change it",
+    (LoRAConfig, "layers"): "set by the one --layers flag of every method with targets (comma-separated indices "
+                            "and ranges)",
+    (BitFitConfig, "layers"): "set by the one --layers flag of every method with targets",
+    (IA3Config, "layers"): "set by the one --layers flag of every method with targets",
 }
 """Config fields the CLI deliberately gives no generated option, with the reason."""
 
 NOT_CONFIG: dict[tuple[str, str], str] = {
     ("add-task", "--targets"): "see UNFLAGGED (LoRAConfig, 'targets'); the method's default applies when omitted",
+    ("add-task", "--layers"): "see UNFLAGGED (LoRAConfig, 'layers'); parsed from '4,5', '2-5' or '-2,-1' into a tuple",
     ("router fit", "--epochs"): "the token router's passes (AdapterBank.fit_token_router), not TrainConfig.epochs",
     ("router fit", "--max-train"): "token-router examples per task (AdapterBank.fit_token_router)",
     ("run", "--epochs"): "overrides the run spec's [train] epochs; None keeps the spec's value",

@@ -30,6 +30,7 @@ from adaptbank.core.config_base import (  # re-exported: the names every config 
     NAME_RULE,
     TARGET_PRESETS,
     Activation,
+    _check_layers,
     _check_targets,
     _choice,
     _Config,
@@ -78,6 +79,9 @@ class LoRAConfig(_Config):
     """Dropout on the expert's input x before A (--dropout)."""
     targets: str | tuple[str, ...] = "qv"
     """A preset (qv, attn, all-linear, v) or explicit module-name regexes (--targets)."""
+    layers: tuple[int, ...] | None = None
+    """Transformer layers the targets are kept in, by index (negative: from the top; peft's
+    ``layers_to_transform``); None: every layer the router leaves free (--layers)."""
 
     def __post_init__(self) -> None:
         _positive("rank", "--rank", self.rank, integer=True)
@@ -85,6 +89,7 @@ class LoRAConfig(_Config):
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1) (--dropout), got {self.dropout!r}")
         _check_targets(self.targets)
+        _check_layers(self.layers)
 
     @property
     def scaling(self) -> float:
@@ -106,11 +111,15 @@ class AdapterConfig(_Config):
     """pfeiffer-block (the feed-forward block's normalised output on post-LN models, its output projection on
     pre-LN ones), pfeiffer (on the feed-forward output projection, before the residual sum) or houlsby (after
     the attention output and the feed-forward output projections)."""
+    layers: tuple[int, ...] | None = None
+    """Transformer layers the targets are kept in, by index (negative: from the top; peft's
+    ``layers_to_transform``); None: every layer the router leaves free (--layers)."""
 
     def __post_init__(self) -> None:
         _positive("bottleneck", "--rank", self.bottleneck, integer=True)
         _choice("activation", "--activation", self.activation, get_args(Activation))
         _check_targets(self.targets)
+        _check_layers(self.layers)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,12 +137,16 @@ class ParallelAdapterConfig(_Config):
     targets: str | tuple[str, ...] = "ffn-block"
     """What to run beside: ``ffn-block`` the whole feed-forward block (reading the block's input, added to
     its output), or linear sub-layers (``ffn``: the feed-forward output projection; any preset or pattern)."""
+    layers: tuple[int, ...] | None = None
+    """Transformer layers the targets are kept in, by index (negative: from the top; peft's
+    ``layers_to_transform``); None: every layer the router leaves free (--layers)."""
 
     def __post_init__(self) -> None:
         _positive("bottleneck", "--rank", self.bottleneck, integer=True)
         _positive("scale", "--scale", self.scale)
         _choice("activation", "--activation", self.activation, get_args(Activation))
         _check_targets(self.targets)
+        _check_layers(self.layers)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,9 +156,13 @@ class BitFitConfig(_Config):
     kind: ClassVar[str] = "bitfit"
     targets: str | tuple[str, ...] = "all-linear"
     """Linear sub-layers whose bias trains, as a delta over the frozen bias (--targets)."""
+    layers: tuple[int, ...] | None = None
+    """Transformer layers the targets are kept in, by index (negative: from the top; peft's
+    ``layers_to_transform``); None: every layer the router leaves free (--layers)."""
 
     def __post_init__(self) -> None:
         _check_targets(self.targets)
+        _check_layers(self.layers)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,9 +175,13 @@ class IA3Config(_Config):
     feedforward: str | tuple[str, ...] = "ffn"
     """Of the targets, those scaled on their input: the feed-forward's intermediate activation (peft's
     ``feedforward_modules``)."""
+    layers: tuple[int, ...] | None = None
+    """Transformer layers the targets are kept in, by index (negative: from the top; peft's
+    ``layers_to_transform``); None: every layer the router leaves free (--layers)."""
 
     def __post_init__(self) -> None:
         _check_targets(self.targets)
+        _check_layers(self.layers)
         _check_targets(self.feedforward)
 
 
@@ -420,6 +441,11 @@ class TrainConfig(_Config):
     probe_scale: float = 0.5
     """The probe head's weights and bias are multiplied by this before training: a softer start keeps
     the probe's direction but leaves the expert more gradient (1 keeps the probe as fitted)."""
+    cache_frozen: bool = False
+    """add-task: run the frozen layers below the task's first expert once, in the frozen pass that feeds the
+    probe and the router, and train from their cached outputs (``core.frozen_start``): the same results
+    with --no-train-dropout, those layers without dropout otherwise; classification in one process
+    (--cache-frozen/--no-cache-frozen)."""
 
     def __post_init__(self) -> None:
         _positive("epochs", "--epochs", self.epochs)
@@ -441,6 +467,8 @@ class TrainConfig(_Config):
         _positive("probe_scale", "probe_scale", self.probe_scale)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer (--seed), got {self.seed!r}")
+        if not isinstance(self.cache_frozen, bool):
+            raise ValueError(f"cache_frozen must be true or false (--cache-frozen), got {self.cache_frozen!r}")
         if not isinstance(self.train_dropout, bool):
             raise ValueError(f"train_dropout must be true or false (--train-dropout), got {self.train_dropout!r}")
 

@@ -65,6 +65,16 @@ def _check_targets(targets: str | tuple[str, ...]) -> None:
         raise ValueError(f"targets must be a preset ({', '.join(TARGET_PRESETS)}) or non-empty patterns, got {targets!r}")
 
 
+def _check_layers(layers: tuple[int, ...] | None) -> None:
+    """``layers`` is None or distinct integer layer indices (negative ones count from the top: -1 the last)."""
+    if layers is None:
+        return
+    ok = (isinstance(layers, tuple) and layers and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
+          and len(set(layers)) == len(layers))
+    if not ok:
+        raise ValueError(f"layers must be distinct integer layer indices, e.g. 4,5 or -2,-1 (--layers), got {layers!r}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class _Config:
     kind: ClassVar[str] = ""

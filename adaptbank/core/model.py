@@ -173,14 +173,39 @@ class AdaptBankModel(nn.Module):
         if self.encoder is not self.backbone and head == "classification":  # T5: a head reads the encoder only
             paths = [p for p in paths if p.startswith("encoder.")]
         if self.reserved_layers:
-            reserved = tuple(f"{p}." for p in self._layer_paths()[: self.reserved_layers])
+            reserved = tuple(f"{p}." for p in self.layer_paths()[: self.reserved_layers])
             paths = [p for p in paths if not p.startswith(reserved)]
             if not paths:
                 raise ValueError(f"targets {method.targets!r} select only layers below {self.reserved_layers}, which "
                                  "are reserved for the router's features")
+        if getattr(method, "layers", None) is not None:
+            if self.encoder is not self.backbone and head != "classification":
+                raise ValueError("--layers indexes the encoder's layers; an encoder-decoder generation task also "
+                                 "adapts the decoder, so leave layers unset there")
+            paths = self._in_layers(paths, method.layers, method.targets)  # type: ignore[union-attr]
         return paths
 
-    def _layer_paths(self) -> list[str]:
+    def _in_layers(self, paths: list[str], layers: Sequence[int], targets: object) -> list[str]:
+        """``paths`` inside the transformer layers ``layers`` (negative: from the top); errors name a layer out
+        of range or read by the router."""
+        names = self.layer_paths()
+        n = len(names)
+        bad = [i for i in layers if not -n <= i < n]
+        if bad:
+            raise ValueError(f"layer {bad[0]} (--layers) is out of range: the base has {n} layers, 0..{n - 1} "
+                             f"(or -{n}..-1 from the top)")
+        keep = sorted({i % n for i in layers})
+        low = [i for i in keep if i < self.reserved_layers]
+        if low:
+            raise ValueError(f"layer {low[0]} (--layers) is one the router reads (layers 0..{self.reserved_layers - 1} "
+                             f"hold no experts); choose from {self.reserved_layers}..{n - 1}")
+        inside = tuple(f"{names[i]}." for i in keep)
+        chosen = [p for p in paths if p.startswith(inside)]
+        if not chosen:
+            raise ValueError(f"targets {targets!r} select nothing in layers {keep} (--layers)")
+        return chosen
+
+    def layer_paths(self) -> list[str]:
         """Paths of the transformer layers, in order."""
         names = {id(m): n for n, m in self.backbone.named_modules()}
         return [names[id(m)] for m in layer_list(self.encoder)]
@@ -195,7 +220,7 @@ class AdaptBankModel(nn.Module):
         if missing or len(router.names) != len(self.tasks):
             raise ValueError(f"router experts {router.names} do not match the loaded tasks {list(self.tasks)}; "
                              "refit the router (adaptbank router fit)")
-        prefixes = tuple(f"{p}." for p in self._layer_paths()[: router.layers])
+        prefixes = tuple(f"{p}." for p in self.layer_paths()[: router.layers])
         low = [p for t in self.tasks.values() for p in t.paths if p.startswith(prefixes)]
         if low:
             raise ValueError(f"experts sit in layers the router reads ({low[0]} ...); the router needs layers "

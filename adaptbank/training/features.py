@@ -10,13 +10,14 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from adaptbank.core.frozen_start import CachedStates
 from adaptbank.core.heads import ClassificationHead
 from adaptbank.core.model import AdaptBankModel
 from adaptbank.core.pooling import pool
 from adaptbank.data.tokens import batches, collate, pad_id
 from adaptbank.routing.pools import feature_dim, router_features
 
-__all__ = ["device_of", "task_features", "encode", "frozen_pass", "fit_probe", "probe_head", "choose_probe_c", "PROBE_CS"]
+__all__ = ["device_of", "task_features", "encode", "frozen_pass", "frozen_pass_states", "fit_probe", "probe_head", "choose_probe_c", "PROBE_CS"]
 
 
 def device_of(model: AdaptBankModel) -> torch.device:
@@ -33,16 +34,22 @@ def task_features(model: AdaptBankModel, task: str | None) -> Callable[[dict[str
     return features
 
 
-@torch.no_grad()
 def _map(model: AdaptBankModel, ids: Sequence[list[int]], fn: Callable[[dict[str, Tensor]], Tensor], dim: int,
          batch_size: int) -> Tensor:
     """``fn`` over length-sorted batches of ``ids`` in eval mode, rows put back in order: (N, dim)."""
+    return _map_chunks(model, ids, lambda batch, _chunk: fn(batch), dim, batch_size)
+
+
+@torch.no_grad()
+def _map_chunks(model: AdaptBankModel, ids: Sequence[list[int]],
+                fn: Callable[[dict[str, Tensor], list[int]], Tensor], dim: int, batch_size: int) -> Tensor:
+    """:func:`_map` where ``fn`` also gets the batch's row indices into ``ids``."""
     was_training = model.training
     model.eval()
     out = torch.empty(len(ids), dim)  # (N, dim)
     for chunk in batches(ids, batch_size, shuffle=False):
         batch = collate([ids[i] for i in chunk], pad_id(model.tokenizer), device_of(model))
-        out[chunk] = fn(batch).float().cpu()  # (B, dim)
+        out[chunk] = fn(batch, chunk).float().cpu()  # (B, dim)
     model.train(was_training)
     return out
 
@@ -58,18 +65,32 @@ def frozen_pass(model: AdaptBankModel, ids: Sequence[list[int]], *, router_layer
     """One pass of the frozen backbone: pooled features (N, D) for the probe head, and router
     features (N, F): the ``pools`` (``routing.pools``; masked mean-pools by default) of the embeddings
     and layers 0 .. L-1, layer-major, as the router taps compute them in the routed forward."""
+    pooled, router, _ = frozen_pass_states(model, ids, router_layers=router_layers, pools=pools, batch_size=batch_size)
+    return pooled, router
+
+
+def frozen_pass_states(model: AdaptBankModel, ids: Sequence[list[int]], *, router_layers: int,
+                       pools: Sequence[str] = ("mean",), capture: int | None = None,
+                       batch_size: int = 64) -> tuple[Tensor, Tensor, CachedStates | None]:
+    """:func:`frozen_pass`, keeping as well, with ``capture = L``, each row's hidden states (T_i, D) entering
+    layer L (the output of layer L-1), for training on cached frozen layers (``core.frozen_start``)."""
     D = model.hidden_size
     F = feature_dim(router_layers, D, pools)
+    states: list[Tensor] = [torch.empty(0)] * len(ids)
 
-    def both(batch: dict[str, Tensor]) -> Tensor:
+    def both(batch: dict[str, Tensor], chunk: list[int]) -> Tensor:
         model.route()
         out = model.encoder(**batch, output_hidden_states=True)
         mask = batch["attention_mask"]
+        if capture is not None:
+            h = out.hidden_states[capture]  # (B, T, D)
+            for b, i in enumerate(chunk):  # a copy per row: a view would keep the whole batch alive
+                states[i] = h[b, : len(ids[i])].float().cpu().clone()  # (T_i, D)
         router = router_features(out.hidden_states[: router_layers + 1], mask, pools)  # (B, F)
         return torch.cat([pool(out.last_hidden_state, mask, model.pooling), router], -1)  # (B, D + F)
 
-    joined = _map(model, ids, both, D + F, batch_size)  # (N, D + F)
-    return joined[:, :D], joined[:, D:]
+    joined = _map_chunks(model, ids, both, D + F, batch_size)  # (N, D + F)
+    return joined[:, :D], joined[:, D:], CachedStates(capture, states) if capture is not None else None
 
 
 PROBE_TOL = 1e-8

@@ -38,6 +38,7 @@ expert into its stored form (a prefix's reparameterisation MLP is collapsed into
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -50,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adaptbank.core.config import TrainConfig
+from adaptbank.core.frozen_start import CachedStates, cached_features, pad_states, skipping
 from adaptbank.core.model import AdaptBankModel
 from adaptbank.core.seeding import seeded
 from adaptbank.data.tokens import batches, collate, pad_id, tokenize
@@ -88,6 +90,9 @@ class Row:
     target: tuple[int, ...] | None = None
     """Encoder-decoder generation rows: the target ids and EOS, the decoder's side (``ids`` is the prompt,
     the encoder's side; ``core.seq2seq``); None otherwise."""
+    start: Tensor | None = field(default=None, compare=False, repr=False)
+    """Cached training (``core.frozen_start``): the frozen hidden states (T, D) of ``ids`` entering the first
+    layer that trains; collated into the batch as ``start_hidden`` (B, T, D). None otherwise."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,8 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     probe_accuracy: float | None = None
     """Training-split accuracy of the probe-initialised head, before fine-tuning (``train_task``)."""
+    probe_seconds: float = 0.0
+    """Seconds ``train_task`` spent on the probe head (features it computed, the logistic regression)."""
     diagnostics: dict[str, Any] | None = None
     """``train_task(diagnose=n)``: gradient norms, warnings, rank suggestion (``diagnostics.diagnosis``)."""
 
@@ -264,10 +271,24 @@ def fit(model: AdaptBankModel, plan: Iterable[list[Row]], *, steps: int, groups:
     return result
 
 
+def _check_cached(cached: CachedStates, ids: Sequence[list[int]], dist: Dist) -> None:
+    """Cached states must be one per example, as long as its ids, in one process."""
+    if dist.world > 1:
+        raise ValueError(f"training on cached frozen layers runs in one process; this launch has {dist.world}")
+    if len(cached.states) != len(ids):
+        raise ValueError(f"{len(cached.states)} cached states for {len(ids)} training examples")
+    bad = next((i for i, (s, x) in enumerate(zip(cached.states, ids)) if s.shape[0] != len(x)), None)
+    if bad is not None:
+        raise ValueError(f"cached states of example {bad} cover {cached.states[bad].shape[0]} tokens, "
+                         f"its ids {len(ids[bad])}")
+
+
 def _batch_loss(model: AdaptBankModel, rows: Sequence[Row], features: Features, loss: TaskLoss,
                 loss_terms: Sequence[LossTerm], step: int, weight: float) -> Tensor:
     """``weight`` times the task loss of ``rows`` plus every extra term."""
     batch = collate([r.ids for r in rows], pad_id(model.tokenizer), device_of(model))
+    if rows[0].start is not None:  # cached training: the frozen layers' states, padded like the ids
+        batch["start_hidden"] = pad_states([r.start for r in rows], batch["input_ids"].shape[1]).to(device_of(model))
     pooled = features(batch)  # (B, D), or (B, T, D) for generation rows
     total = loss(model, rows, pooled)
     if loss_terms:
@@ -279,7 +300,8 @@ def _batch_loss(model: AdaptBankModel, rows: Sequence[Row], features: Features, 
 
 def train_task(model: AdaptBankModel, name: str, texts: Sequence[str], labels: Sequence[int], cfg: TrainConfig,
                *, on_step: Callable[[int, float], None] | None = None, features: Tensor | None = None,
-               loss_terms: Sequence[LossTerm] = (), diagnose: int = 0, dist: Dist | None = None) -> TrainResult:
+               loss_terms: Sequence[LossTerm] = (), diagnose: int = 0, dist: Dist | None = None,
+               cached: CachedStates | None = None) -> TrainResult:
     """Train task ``name``'s expert and head on ``texts``/``labels`` (class indices).
 
     ``dist`` (None: ``training.distributed.current()``, which joins a torchrun/accelerate launch) makes it
@@ -288,6 +310,9 @@ def train_task(model: AdaptBankModel, name: str, texts: Sequence[str], labels: S
 
     ``features`` (N, D) are the frozen pooled features of ``texts`` when the caller has them already
     (they seed the probe head); otherwise they are computed here when ``cfg.probe_init`` is set.
+    ``cached`` (one process only) holds the frozen states of ``texts`` entering the first layer with an
+    expert (``training.features.frozen_pass_states``): training then runs only the layers from there on
+    (``core.frozen_start``), with the same results up to float rounding when dropout is off.
     ``diagnose`` > 0 records the gradient norms of the first ``diagnose`` steps through ``fit``'s
     ``after_backward`` and, after training, a LoRA rank suggestion, in ``result.diagnostics``
     (``training.diagnostics``); a :class:`TrainingError` then carries the diagnostics report.
@@ -314,15 +339,19 @@ def train_task(model: AdaptBankModel, name: str, texts: Sequence[str], labels: S
                 model.heads[name].linear.bias.copy_(b)
             pred = (feats @ W.T + b).argmax(1)  # (N,)
             probe_accuracy = int((pred == torch.tensor(list(labels))).sum()) / len(labels)
+    probe_seconds = time.perf_counter() - start
     groups = [{"params": model.expert_parameters(name), "lr": cfg.lr, "name": "expert"},
               {"params": list(model.heads[name].parameters()), "lr": cfg.head_lr, "name": "head"}]
-    rows = [Row(x, y, name) for x, y in zip(ids, labels)]
+    if cached is not None:
+        _check_cached(cached, ids, dist)
+    rows = [Row(x, y, name, start=s) for x, y, s in zip(ids, labels, cached.states if cached else [None] * len(ids))]
     grads = GradientLog(parameter_groups(model, name), steps=diagnose) if diagnose else None
     try:
-        result = fit(model, epoch_batches(rows, cfg, cfg.seed), steps=total_steps(len(rows), cfg), groups=groups,
-                     cfg=cfg, features=task_features(model, name), seed=cfg.seed, what=f"task {name!r}",
-                     loss_terms=loss_terms, on_step=on_step, after_backward=grads, dropout=cfg.train_dropout,
-                     dist=dist)
+        with skipping(model, cached.layer) if cached is not None else contextlib.nullcontext() as feed:
+            result = fit(model, epoch_batches(rows, cfg, cfg.seed), steps=total_steps(len(rows), cfg), groups=groups,
+                         cfg=cfg, features=cached_features(model, name, feed) if feed else task_features(model, name),
+                         seed=cfg.seed, what=f"task {name!r}", loss_terms=loss_terms, on_step=on_step,
+                         after_backward=grads, dropout=cfg.train_dropout, dist=dist)
     except TrainingError as err:
         if grads is None:
             raise
@@ -330,6 +359,6 @@ def train_task(model: AdaptBankModel, name: str, texts: Sequence[str], labels: S
     model.finalize(name)  # training-time reparameterisations (a prefix's MLP) become the stored form
     if grads is not None:
         result.diagnostics = diagnosis(grads, rank_suggestions(model, name))
-    result.probe_accuracy = probe_accuracy
+    result.probe_accuracy, result.probe_seconds = probe_accuracy, probe_seconds
     result.seconds = time.perf_counter() - start
     return result

@@ -1,0 +1,119 @@
+"""Cached frozen layers: add-task with and without ``--cache-frozen``, side by side, and the same result.
+
+On the bundled MiniLM (6 layers; the router reads layers 0-1, so experts start at layer 2) one real task
+is added to fresh banks, in ``--rounds`` interleaved rounds whose order alternates, in four settings:
+
+* LoRA q+v in layers 2-5 (the default), without and with ``cache_frozen``;
+* LoRA q+v in the top two layers (``layers=(4, 5)``, ``--layers 4,5``), without and with it.
+
+Every run trains with ``train_dropout=False``, so that a cached run and an uncached one must give the
+same expert: the script prints the largest difference between their stored tensors and their test
+accuracies. Figures: the median round of add-task's whole wall time and of its training phase
+(``metrics.phase_seconds``, add-task's own profile), and the speed-ups uncached / cached. The full
+profile of each setting is printed too (where add-task's time goes).
+
+Time only on a quiet machine: the load average at the start is printed (``_common.announce_load``).
+
+Usage::
+
+    python bench/cached_layers.py --json bench/results/cached_layers.json
+    python bench/cached_layers.py --quick      # smoke: 64 examples, 1 round
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import announce_load, environment, setup_torch, table, write_json
+
+SETTINGS: dict[str, dict[str, Any]] = {
+    "layers 2-5": {"layers": None, "cache_frozen": False},
+    "layers 2-5, cached": {"layers": None, "cache_frozen": True},
+    "layers 4-5": {"layers": (4, 5), "cache_frozen": False},
+    "layers 4-5, cached": {"layers": (4, 5), "cache_frozen": True},
+}
+PAIRS = (("layers 2-5", "layers 2-5, cached"), ("layers 4-5", "layers 4-5, cached"))
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="ag_news")
+    p.add_argument("--max-train", type=int, default=500)
+    p.add_argument("--max-test", type=int, default=200)
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=None)
+    p.add_argument("--quick", action="store_true", help="64 training and 32 test examples, 1 epoch, 1 round")
+    return p.parse_args()
+
+
+def run_one(root: Path, args: argparse.Namespace, setting: dict[str, Any], tag: str) -> dict[str, Any]:
+    from adaptbank.bank.facade import AdapterBank
+    from adaptbank.core.config import LoRAConfig, TrainConfig
+
+    bank = AdapterBank.init(root / f"bank-{tag}")
+    train = TrainConfig(epochs=args.epochs, max_train=args.max_train, max_test=args.max_test, train_dropout=False,
+                        cache_frozen=setting["cache_frozen"])
+    t0 = time.perf_counter()
+    r = bank.add_task(args.task, LoRAConfig(layers=setting["layers"]), train)
+    wall = time.perf_counter() - t0
+    info = bank.info(args.task)
+    model = bank.load([args.task])
+    tensors = {k: v.detach().clone() for k, v in model.state_dict().items() if ".experts." in k or k.startswith("heads.")}
+    return {"wall": wall, "phases": info["metrics"]["phase_seconds"], "accuracy": r.test_accuracy, "tensors": tensors}
+
+
+def main() -> None:
+    args = parse()
+    if args.quick:
+        args.max_train, args.max_test, args.epochs, args.rounds = 64, 32, 1.0, 1
+    setup_torch(args.threads)
+    quiet = announce_load()
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in SETTINGS}
+    with tempfile.TemporaryDirectory() as tmp:
+        warm = argparse.Namespace(**{**vars(args), "max_train": 32, "max_test": 16, "epochs": 1.0})
+        for k in SETTINGS:  # untimed: imports, first calls, allocator warm-up
+            run_one(Path(tmp), warm, SETTINGS[k], f"warmup-{k.replace(' ', '_').replace(',', '')}")
+        for rnd in range(args.rounds):
+            order = list(SETTINGS) if rnd % 2 == 0 else list(reversed(SETTINGS))
+            for k in order:
+                got = run_one(Path(tmp), args, SETTINGS[k], f"{rnd}-{k.replace(' ', '_').replace(',', '')}")
+                runs[k].append(got)
+                print(f"round {rnd + 1} {k}: add-task {got['wall']:.1f} s, training {got['phases']['training']:.1f} s, "
+                      f"accuracy {got['accuracy']:.3f}", flush=True)
+    med = {k: {"wall": statistics.median(r["wall"] for r in v),
+               "training": statistics.median(r["phases"]["training"] for r in v),
+               "accuracy": v[0]["accuracy"],
+               "phases": {p: statistics.median(r["phases"][p] for r in v) for p in v[0]["phases"]}} for k, v in runs.items()}
+    rows, pairs = [], {}
+    for plain, cached in PAIRS:
+        a, b = runs[plain][0]["tensors"], runs[cached][0]["tensors"]
+        diff = max(float((a[n] - b[n]).abs().max()) for n in a)
+        pairs[cached] = {"add_task_speedup": med[plain]["wall"] / med[cached]["wall"],
+                         "training_speedup": med[plain]["training"] / med[cached]["training"], "max_abs_diff": diff,
+                         "same_accuracy": med[plain]["accuracy"] == med[cached]["accuracy"]}
+        for k in (plain, cached):
+            rows.append([k, med[k]["wall"], med[k]["training"], med[k]["accuracy"] * 100,
+                         f"{pairs[cached]['add_task_speedup']:.2f}x" if k == cached else "",
+                         f"{pairs[cached]['training_speedup']:.2f}x" if k == cached else "",
+                         f"{diff:.1e}" if k == cached else ""])
+    print()
+    print(table(["setting", "add-task s", "training s", "test acc", "add-task speed-up", "training speed-up",
+                 "max |diff| of the stored tensors"], rows))
+    order = ["data", "model", "tokenise", "frozen pass", "router memory", "probe", "training", "evaluation"]
+    names = sorted(next(iter(med.values()))["phases"], key=lambda p: order.index(p) if p in order else len(order))
+    print("\nwhere add-task's time goes (median seconds per phase, metrics.phase_seconds):")
+    print(table(["setting", *names], [[k, *(m["phases"][p] for p in names)] for k, m in med.items()]))
+    write_json(args.json, {"environment": environment(args.threads), "quiet_start": quiet, "args": vars(args),
+                           "median": med, "pairs": pairs,
+                           "rounds": {k: [{"wall": r["wall"], "phases": r["phases"]} for r in v] for k, v in runs.items()}})
+
+
+if __name__ == "__main__":
+    main()
