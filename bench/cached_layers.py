@@ -6,13 +6,15 @@ is added to fresh banks, in ``--rounds`` interleaved rounds whose order alternat
 * LoRA q+v in layers 2-5 (the default), without and with ``cache_frozen``;
 * LoRA q+v in the top two layers (``layers=(4, 5)``, ``--layers 4,5``), without and with it.
 
-Every run trains with ``train_dropout=False``, so that a cached run and an uncached one must give the
-same expert: the script prints the largest difference between their stored tensors and their test
-accuracies. Figures: the median round of add-task's whole wall time and of its training phase
-(``metrics.phase_seconds``, add-task's own profile), and the speed-ups uncached / cached. The full
-profile of each setting is printed too (where add-task's time goes).
+The timed rounds train with the defaults (dropout on), where the cache also saves the frozen layers'
+dropout. After them, one round of the four settings trains with ``train_dropout=False``, where a cached
+run must store the same expert as an uncached one: the script prints the largest difference between
+their stored tensors and both test accuracies (and those runs' times, a second speed figure).
 
-Time only on a quiet machine: the load average at the start is printed (``_common.announce_load``).
+Figures: the median round of add-task's whole wall time and of its training phase
+(``metrics.phase_seconds``, add-task's own profile), the speed-ups uncached / cached, and the median
+profile of each setting (where add-task's time goes). Time only on a quiet machine: the load average at
+the start is printed (``_common.announce_load``).
 
 Usage::
 
@@ -58,8 +60,8 @@ def run_one(root: Path, args: argparse.Namespace, setting: dict[str, Any], tag: 
     from adaptbank.core.config import LoRAConfig, TrainConfig
 
     bank = AdapterBank.init(root / f"bank-{tag}")
-    train = TrainConfig(epochs=args.epochs, max_train=args.max_train, max_test=args.max_test, train_dropout=False,
-                        cache_frozen=setting["cache_frozen"])
+    train = TrainConfig(epochs=args.epochs, max_train=args.max_train, max_test=args.max_test,
+                        train_dropout=setting.get("dropout", True), cache_frozen=setting["cache_frozen"])
     t0 = time.perf_counter()
     r = bank.add_task(args.task, LoRAConfig(layers=setting["layers"]), train)
     wall = time.perf_counter() - t0
@@ -69,6 +71,31 @@ def run_one(root: Path, args: argparse.Namespace, setting: dict[str, Any], tag: 
     return {"wall": wall, "phases": info["metrics"]["phase_seconds"], "accuracy": r.test_accuracy, "tensors": tensors}
 
 
+def summary(runs: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, Any], dict[str, Any], list[list[Any]]]:
+    """Medians per setting, the uncached/cached pairs, and the table's rows."""
+    med = {k: {"wall": statistics.median(r["wall"] for r in v),
+               "training": statistics.median(r["phases"]["training"] for r in v), "accuracy": v[0]["accuracy"],
+               "phases": {p: statistics.median(r["phases"][p] for r in v) for p in v[0]["phases"]}}
+           for k, v in runs.items()}
+    rows, pairs = [], {}
+    for plain, cached in PAIRS:
+        a, b = runs[plain][0]["tensors"], runs[cached][0]["tensors"]
+        diff = max(float((a[n] - b[n]).abs().max()) for n in a)
+        pairs[cached] = {"add_task_speedup": med[plain]["wall"] / med[cached]["wall"],
+                         "training_speedup": med[plain]["training"] / med[cached]["training"], "max_abs_diff": diff,
+                         "accuracies": [med[plain]["accuracy"], med[cached]["accuracy"]]}
+        for k in (plain, cached):
+            rows.append([k, med[k]["wall"], med[k]["training"], med[k]["accuracy"] * 100,
+                         f"{pairs[cached]['add_task_speedup']:.2f}x" if k == cached else "",
+                         f"{pairs[cached]['training_speedup']:.2f}x" if k == cached else "",
+                         f"{diff:.1e}" if k == cached else ""])
+    return med, pairs, rows
+
+
+HEADERS = ["setting", "add-task s", "training s", "test acc", "add-task speed-up", "training speed-up",
+           "max |diff| of the stored tensors"]
+
+
 def main() -> None:
     args = parse()
     if args.quick:
@@ -76,43 +103,40 @@ def main() -> None:
     setup_torch(args.threads)
     quiet = announce_load()
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in SETTINGS}
+    exact: dict[str, list[dict[str, Any]]] = {k: [] for k in SETTINGS}
     with tempfile.TemporaryDirectory() as tmp:
         warm = argparse.Namespace(**{**vars(args), "max_train": 32, "max_test": 16, "epochs": 1.0})
         for k in SETTINGS:  # untimed: imports, first calls, allocator warm-up
-            run_one(Path(tmp), warm, SETTINGS[k], f"warmup-{k.replace(' ', '_').replace(',', '')}")
+            run_one(Path(tmp), warm, SETTINGS[k], f"warmup-{_tag(k)}")
         for rnd in range(args.rounds):
             order = list(SETTINGS) if rnd % 2 == 0 else list(reversed(SETTINGS))
             for k in order:
-                got = run_one(Path(tmp), args, SETTINGS[k], f"{rnd}-{k.replace(' ', '_').replace(',', '')}")
+                got = run_one(Path(tmp), args, SETTINGS[k], f"{rnd}-{_tag(k)}")
                 runs[k].append(got)
                 print(f"round {rnd + 1} {k}: add-task {got['wall']:.1f} s, training {got['phases']['training']:.1f} s, "
                       f"accuracy {got['accuracy']:.3f}", flush=True)
-    med = {k: {"wall": statistics.median(r["wall"] for r in v),
-               "training": statistics.median(r["phases"]["training"] for r in v),
-               "accuracy": v[0]["accuracy"],
-               "phases": {p: statistics.median(r["phases"][p] for r in v) for p in v[0]["phases"]}} for k, v in runs.items()}
-    rows, pairs = [], {}
-    for plain, cached in PAIRS:
-        a, b = runs[plain][0]["tensors"], runs[cached][0]["tensors"]
-        diff = max(float((a[n] - b[n]).abs().max()) for n in a)
-        pairs[cached] = {"add_task_speedup": med[plain]["wall"] / med[cached]["wall"],
-                         "training_speedup": med[plain]["training"] / med[cached]["training"], "max_abs_diff": diff,
-                         "same_accuracy": med[plain]["accuracy"] == med[cached]["accuracy"]}
-        for k in (plain, cached):
-            rows.append([k, med[k]["wall"], med[k]["training"], med[k]["accuracy"] * 100,
-                         f"{pairs[cached]['add_task_speedup']:.2f}x" if k == cached else "",
-                         f"{pairs[cached]['training_speedup']:.2f}x" if k == cached else "",
-                         f"{diff:.1e}" if k == cached else ""])
-    print()
-    print(table(["setting", "add-task s", "training s", "test acc", "add-task speed-up", "training speed-up",
-                 "max |diff| of the stored tensors"], rows))
+        for k in SETTINGS:
+            got = run_one(Path(tmp), args, {**SETTINGS[k], "dropout": False}, f"exact-{_tag(k)}")
+            exact[k].append(got)
+            print(f"dropout off, {k}: add-task {got['wall']:.1f} s, training {got['phases']['training']:.1f} s, "
+                  f"accuracy {got['accuracy']:.3f}", flush=True)
+    med, pairs, rows = summary(runs)
+    med_exact, pairs_exact, rows_exact = summary(exact)
+    print(f"\ndefaults (dropout on), median of {args.rounds} rounds (the first round's tensors compared):")
+    print(table(HEADERS, rows))
+    print("\ndropout off (--no-train-dropout), one round: a cached run must store the same expert:")
+    print(table(HEADERS, rows_exact))
     order = ["data", "model", "tokenise", "frozen pass", "router memory", "probe", "training", "evaluation"]
     names = sorted(next(iter(med.values()))["phases"], key=lambda p: order.index(p) if p in order else len(order))
-    print("\nwhere add-task's time goes (median seconds per phase, metrics.phase_seconds):")
+    print("\nwhere add-task's time goes (defaults; median seconds per phase, metrics.phase_seconds):")
     print(table(["setting", *names], [[k, *(m["phases"][p] for p in names)] for k, m in med.items()]))
     write_json(args.json, {"environment": environment(args.threads), "quiet_start": quiet, "args": vars(args),
-                           "median": med, "pairs": pairs,
+                           "median": med, "pairs": pairs, "dropout_off": {"median": med_exact, "pairs": pairs_exact},
                            "rounds": {k: [{"wall": r["wall"], "phases": r["phases"]} for r in v] for k, v in runs.items()}})
+
+
+def _tag(setting: str) -> str:
+    return setting.replace(" ", "_").replace(",", "")
 
 
 if __name__ == "__main__":
