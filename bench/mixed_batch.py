@@ -19,6 +19,7 @@ Usage::
 
     python bench/mixed_batch.py --json bench/results/mixed_batch.json
     python bench/mixed_batch.py --n 1 8 --repeats 2
+    python bench/mixed_batch.py --n 1 32 128 1024 --peft-max-n 128     # peft held up to 128 experts
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--skip-peft-single", action="store_true")
+    p.add_argument("--peft-max-n", type=int, default=None,
+                   help="hold at most this many experts in peft (its add_adapter takes seconds each past a few "
+                        "hundred); larger N are timed for adaptbank alone")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None)
@@ -86,12 +90,14 @@ def main() -> None:
     def add_expert(i: int) -> None:
         nonlocal pm, lora_layers
         name = f"e{i}"
+        in_peft = args.peft_max_n is None or i < args.peft_max_n
         t0 = time.perf_counter()
         if pm is None:
             pm = get_peft_model(base, lcfg, adapter_name=name)
-        else:
+        elif in_peft:
             pm.add_adapter(name, lcfg)
-        add_ms["peft"].append(1000 * (time.perf_counter() - t0))
+        if in_peft:
+            add_ms["peft"].append(1000 * (time.perf_counter() - t0))
         if not lora_layers:
             lora_layers = {n.removeprefix("base_model.model."): m for n, m in pm.named_modules()
                            if isinstance(m, LoraLayer)}
@@ -104,8 +110,9 @@ def main() -> None:
                 A, B = expert_weights(i, path, layer.d_in, layer.d_out)
                 layer.experts[name].A.copy_(A)
                 layer.experts[name].B.copy_(B)
-                lora_layers[path].lora_A[name].weight.copy_(A)
-                lora_layers[path].lora_B[name].weight.copy_(B)
+                if in_peft:
+                    lora_layers[path].lora_A[name].weight.copy_(A)
+                    lora_layers[path].lora_B[name].weight.copy_(B)
         names.append(name)
 
     def pool(h: torch.Tensor) -> torch.Tensor:
@@ -139,26 +146,31 @@ def main() -> None:
             def peft_single() -> torch.Tensor:
                 return pool(pm(**batch).last_hidden_state)
 
+            with_peft = args.peft_max_n is None or n <= args.peft_max_n
             pm.set_adapter(names[0])
             pm.eval()
             mixed_features = ab_mixed()
-            diff = float((mixed_features - peft_mixed()).abs().max())
+            diff = float((mixed_features - peft_mixed()).abs().max()) if with_peft else float("nan")
             mixed_vs_single = float((mixed_features - ab_single()).abs().max())  # > 0 once rows use other experts
             diff_single = float((ab_single() - peft_single()).abs().max())
             ab.route()
             base_features = ab.features(**batch)
             base_diff = float((ab_single() - base_features).abs().max())  # the expert changes the output
             fns = {"ab_mixed": ab_mixed, "peft_mixed": peft_mixed, "ab_single": ab_single}
+            if not with_peft:
+                del fns["peft_mixed"]
             if not args.skip_peft_single:
                 fns["peft_single"] = peft_single
             t = interleaved(fns, args.repeats, args.warmup)
             eps = {key: args.batch / s for key, s in t.items()}
 
-            def recent(side: str, n: int = n) -> float:
+            def recent(side: str, n: int = n, with_peft: bool = with_peft) -> float | None:
+                if side == "peft" and not with_peft:
+                    return None
                 return statistics.mean(add_ms[side][max(0, n // 2): n]) if n > 1 else add_ms[side][0]
 
             rec = {"n": n, "distinct_experts_in_batch": k, "ex_per_s": eps, "median_s": t,
-                   "ab_over_peft_mixed": ratio(eps["ab_mixed"], eps["peft_mixed"]),
+                   "ab_over_peft_mixed": ratio(eps["ab_mixed"], eps.get("peft_mixed")),
                    "ab_mixed_over_ab_single": ratio(eps["ab_mixed"], eps["ab_single"]),
                    "peft_mixed_over_peft_single": ratio(eps["peft_mixed"], eps.get("peft_single")),
                    "max_abs_diff_mixed": diff, "max_abs_diff_single": diff_single,
@@ -166,7 +178,7 @@ def main() -> None:
                    "add_ms_recent": {"peft": recent("peft"), "adaptbank": recent("adaptbank")},
                    "grow_seconds": grow_s}
             results.append(rec)
-            rows.append([n, k, eps["ab_mixed"], eps["peft_mixed"], rec["ab_over_peft_mixed"], eps["ab_single"],
+            rows.append([n, k, eps["ab_mixed"], eps.get("peft_mixed"), rec["ab_over_peft_mixed"], eps["ab_single"],
                          eps.get("peft_single"), rec["ab_mixed_over_ab_single"], rec["add_ms_recent"]["adaptbank"],
                          rec["add_ms_recent"]["peft"], f"{diff:.1e}"])
             print(f"N={n}: {rec}", flush=True)

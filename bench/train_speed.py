@@ -26,6 +26,7 @@ Usage::
 
     python bench/train_speed.py --adapters-python /tmp/venv-adapters/bin/python --json bench/results/train_speed.json
     python bench/train_speed.py --quick     # smoke: 3 steps, 2 rounds, lora and bitfit
+    python bench/train_speed.py --memory --methods lora lora-all full-ft --json bench/results/train_memory.json
 """
 
 from __future__ import annotations
@@ -61,7 +62,11 @@ def parse() -> argparse.Namespace:
                    help="a python that imports adapters 1.3.0 (its own venv: it pins transformers ~= 4.57)")
     p.add_argument("--json", default=None)
     p.add_argument("--quick", action="store_true", help="smoke run: 3 steps, 2 rounds, lora and bitfit only")
+    p.add_argument("--memory", action="store_true",
+                   help="peak memory instead of speed: each side of each method (peft/torch peers) trains --steps "
+                        "steps in a process of its own; peak RSS (VmHWM) and its rise over the set-up")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: adapters-library process
+    p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)  # internal: one side's peak memory
     return p.parse_args()
 
 
@@ -293,6 +298,56 @@ def backbone_dir() -> str:
     return str(resolve_backbone(DEFAULT_BACKBONE)[0])
 
 
+# ----------------------------------------------------------------------------- peak memory, a process per side
+def memory_worker(side: str, args: argparse.Namespace) -> None:
+    """One side of one method: set up, then train ``--steps`` steps twice; prints JSON with the RSS after
+    set-up and the peak RSS (``VmHWM``) of the whole process."""
+    from adaptbank._memory import peak_bytes, resident_bytes
+
+    setup_torch(args.threads)
+    method = args.methods[0]
+    plan, labels, pad = plan_of(args.task, args.steps, args.batch_size, args.max_length)
+    run = adaptbank_steps(method, plan, labels) if side == "adaptbank" else peer_steps(method, plan, labels, pad)
+    setup = resident_bytes()
+    run()
+    run()
+    print(json.dumps({"rss_after_setup": setup, "peak_rss": peak_bytes()}))
+
+
+def memory_main(args: argparse.Namespace) -> None:
+    """Peak memory per method and side, each in a fresh process (sides alternate first per method)."""
+    from _common import environment
+
+    quiet = announce_load()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    out: dict[str, Any] = {"env": environment(args.threads) | {"quiet_at_start": quiet}, "task": args.task,
+                           "steps": args.steps, "batch_size": args.batch_size, "memory": {}}
+    rows = []
+    for i, method in enumerate(m for m in args.methods if PEERS[m] != "adapters"):
+        sides = ["adaptbank", PEERS[method]] if i % 2 == 0 else [PEERS[method], "adaptbank"]
+        got = {}
+        for side in sides:
+            done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--memory-worker", side,
+                                   "--methods", method, "--task", args.task, "--steps", str(args.steps),
+                                   "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
+                                   "--threads", str(args.threads)], capture_output=True, text=True, env=env)
+            if done.returncode:
+                raise RuntimeError(f"{side} memory worker for {method} failed: {done.stderr.strip().splitlines()[-1:]}")
+            got[side] = json.loads(done.stdout.strip().splitlines()[-1])
+        peer = PEERS[method]
+        out["memory"][method] = got | {"peak_ratio": got["adaptbank"]["peak_rss"] / got[peer]["peak_rss"]}
+        mib = {k: (v["peak_rss"] / 2**20, (v["peak_rss"] - v["rss_after_setup"]) / 2**20) for k, v in got.items()}
+        rows.append([method, peer, mib["adaptbank"][0], mib[peer][0], out["memory"][method]["peak_ratio"],
+                     mib["adaptbank"][1], mib[peer][1]])
+        print(f"  {method:16} peak RSS adaptbank {mib['adaptbank'][0]:.0f} MiB, {peer} {mib[peer][0]:.0f} MiB", flush=True)
+    print()
+    print(table(["method", "peer", "adaptbank peak MiB", "peer peak MiB", "peak ab/peer", "adaptbank rise MiB",
+                 "peer rise MiB"], rows))
+    print("\nrise: peak RSS minus the RSS after loading the model and building the side (what training adds)")
+    if args.json:
+        write_json(args.json, out)
+
+
 # ----------------------------------------------------------------------------- main
 def main() -> None:
     if "--ours-worker" in sys.argv:  # internal: adaptbank's side of an adapters comparison
@@ -309,10 +364,14 @@ def main() -> None:
     args = parse()
     if args.worker:
         return adapters_worker(args.worker)
+    if args.memory_worker:
+        return memory_worker(args.memory_worker, args)
     if args.quick:
         args.steps, args.rounds, args.methods = 3, 2, [m for m in args.methods if m in ("lora", "bitfit")] or ["lora"]
     setup_torch(args.threads)
     os.environ.setdefault("BENCH_BACKBONE_DIR", backbone_dir())
+    if args.memory:
+        return memory_main(args)
     import tempfile
 
     from _common import environment

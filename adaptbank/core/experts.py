@@ -156,8 +156,14 @@ class LoRAExpert(Expert):
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
     def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        """``h + s (x A^T) B^T`` as one ``addmm`` over the flattened tokens: the base output is read once and
+        no ``(B, T, O)`` temporary is made; without autograd it accumulates into ``h`` in place (``h`` is the
+        wrapped layer's fresh output, or an earlier part's, owned by this forward)."""
         z = self.dropout(x) @ self.A.T  # (B, T, r)
-        return h + (z @ self.B.T) * self.scaling  # (B, T, O)
+        flat, zf = h.reshape(-1, h.shape[-1]), z.reshape(-1, z.shape[-1])  # (B*T, O), (B*T, r)
+        if torch.is_grad_enabled():
+            return torch.addmm(flat, zf, self.B.T, alpha=self.scaling).view(h.shape)  # (B, T, O)
+        return flat.addmm_(zf, self.B.T, alpha=self.scaling).view(h.shape)  # (B, T, O)
 
     def delta_weight(self) -> Tensor:
         """The dense update ``(alpha/r) B A`` of shape (O, I), in fp32 (used by merge only)."""

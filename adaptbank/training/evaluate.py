@@ -32,7 +32,7 @@ def hits(pred: Tensor, labels: Sequence[int]) -> list[int]:
 
 @torch.no_grad()
 def predict_task(model: AdaptBankModel, name: str, texts: Sequence[str], *, max_length: int = 128,
-                 batch_size: int = 64) -> Tensor:
+                 batch_size: int = 32) -> Tensor:
     """Class probabilities (N, C) of task ``name`` with its expert (oracle routing)."""
     ids = tokenize(model.tokenizer, texts, max_length) if texts else []
     model.eval()
@@ -44,7 +44,7 @@ def predict_task(model: AdaptBankModel, name: str, texts: Sequence[str], *, max_
 
 
 def evaluate(model: AdaptBankModel, name: str, texts: Sequence[str], labels: Sequence[int], *,
-             max_length: int = 128, batch_size: int = 64, dist: Dist = LOCAL) -> float:
+             max_length: int = 128, batch_size: int = 32, dist: Dist = LOCAL) -> float:
     """Accuracy of task ``name`` on ``texts`` with the true task id. With ``dist`` each rank predicts its
     block of ``texts`` and the predictions are gathered (``training.distributed.sharded``)."""
     if not texts:
@@ -54,7 +54,7 @@ def evaluate(model: AdaptBankModel, name: str, texts: Sequence[str], labels: Seq
 
 
 def evaluate_hits(model: AdaptBankModel, name: str, texts: Sequence[str], labels: Sequence[int], *,
-                  max_length: int = 128, batch_size: int = 64, dist: Dist = LOCAL) -> list[int]:
+                  max_length: int = 128, batch_size: int = 32, dist: Dist = LOCAL) -> list[int]:
     """Per test example, 1 when task ``name`` (true task id) predicts its label, else 0 (see :func:`evaluate`)."""
     if not texts:
         raise ValueError(f"task {name!r} has no test examples")

@@ -55,13 +55,13 @@ def _map_chunks(model: AdaptBankModel, ids: Sequence[list[int]],
 
 
 def encode(model: AdaptBankModel, ids: Sequence[list[int]],
-           features: Callable[[dict[str, Tensor]], Tensor] | None = None, *, batch_size: int = 64) -> Tensor:
+           features: Callable[[dict[str, Tensor]], Tensor] | None = None, *, batch_size: int = 32) -> Tensor:
     """Pooled features (N, D) of ``ids`` under the gates ``features`` sets (default: no experts)."""
     return _map(model, ids, features or task_features(model, None), model.hidden_size, batch_size)
 
 
 def frozen_pass(model: AdaptBankModel, ids: Sequence[list[int]], *, router_layers: int,
-                pools: Sequence[str] = ("mean",), batch_size: int = 64) -> tuple[Tensor, Tensor]:
+                pools: Sequence[str] = ("mean",), batch_size: int = 32) -> tuple[Tensor, Tensor]:
     """One pass of the frozen backbone: pooled features (N, D) for the probe head, and router
     features (N, F): the ``pools`` (``routing.pools``; masked mean-pools by default) of the embeddings
     and layers 0 .. L-1, layer-major, as the router taps compute them in the routed forward."""
@@ -71,7 +71,7 @@ def frozen_pass(model: AdaptBankModel, ids: Sequence[list[int]], *, router_layer
 
 def frozen_pass_states(model: AdaptBankModel, ids: Sequence[list[int]], *, router_layers: int,
                        pools: Sequence[str] = ("mean",), capture: int | None = None,
-                       batch_size: int = 64) -> tuple[Tensor, Tensor, CachedStates | None]:
+                       batch_size: int = 32) -> tuple[Tensor, Tensor, CachedStates | None]:
     """:func:`frozen_pass`, keeping as well, with ``capture = L``, each row's hidden states (T_i, D) entering
     layer L (the output of layer L-1), for training on cached frozen layers (``core.frozen_start``)."""
     D = model.hidden_size

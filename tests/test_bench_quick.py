@@ -1,0 +1,56 @@
+"""The benchmark suite's smoke run (``bench/run_all.py --quick``): every side-by-side script runs on
+tiny sizes in its own process, on the real MiniLM and the shared data, and the report is rendered from
+their JSON. No figure is checked for speed (timings are for quiet machines, never for tests); what is
+checked is that each comparison computed what it claims: peft and adaptbank outputs agree, a cached
+add-task stored the uncached expert, every step's figures are there and finite."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+from conftest import REPO, require_data
+
+
+def test_run_all_quick_runs_every_step_and_writes_the_report(tmp_path):
+    data = require_data()
+    out = tmp_path / "results"
+    env = {**os.environ, "ADAPTBANK_DATA": str(data), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "run_all.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=1500)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from run_all import STEPS
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    report = (out / "BENCHMARKS.md").read_text()
+    log = json.loads((out / "run_all.json").read_text())
+    for step in STEPS:
+        assert (out / f"{step.name}.json").is_file(), step.name
+        assert f"## {step.title}" in report and step.name in log
+    assert "not run yet" not in report and "--quick (smoke sizes" in report
+
+    inference = json.loads((out / "inference.json").read_text())
+    assert set(inference["seconds"]) == {"base", "adaptbank q+v", "peft q+v", "adaptbank merged", "peft merged",
+                                         "adaptbank all-linear", "peft all-linear"}
+    assert all(v < 1e-4 for v in inference["max_abs_diff"].values()), inference["max_abs_diff"]
+    assert all(math.isfinite(v) and v > 0 for v in inference["seconds"].values())
+
+    cached = json.loads((out / "cached_layers.json").read_text())
+    for pair in cached["dropout_off"]["pairs"].values():  # dropout off: the cached run stores the same expert
+        assert pair["max_abs_diff"] < 1e-4 and pair["accuracies"][0] == pair["accuracies"][1]
+
+    memory = json.loads((out / "train_memory.json").read_text())["memory"]["lora"]
+    assert memory["adaptbank"]["peak_rss"] >= memory["adaptbank"]["rss_after_setup"] > 100 * 2**20
+    mixed = json.loads((out / "mixed_batch.json").read_text())["results"]
+    assert [r["n"] for r in mixed] == [1, 4] and all(r["max_abs_diff_mixed"] < 1e-4 for r in mixed)
+    sizes = json.loads((out / "task_bytes.json").read_text())["tasks"]
+    shared = sizes["LoRA q+v r8, shared-A 2nd task"]["files"]["adapter"]
+    assert shared < sizes["LoRA q+v r8"]["files"]["adapter"]  # the second task of a group stores only B
+    assert sizes["BitFit"]["files"]["adapter"] < sizes["LoRA q+v r8"]["files"]["adapter"]
+    compiled = json.loads((out / "compile.json").read_text())["paths"]["one-expert"]
+    assert compiled["max_abs_diff"] < 1e-4
