@@ -191,8 +191,8 @@ class LoRAExpert(Expert):
         xf = _flat(x)  # (B, T, I)
         z = torch.einsum("bti,bkri->btkr", xf, stack["A"][index])  # (B, T, k, r)
         z = z * _weights(weight)[..., None]  # (B, T, k, r)
-        delta = torch.einsum("btkr,bkor->bto", z, stack["B"][index])  # (B, T, O)
-        return h + delta.reshape(h.shape)
+        delta = torch.einsum("btkr,bkor->bto", z, stack["B"][index]).reshape(h.shape)  # (B, T, O)
+        return h + delta if torch.is_grad_enabled() else h.add_(delta)  # in place: h is this forward's own
 
 
 class _Bottleneck(Expert):
