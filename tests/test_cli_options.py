@@ -21,6 +21,7 @@ from conftest import REPO
 from adaptbank.cli.main import main
 from adaptbank.cli.options import CONFIG_FLAGS, NOT_CONFIG, UNFLAGGED, ConfigFlag, ConfigOption
 from adaptbank.core import config as config_module
+from adaptbank.core import settings as settings_module
 from adaptbank.core.config import AdapterConfig, LoRAConfig, ParallelAdapterConfig, RouterConfig, TrainConfig
 
 CLASSES = (LoRAConfig, AdapterConfig, ParallelAdapterConfig, TrainConfig, RouterConfig, config_module.PromptTuningConfig,
@@ -42,10 +43,11 @@ ROWS = [(command, flag, row) for command, table in CONFIG_FLAGS.items() for flag
 
 
 def _docs() -> dict[tuple[str, str], str]:
-    """(class name, field) -> attribute docstring, read from the config module's source file."""
-    tree = ast.parse(inspect.getsource(config_module))
+    """(class name, field) -> attribute docstring, read from the source files of the config modules."""
     out = {}
-    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+    classes = [n for module in (config_module, settings_module)
+               for n in ast.parse(inspect.getsource(module)).body if isinstance(n, ast.ClassDef)]
+    for cls in classes:
         for node, nxt in zip(cls.body, cls.body[1:]):
             if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
                 out[(cls.name, node.target.id)] = " ".join(str(nxt.value.value).split())
