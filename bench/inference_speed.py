@@ -105,7 +105,10 @@ def main() -> None:
             outputs[k] = fn()
         agree = {label: float((outputs[f"adaptbank {label}"] - outputs[f"peft {label}"]).abs().max()) for label in TARGETS}
         agree["merged"] = float((outputs["adaptbank merged"] - outputs["adaptbank q+v"]).abs().max())
-        print("max |adaptbank - peft| of the outputs:", {k: f"{v:.1e}" for k, v in agree.items()}, flush=True)
+        effect = {label: float((outputs[f"adaptbank {label}"] - outputs["base"]).abs().max()) for label in TARGETS}
+        print("max |adaptbank - peft| of the outputs:", {k: f"{v:.1e}" for k, v in agree.items()},
+              "; max |expert - base| (the experts do change the output):", {k: f"{v:.1e}" for k, v in effect.items()},
+              flush=True)
         times = interleaved(fns, args.repeats, args.warmup)
     rows = [[k, times[k], args.batch / times[k], times[k] / times["base"]] for k in fns]
     print(table(["variant", "s per batch", "ex/s", "cost over base"], rows))
@@ -113,7 +116,7 @@ def main() -> None:
         print(f"{label}: adaptbank / peft time {times[f'adaptbank {label}'] / times[f'peft {label}']:.3f}")
     write_json(args.json, {"environment": environment(args.threads), "quiet_start": quiet, "args": vars(args),
                            "seconds": times, "over_base": {k: times[k] / times["base"] for k in fns},
-                           "max_abs_diff": agree})
+                           "max_abs_diff": agree, "expert_effect": effect})
 
 
 if __name__ == "__main__":

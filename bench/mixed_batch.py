@@ -172,7 +172,7 @@ def main() -> None:
             rec = {"n": n, "distinct_experts_in_batch": k, "ex_per_s": eps, "median_s": t,
                    "ab_over_peft_mixed": ratio(eps["ab_mixed"], eps.get("peft_mixed")),
                    "ab_mixed_over_ab_single": ratio(eps["ab_mixed"], eps["ab_single"]),
-                   "peft_mixed_over_peft_single": ratio(eps["peft_mixed"], eps.get("peft_single")),
+                   "peft_mixed_over_peft_single": ratio(eps.get("peft_mixed"), eps.get("peft_single")),
                    "max_abs_diff_mixed": diff, "max_abs_diff_single": diff_single,
                    "expert_effect_max_abs": base_diff, "mixed_vs_single_max_abs": mixed_vs_single,
                    "add_ms_recent": {"peft": recent("peft"), "adaptbank": recent("adaptbank")},

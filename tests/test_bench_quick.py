@@ -38,6 +38,7 @@ def test_run_all_quick_runs_every_step_and_writes_the_report(tmp_path):
     assert set(inference["seconds"]) == {"base", "adaptbank q+v", "peft q+v", "adaptbank merged", "peft merged",
                                          "adaptbank all-linear", "peft all-linear"}
     assert all(v < 1e-4 for v in inference["max_abs_diff"].values()), inference["max_abs_diff"]
+    assert all(v > 1e-3 for v in inference["expert_effect"].values())  # the agreement is not of two base models
     assert all(math.isfinite(v) and v > 0 for v in inference["seconds"].values())
 
     cached = json.loads((out / "cached_layers.json").read_text())

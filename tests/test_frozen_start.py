@@ -114,6 +114,8 @@ def test_a_cached_add_task_stores_the_expert_an_uncached_one_stores(tiny_bert_di
         assert set(phases) == {"data", "model", "tokenise", "frozen pass", "router memory", "probe", "training",
                                "evaluation"}
         assert all(v >= 0 for v in phases.values()) and phases["training"] > 0
+        assert r.phase_seconds == {**phases, "commit": r.phase_seconds["commit"]} and r.phase_seconds["commit"] > 0
+        assert sum(r.phase_seconds.values()) <= r.seconds + 0.1  # the phases cover add-task, no more
     (acc0, plain), (acc1, cached) = stored[False], stored[True]
     assert acc0 == acc1 and plain.keys() == cached.keys() and plain
     for k in plain:

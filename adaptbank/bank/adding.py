@@ -56,6 +56,8 @@ class AddResult:
     n_test: int
     init_from: dict[str, Any] | None = None
     """``--init-from``: the source task, its distance and why (``bank.init_from``); None for the usual zero start."""
+    phase_seconds: dict[str, float] | None = None
+    """Where the time went: the stored ``metrics.phase_seconds`` and the commit (written after the config)."""
 
 
 def add_task(bank: AdapterBank, spec: TaskSpec | str | Path, method: MethodConfig | None = None,
@@ -180,7 +182,9 @@ def add_task(bank: AdapterBank, spec: TaskSpec | str | Path, method: MethodConfi
     nbytes = distributed.on_main(dist, commit, where=f"task {name!r}: commit")
     if not dist.main:
         bank.store.reload()  # a bank on a file system all ranks share shows the commit; others keep the old view
+    phases.mark("commit")
     return AddResult(name=name, test_accuracy=acc, probe_accuracy=result.probe_accuracy,
                      trainable_params=config["metrics"]["trainable_params"], bytes_on_disk=nbytes,
                      seconds=time.perf_counter() - start, shared_group=group, share_reason=reason,
-                     n_train=len(data.train), n_test=len(data.test), init_from=start_from)
+                     n_train=len(data.train), n_test=len(data.test), init_from=start_from,
+                     phase_seconds=phases.rounded())

@@ -251,7 +251,7 @@ def add_task(bank: str, spec: str, method: str, rank: int | None, alpha: float |
     summary = {"task": r.name, "test_accuracy": r.test_accuracy, "probe_accuracy": r.probe_accuracy,
                "trainable_params": r.trainable_params, "bytes_on_disk": r.bytes_on_disk, "seconds": round(r.seconds, 2),
                "n_train": r.n_train, "n_test": r.n_test, "shared_group": r.shared_group, "share_reason": r.share_reason,
-               "init_from": r.init_from}
+               "init_from": r.init_from, "phase_seconds": r.phase_seconds}
     if diagnose:  # read back from the bank: what is printed is what was stored
         summary["diagnostics"] = b.info(r.name)["metrics"]["diagnostics"]
         if not as_json:

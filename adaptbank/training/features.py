@@ -17,7 +17,8 @@ from adaptbank.core.pooling import pool
 from adaptbank.data.tokens import batches, collate, pad_id
 from adaptbank.routing.pools import feature_dim, router_features
 
-__all__ = ["device_of", "task_features", "encode", "frozen_pass", "frozen_pass_states", "fit_probe", "probe_head", "choose_probe_c", "PROBE_CS"]
+__all__ = ["device_of", "task_features", "encode", "frozen_pass", "frozen_pass_states", "fit_probe", "probe_head",
+           "choose_probe_c", "PROBE_CS"]
 
 
 def device_of(model: AdaptBankModel) -> torch.device:

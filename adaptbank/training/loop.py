@@ -349,7 +349,7 @@ def train_task(model: AdaptBankModel, name: str, texts: Sequence[str], labels: S
     try:
         with skipping(model, cached.layer) if cached is not None else contextlib.nullcontext() as feed:
             result = fit(model, epoch_batches(rows, cfg, cfg.seed), steps=total_steps(len(rows), cfg), groups=groups,
-                         cfg=cfg, features=cached_features(model, name, feed) if feed else task_features(model, name),
+                         cfg=cfg, features=(task_features(model, name) if feed is None else cached_features(model, name, feed)),
                          seed=cfg.seed, what=f"task {name!r}", loss_terms=loss_terms, on_step=on_step,
                          after_backward=grads, dropout=cfg.train_dropout, dist=dist)
     except TrainingError as err:
