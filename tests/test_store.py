@@ -687,3 +687,57 @@ def test_fuzzed_manifest_only_raises_bank_errors(fuzz_bank: tuple[Path, dict], d
         event(type(exc).__name__)
     finally:
         (path / "manifest.json").write_text(json.dumps(valid))
+
+
+# ---------------------------------------------------------------- manifest encoding and commit reads
+_json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.text(max_size=8),
+                       st.floats(allow_nan=False, allow_infinity=False))
+_json = st.recursive(_json_leaf, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                                               max_size=3), max_leaves=12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(tasks=st.lists(st.dictionaries(st.text(max_size=6), _json, max_size=4), max_size=5),
+       shared=st.dictionaries(st.text(max_size=6), _json, max_size=3),
+       extra=st.dictionaries(st.sampled_from(["meta", "base", "router", "generation"]), _json))
+def test_manifest_encoding_round_trips(tasks: list, shared: dict, extra: dict) -> None:
+    from adaptbank.bank.manifest import encode_manifest
+
+    m = {"schema": 1, **extra, "tasks": tasks, "shared": shared}
+    raw = encode_manifest(m)
+    assert json.loads(raw) == m
+    lines = raw.decode().splitlines()
+    # braces, a line per key, a line per task and shared group and one closing each non-empty list
+    assert len(lines) == len(m) + 2 + sum(len(m[k]) + 1 for k in ("tasks", "shared") if m[k])
+    assert sum(1 for line in lines if line.startswith("  ")) == len(tasks) + len(shared)
+
+
+def test_manifest_encoding_refuses_nan() -> None:
+    from adaptbank.bank.manifest import encode_manifest
+
+    with pytest.raises(ValueError, match="Out of range float"):
+        encode_manifest({"meta": {"x": float("nan")}})
+
+
+def test_commit_validates_a_manifest_changed_by_someone_else(bank: BankStore) -> None:
+    """The store parses its own last commit without re-validating it; any other bytes are validated."""
+    bank.write_task("a", files_for(0), {})
+    path = bank.path / "manifest.json"
+    raw = json.loads(path.read_bytes())
+    raw["tasks"][0]["files"]["head.safetensors"]["sha256"] = "not-a-hash"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(BankCorruptError, match="sha256"):
+        bank.write_task("b", files_for(1), {})
+    assert not list((bank.path / "tasks").glob("b@*"))  # the refused write left nothing behind
+
+
+def test_commit_sees_another_writers_task(bank: BankStore) -> None:
+    """The cached manifest only pre-checks; the commit reads what another store object committed."""
+    other = BankStore.open(bank.path)
+    bank.write_task("a", files_for(0), {})
+    other.write_task("b", files_for(1), {})  # `other` cached a bank without "a"
+    bank.write_task("c", files_for(2), {})
+    assert BankStore.open(bank.path).tasks() == ["a", "b", "c"]
+    other.remove_task("a")
+    bank.write_task("a", files_for(3), {})  # bank's cache still holds "a": the pre-check re-reads, then commits
+    assert BankStore.open(bank.path).tasks() == ["b", "c", "a"]

@@ -131,6 +131,34 @@ def _dumps(obj: object, what: str) -> bytes:
         raise TypeError(f"{what} must be JSON-serializable: {exc}") from exc
 
 
+_ENCODER = json.JSONEncoder(allow_nan=False)  # one instance: json.dumps(..., allow_nan=False) builds one per call
+
+
+def encode_manifest(m: dict[str, Any]) -> bytes:
+    """``m`` as the bytes of ``manifest.json``: one line per top-level key, per task and per shared group.
+
+    ``json.dumps`` with ``indent`` runs the pure-Python encoder (about 0.1 s for 1,000 tasks); encoding each
+    entry compactly runs the C one, so a commit's cost stays small as the bank grows, and the file still
+    reads (and diffs) one task per line.  ``json.loads`` of the result equals ``m``.
+    """
+    one = _ENCODER.encode
+
+    def block(key: str) -> str:
+        value = m[key]
+        if isinstance(value, list) and key == "tasks":
+            inner, ends = [one(v) for v in value], "[]"
+        elif isinstance(value, dict) and key == "shared":
+            inner, ends = [f"{one(k)}: {one(v)}" for k, v in value.items()], "{}"
+        else:
+            return f"{one(key)}: {one(value)}"
+        if not inner:
+            return f"{one(key)}: {ends}"
+        body = ",\n  ".join(inner)
+        return f"{one(key)}: {ends[0]}\n  {body}\n {ends[1]}"
+
+    return ("{\n " + ",\n ".join(block(k) for k in m) + "\n}\n").encode()
+
+
 def _norm(reldir: str) -> str:
     return str(PurePosixPath(reldir))
 
@@ -205,8 +233,11 @@ def _check_manifest(data: object, where: str) -> dict[str, Any]:
     return data
 
 
-def _read_manifest_file(bank: Path) -> dict[str, Any]:
-    """The committed ``manifest.json`` of the bank at ``bank``, read without a lock and validated."""
+def _read_manifest_file(bank: Path, *, written: bytes | None = None) -> dict[str, Any]:
+    """The committed ``manifest.json`` of the bank at ``bank``, read without a lock and validated.
+
+    ``written``: the bytes this process last committed there; when the file still holds exactly them,
+    they were validated before they were written and are only parsed."""
     mpath = bank / _MANIFEST
     try:
         raw = mpath.read_bytes()
@@ -214,6 +245,8 @@ def _read_manifest_file(bank: Path) -> dict[str, Any]:
         raise BankError(f"{bank}: not an adaptbank bank (no {_MANIFEST})") from None
     except OSError as exc:
         raise BankError(f"{mpath}: cannot read manifest: {exc}") from exc
+    if written is not None and raw == written:
+        return json.loads(raw)
     return _parse_manifest(raw, str(mpath))
 
 

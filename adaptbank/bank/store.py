@@ -65,6 +65,7 @@ from adaptbank.bank.manifest import (  # the errors and Problem are re-exported:
     _now,
     _read_manifest_file,
     _version,
+    encode_manifest,
 )
 from adaptbank.core.config import validate_name
 
@@ -97,6 +98,7 @@ class BankStore:
         self.path: Path = Path(path).absolute()
         self._files = BankFiles(self.path)
         self._manifest = manifest
+        self._written: bytes | None = None  # the manifest bytes this object last committed (known valid)
         self.lock_timeout = lock_timeout
         """Seconds a writer waits for the lock before ``BankLockedError``; None waits forever."""
 
@@ -247,8 +249,12 @@ class BankStore:
         payload["config.json"] = _dumps(config, f"config of task {name!r}")
         spayload = encode(shared_files, shared) if shared is not None and shared_files is not None else None
         creating = spayload is not None
-        # Early check without the lock so that a doomed write costs no I/O; re-checked under it.
-        _check_task_write(self._read_manifest(), self.path, name, shared, creating, replace)
+        # Early check without the lock so that a doomed write costs no I/O; re-checked under it.  The cached
+        # manifest first (no read per commit); only when it refuses, the committed one (it may be newer).
+        try:
+            _check_task_write(self._manifest, self.path, name, shared, creating, replace)
+        except BankError:
+            _check_task_write(self._read_manifest(), self.path, name, shared, creating, replace)
         uid = uuid.uuid4().hex[:12]
         tdir, sdir = f"tasks/{name}@{uid}", f"shared/{shared}@{uid}"
 
@@ -389,8 +395,9 @@ class BankStore:
     def _commit(self, manifest: dict[str, Any]) -> None:
         """Replace manifest.json (the commit point), one generation up. Caller holds the lock."""
         manifest["generation"] = manifest.get("generation", 0) + 1
-        atomic_write_bytes(self.path / _MANIFEST, json.dumps(manifest, indent=1).encode(), sync_dir=False)
-        self._manifest = manifest
+        raw = encode_manifest(manifest)
+        atomic_write_bytes(self.path / _MANIFEST, raw, sync_dir=False)
+        self._manifest, self._written = manifest, raw
         try:
             fsync_dir(self.path)
         except OSError as exc:
@@ -405,7 +412,7 @@ class BankStore:
                 try:
                     records = {reldir: self._write_dir(reldir, payload) for reldir, payload in new.items()}
                     with self._locked():
-                        m = self._read_manifest()
+                        m = _read_manifest_file(self.path, written=self._written)
                         doomed = apply(m, records)
                         self._commit(m)
                 except _CommittedError:

@@ -37,13 +37,11 @@ from typing import Literal, cast
 import torch
 from torch import Tensor, nn
 
-from adaptbank.core import task_io
+from adaptbank.core import merging, targets, task_io
 from adaptbank.core.adapted import AdaptedLinear
 from adaptbank.core.backbone import LM_FAMILIES, Backbone, fingerprint
 from adaptbank.core.config import (
-    BitFitConfig,
     CombinedConfig,
-    IA3Config,
     LoRAConfig,
     MethodConfig,
     resolve_positions,
@@ -51,7 +49,7 @@ from adaptbank.core.config import (
 )
 from adaptbank.core.experts import LoRAExpert
 from adaptbank.core.heads import ClassificationHead, HeadKind, check_classifying, check_head, row_logits
-from adaptbank.core.inject import add_experts, add_parts, inject, resolve_targets, submodule
+from adaptbank.core.inject import add_experts, add_parts, inject, submodule
 from adaptbank.core.pooling import pool
 from adaptbank.core.prompts import check_positions
 from adaptbank.core.records import ModelOutput, TaskInfo, share_frozen
@@ -166,49 +164,13 @@ class AdaptBankModel(nn.Module):
         return info
 
     def target_paths(self, method: MethodConfig, head: HeadKind = "classification") -> list[str]:
-        """Module paths that ``method.targets`` (of a single kind) selects in this backbone for a ``head`` task."""
-        if isinstance(method, CombinedConfig):
-            raise TypeError(f"a combined method ({method.kind!r}) has targets per part; pass a part")
-        paths = resolve_targets(self.backbone, method.targets)
-        if self.encoder is not self.backbone and head == "classification":  # T5: a head reads the encoder only
-            paths = [p for p in paths if p.startswith("encoder.")]
-        if self.reserved_layers:
-            reserved = tuple(f"{p}." for p in self.layer_paths()[: self.reserved_layers])
-            paths = [p for p in paths if not p.startswith(reserved)]
-            if not paths:
-                raise ValueError(f"targets {method.targets!r} select only layers below {self.reserved_layers}, which "
-                                 "are reserved for the router's features")
-        if getattr(method, "layers", None) is not None:
-            if self.encoder is not self.backbone and head != "classification":
-                raise ValueError("--layers indexes the encoder's layers; an encoder-decoder generation task also "
-                                 "adapts the decoder, so leave layers unset there")
-            paths = self._in_layers(paths, method.layers, method.targets)  # type: ignore[union-attr]
-        return paths
-
-    def _in_layers(self, paths: list[str], layers: Sequence[int], targets: object) -> list[str]:
-        """``paths`` inside the transformer layers ``layers`` (negative: from the top); errors name a layer out
-        of range or read by the router."""
-        names = self.layer_paths()
-        n = len(names)
-        bad = [i for i in layers if not -n <= i < n]
-        if bad:
-            raise ValueError(f"layer {bad[0]} (--layers) is out of range: the base has {n} layers, 0..{n - 1} "
-                             f"(or -{n}..-1 from the top)")
-        keep = sorted({i % n for i in layers})
-        low = [i for i in keep if i < self.reserved_layers]
-        if low:
-            raise ValueError(f"layer {low[0]} (--layers) is one the router reads (layers 0..{self.reserved_layers - 1} "
-                             f"hold no experts); choose from {self.reserved_layers}..{n - 1}")
-        inside = tuple(f"{names[i]}." for i in keep)
-        chosen = [p for p in paths if p.startswith(inside)]
-        if not chosen:
-            raise ValueError(f"targets {targets!r} select nothing in layers {keep} (--layers)")
-        return chosen
+        """Module paths that ``method.targets`` (of a single kind) selects in this backbone for a ``head`` task,
+        without the router's layers and within ``method.layers`` (``core.targets``)."""
+        return targets.target_paths(self, method, head)
 
     def layer_paths(self) -> list[str]:
         """Paths of the transformer layers, in order."""
-        names = {id(m): n for n, m in self.backbone.named_modules()}
-        return [names[id(m)] for m in layer_list(self.encoder)]
+        return targets.layer_paths(self)
 
     # ----------------------------------------------------------------------------- router
     def attach_router(self, router: LDARouter, *, top_k: int = 1, temperature: float = 1.0) -> None:
@@ -432,39 +394,12 @@ class AdaptBankModel(nn.Module):
     # ----------------------------------------------------------------------------- merge
     def merge(self, name: str) -> None:
         """Fold task ``name`` (LoRA, BitFit or (IA)^3) into the base weights and biases: inference then
-        costs what the base costs. See ``AdaptedLinear.merge`` for each kind's rule."""
-        info = self._info(name)
-        if self.merged is not None:
-            raise RuntimeError(f"task {self.merged!r} is already merged; unmerge() before merging {name!r}")
-        parts = info.method.parts if isinstance(info.method, CombinedConfig) else (info.method,)
-        bad = next((p for p in parts if not isinstance(p, (LoRAConfig, BitFitConfig, IA3Config))), None)
-        if bad is not None and bad is info.method:
-            raise TypeError(f"only LoRA, bitfit and ia3 tasks can be merged; {name!r} uses {info.method.kind!r}")
-        if bad is not None:
-            why = "a prompt/prefix acts outside the weights" if is_virtual(bad) else "a bottleneck is not linear"
-            raise TypeError(f"only LoRA, bitfit and ia3 tasks, or combinations of only those, can be merged; task "
-                            f"{name!r} uses {info.method.kind!r}, whose {bad.kind} part cannot be folded ({why})")
-        if self.state.mixing:
-            raise RuntimeError("cannot merge while gates mix several experts per example; route one task first")
-        done: list[AdaptedLinear] = []
-        try:
-            for layer in self.layers_of(name).values():
-                layer.merge(name)
-                done.append(layer)
-        except Exception:
-            for layer in done:
-                layer.unmerge()
-            raise
-        self.merged = name
-        self.state.use(name)
+        costs what the base costs (``core.merging``; each kind's rule in ``AdaptedLinear.merge``)."""
+        merging.merge(self, name)
 
     def unmerge(self) -> None:
         """Restore the base weights; a no-op when nothing is merged."""
-        if self.merged is None:
-            return
-        for layer in self.layers_of(self.merged).values():
-            layer.unmerge()
-        self.merged = None
+        merging.unmerge(self)
 
     # ----------------------------------------------------------------------------- export / import
     def export_task(self, name: str) -> dict[str, dict[str, Tensor]]:
