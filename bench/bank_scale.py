@@ -53,6 +53,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the temporary bank")
     p.add_argument("--no-strace", action="store_true")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--router-commits", type=int, default=10,
+                   help="after building: fit the router, then time this many add-task commits with the router update")
     p.add_argument("--json", default=None)
     p.add_argument("--probe", choices=["tasks", "load"], help=argparse.SUPPRESS)
     p.add_argument("--probe-task", default=None, help=argparse.SUPPRESS)
@@ -170,13 +172,43 @@ def build(args: argparse.Namespace, bank_dir: Path, work: Path) -> tuple[dict, l
         write_s.append(time.perf_counter() - t1)
     bank.store.reload()
     per_task_bytes = bank.store.bytes_on_disk(names[0])
+    router_ms = _router_commits(bank, template, memory, config, args.router_commits)
     info = {"base": base, "init_seconds": init_s, "tensor_shapes": shapes, "bytes_per_task": per_task_bytes,
             "bank_bytes": bank.store.bytes_on_disk(), "write_task_ms_median": 1000 * statistics.median(write_s),
             "write_task_ms_last_10": 1000 * statistics.mean(write_s[-10:]),
-            "write_task_ms_first_10": 1000 * statistics.mean(write_s[:10]), "write_seconds_total": sum(write_s)}
+            "write_task_ms_first_10": 1000 * statistics.mean(write_s[:10]), "write_seconds_total": sum(write_s),
+            **router_ms}
     print(f"wrote {args.tasks} tasks ({per_task_bytes} bytes each) in {sum(write_s):.1f}s; write_task ms: first 10 "
           f"{info['write_task_ms_first_10']:.1f}, last 10 {info['write_task_ms_last_10']:.1f}", flush=True)
+    if router_ms:
+        print(f"router fitted over {args.tasks} tasks in {router_ms['router_fit_seconds']:.2f}s; add-task's commit "
+              f"(task + router update) {router_ms['commit_with_router_ms']:.1f} ms", flush=True)
     return info, names
+
+
+def _router_commits(bank, template: dict, memory: dict, config: dict, k: int) -> dict:
+    """The bank's part of an add-task at this bank size: fit the router over the bank once (``router fit``),
+    then ``k`` commits of a new task with its router update, exactly as add-task commits (task files, the
+    router's statistics with the task added, the LDA refitted, one manifest commit); then undo them."""
+    from adaptbank.bank import router_memory
+
+    if k <= 0:
+        return {}
+    t0 = time.perf_counter()
+    bank.fit_router()
+    fit_s = time.perf_counter() - t0
+    stats = router_memory.memory_stats(memory)
+    times = []
+    for i in range(k):
+        name = f"zz-added{i:02d}"
+        files = {part: dict(t) for part, t in template.items()} | {"memory": memory}
+        t1 = time.perf_counter()
+        bank.store.write_task(name, files, config | {"name": name}, router=bank._router_update(add=(name, stats)))
+        times.append(time.perf_counter() - t1)
+    for i in range(k):
+        bank.remove(f"zz-added{i:02d}")
+    return {"router_fit_seconds": fit_s, "commit_with_router_ms": 1000 * statistics.median(times),
+            "router_bytes": sum(r["size"] for r in bank.store.section("router")["files"].values())}
 
 
 def main() -> None:
