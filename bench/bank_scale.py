@@ -53,6 +53,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the temporary bank")
     p.add_argument("--no-strace", action="store_true")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--add-task", default=None, metavar="SPEC",
+                   help="after the router commits: one real add-task of this task spec (e.g. sst2) into the bank, then "
+                        "removed; reports its profile and the bank's overhead (its time minus the task's own work)")
+    p.add_argument("--add-task-texts", type=int, default=64, help="training and test texts of that add-task")
     p.add_argument("--router-commits", type=int, default=10,
                    help="after building: fit the router, then time this many add-task commits with the router update")
     p.add_argument("--json", default=None)
@@ -173,6 +177,8 @@ def build(args: argparse.Namespace, bank_dir: Path, work: Path) -> tuple[dict, l
     bank.store.reload()
     per_task_bytes = bank.store.bytes_on_disk(names[0])
     router_ms = _router_commits(bank, template, memory, config, args.router_commits)
+    if args.add_task:
+        router_ms |= _real_add_task(bank, args.add_task, args.add_task_texts)
     info = {"base": base, "init_seconds": init_s, "tensor_shapes": shapes, "bytes_per_task": per_task_bytes,
             "bank_bytes": bank.store.bytes_on_disk(), "write_task_ms_median": 1000 * statistics.median(write_s),
             "write_task_ms_last_10": 1000 * statistics.mean(write_s[-10:]),
@@ -184,6 +190,30 @@ def build(args: argparse.Namespace, bank_dir: Path, work: Path) -> tuple[dict, l
         print(f"router fitted over {args.tasks} tasks in {router_ms['router_fit_seconds']:.2f}s; add-task's commit "
               f"(task + router update) {router_ms['commit_with_router_ms']:.1f} ms", flush=True)
     return info, names
+
+
+# the phases of add-task that depend only on the new task's own data, not on the bank
+_OWN_WORK = ("tokenise", "frozen pass", "probe", "training", "evaluation")
+
+
+def _real_add_task(bank, spec: str, texts: int) -> dict:
+    """One real ``add-task`` of ``spec`` (``texts`` training and test texts, 1 epoch, 64 tokens) into this bank,
+    then removed: its profile, and the bank's overhead = its time minus the phases that depend only on the
+    task's own data (tokenise, frozen pass, probe, training, evaluation)."""
+    from adaptbank import TrainConfig
+
+    t0 = time.perf_counter()
+    result = bank.add_task(spec, train=TrainConfig(max_train=texts, max_test=texts, epochs=1, max_length=64),
+                           name="zz-real-add")
+    total = time.perf_counter() - t0
+    assert bank.store.router_expert_order()[-1] == "zz-real-add"
+    bank.remove("zz-real-add")
+    phases = dict(result.phase_seconds or {})
+    own = sum(phases.get(k, 0.0) for k in _OWN_WORK)
+    print(f"add-task {spec} ({texts} texts) into the bank: {total:.2f}s, of which the bank's overhead "
+          f"{total - own:.2f}s (commit {phases.get('commit', 0):.2f}s); phases {phases}", flush=True)
+    return {"add_task_spec": spec, "add_task_texts": texts, "add_task_seconds": total, "add_task_phases": phases,
+            "add_task_bank_overhead_seconds": total - own}
 
 
 def _router_commits(bank, template: dict, memory: dict, config: dict, k: int) -> dict:
@@ -205,10 +235,13 @@ def _router_commits(bank, template: dict, memory: dict, config: dict, k: int) ->
         t1 = time.perf_counter()
         bank.store.write_task(name, files, config | {"name": name}, router=bank._router_update(add=(name, stats)))
         times.append(time.perf_counter() - t1)
+    order = bank.store.router_expert_order()
+    assert order is not None and order[-k:] == [f"zz-added{i:02d}" for i in range(k)], order  # the router grew
+    router_bytes = sum(r["size"] for r in bank.store.section("router")["files"].values())
     for i in range(k):
         bank.remove(f"zz-added{i:02d}")
     return {"router_fit_seconds": fit_s, "commit_with_router_ms": 1000 * statistics.median(times),
-            "router_bytes": sum(r["size"] for r in bank.store.section("router")["files"].values())}
+            "router_bytes": router_bytes}
 
 
 def main() -> None:

@@ -53,5 +53,7 @@ def test_run_all_quick_runs_every_step_and_writes_the_report(tmp_path):
     shared = sizes["LoRA q+v r8, shared-A 2nd task"]["files"]["adapter"]
     assert shared < sizes["LoRA q+v r8"]["files"]["adapter"]  # the second task of a group stores only B
     assert sizes["BitFit"]["files"]["adapter"] < sizes["LoRA q+v r8"]["files"]["adapter"]
+    bank = json.loads((out / "bank_minilm_1000.json").read_text())["build"]  # --quick: 2 tasks, 2 router commits
+    assert bank["commit_with_router_ms"] > 0 and bank["router_bytes"] > 1152 * 1152 * 8  # the pooled F x F scatter
     compiled = json.loads((out / "compile.json").read_text())["paths"]["one-expert"]
     assert compiled["max_abs_diff"] < 1e-4
