@@ -100,3 +100,42 @@ def test_two_tasks_of_the_same_texts_are_an_ambiguous_pair_and_answer_both(tiny_
     assert line["ambiguous"] and line["alternative"]["task"] in ("left", "right") and len(line["router_top"]) == 3
     shown = CliRunner().invoke(main, ["eval", str(tmp_path / "bank"), "--routed"])
     assert shown.exit_code == 0 and "left~right" in shown.output and "gap split (mean over tasks)" in shown.output
+
+
+def test_unreadable_inputs_and_a_one_task_bank_are_noted(tiny_bert_dir, tmp_path):
+    """Text in a script the tokenizer does not know is read as unknown tokens: the answer says its routing
+    is a guess; a bank of one task routes every input to it and says that no routing happened; an empty
+    input is refused naming it. Readable text in a bank of two tasks carries no note."""
+    from transformers import AutoTokenizer
+
+    from adaptbank.bank.facade import AdapterBank
+    from adaptbank.cli.main import main
+    from adaptbank.core.config import LoRAConfig, RouterConfig, TrainConfig
+    from adaptbank.routing.predict import ONE_TASK_NOTE, input_notes, predict
+
+    bank = AdapterBank.init(tmp_path / "bank", base=str(tiny_bert_dir), router=RouterConfig(layers=1))
+    bank.add_task("weather", LoRAConfig(rank=2), TrainConfig(epochs=1, max_train=40, max_test=10, max_length=24))
+    foreign, plain = "東京の天気は晴れです", "the weather is sunny today"
+    alone, readable = predict(bank.load_routed(), [foreign, plain], max_length=24)
+    assert alone.task == readable.task == "weather"
+    assert ONE_TASK_NOTE in readable.notes and len(readable.notes) == 1
+    assert any("unknown to the tokenizer" in n and "guesses" in n for n in alone.notes), alone.notes
+    out = CliRunner().invoke(main, ["predict", str(tmp_path / "bank"), foreign, plain, "--json"])
+    assert out.exit_code == 0, out.output
+    assert out.output.count(ONE_TASK_NOTE) == 3  # once on stderr, in both JSON lines
+    assert "warning: input 1:" in out.output and "warning: input 2:" not in out.output
+    empty = CliRunner().invoke(main, ["predict", str(tmp_path / "bank"), plain, "  "])
+    assert empty.exit_code != 0 and "input 2 is empty" in empty.output
+
+    bank.add_task("topic", LoRAConfig(rank=2), TrainConfig(epochs=1, max_train=40, max_test=10, max_length=24))
+    guess, clear = predict(bank.load_routed(), [foreign, plain], max_length=24)
+    assert clear.notes == [] and len(guess.notes) == 1
+    (oracle,) = predict(bank.load_routed(), [foreign], task="topic", max_length=24)
+    assert oracle.notes and "the answer is a guess" in oracle.notes[0]  # no routing: only the answer is
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_bert_dir))
+    the, unk, cls, sep = tok.convert_tokens_to_ids(["the", "[UNK]", "[CLS]", "[SEP]"])
+    assert the != unk
+    assert input_notes(tok, [cls, unk, the, the, sep], True, 2) == []  # 1 unknown of 3 real tokens: below half
+    assert input_notes(tok, [cls, unk, unk, the, sep], True, 2)  # 2 of 3
+    assert input_notes(tok, [cls, sep], True, 2) == []  # no real token: nothing to judge

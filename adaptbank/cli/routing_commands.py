@@ -115,6 +115,7 @@ def predict(bank: str, texts: tuple[str, ...], input_file: str | None, task: str
     generation task writes text: with --task each input goes into the task's template; without it (a
     bank of generation tasks only) each input is a whole prompt and the router picks the expert."""
     from adaptbank.bank.facade import AdapterBank
+    from adaptbank.routing.predict import ONE_TASK_NOTE
     from adaptbank.routing.predict import predict as run
 
     if not texts and not input_file:
@@ -134,11 +135,16 @@ def predict(bank: str, texts: tuple[str, ...], input_file: str | None, task: str
         return _generate(b, items, task, gen, length, k, temperature, as_json, input_file)
     model = b.load() if task else b.load_routed(top_k=k, temperature=temperature, token_level=token)
     seen = 0
+    if task is None and len(b.tasks()) == 1:
+        click.echo(f"note: {ONE_TASK_NOTE} ({b.tasks()[0]})", err=True)
     for chunk in chunked(items, PREDICT_CHUNK):  # streamed: memory bounded by the chunk, not the input
         for i, p in enumerate(run(model, chunk, task=task, max_length=length, token_level=token, top_k=k,
                                   explain=explain, ambiguous_at=ambiguous_at), seen):
             if p.truncated:
                 click.echo(f"warning: input {i + 1} is longer than {length} tokens and was truncated", err=True)
+            for note in p.notes:
+                if note != ONE_TASK_NOTE:
+                    click.echo(f"warning: input {i + 1}: {note}", err=True)
             if as_json:
                 click.echo(json.dumps(p.to_dict(), ensure_ascii=False))
             else:

@@ -13,6 +13,12 @@ temperature), and the full distribution. When the runner-up task holds at least 
 it (default 0.2), or with ``explain``, the answer also carries the runner-up's own answer: the same
 rows run once more under that task (``alternative``), so a caller sees both readings of an input
 that two tasks claim.
+
+**Inputs the router cannot read.** An answer's ``notes`` say when its routing carries little
+information: most of the input's tokens are the tokenizer's unknown token (a script no task was
+trained on: the features are those of ``[UNK]`` repeated, whatever the text says), or the bank holds
+one task, so every input goes to it and no routing happened. An empty input is refused (naming it)
+by ``tokenize_checked`` before anything runs.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from adaptbank.routing.ambiguity import AMBIGUOUS_AT
 from adaptbank.routing.token import token_routed_features
 from adaptbank.training.features import device_of
 
-__all__ = ["AMBIGUOUS_AT", "Prediction", "predict", "routed_hit", "right_task"]
+__all__ = ["AMBIGUOUS_AT", "ONE_TASK_NOTE", "UNKNOWN_SHARE", "Prediction", "input_notes", "predict", "routed_hit",
+           "right_task"]
 
 
 @dataclass
@@ -52,6 +59,8 @@ class Prediction:
     ambiguous (or asked for with ``explain``); else None."""
     ambiguous: bool = False
     """Whether the runner-up task holds at least ``predict``'s ``ambiguous_at`` of the router's probability."""
+    notes: list[str] = field(default_factory=list)
+    """Why this answer's routing says little (module docstring): unknown tokens, a bank of one task."""
 
     def to_dict(self) -> dict[str, object]:
         out: dict[str, object] = {"text": self.text, "task": self.task, "label": self.label,
@@ -63,7 +72,31 @@ class Prediction:
                     "router_top": {k: round(v, 6) for k, v in top}}
         if self.alternative is not None:
             out["alternative"] = {k: round(v, 6) if isinstance(v, float) else v for k, v in self.alternative.items()}
+        if self.notes:
+            out["notes"] = list(self.notes)
         return out
+
+
+UNKNOWN_SHARE = 0.5
+"""An input whose real tokens are at least this share the tokenizer's unknown token gets a note."""
+
+ONE_TASK_NOTE = "the bank holds one task: every input goes to it (no routing needed)"
+
+
+def input_notes(tokenizer: object, ids: list[int], routed: bool, n_tasks: int) -> list[str]:
+    """The notes of one input with token ids ``ids`` (special tokens included), see the module docstring."""
+    notes = []
+    unk = getattr(tokenizer, "unk_token_id", None)
+    special = set(getattr(tokenizer, "all_special_ids", ())) - {unk}
+    real = [i for i in ids if i not in special]
+    unknown = sum(i == unk for i in real) if unk is not None else 0
+    if real and unknown / len(real) >= UNKNOWN_SHARE:
+        notes.append(f"{unknown} of its {len(real)} tokens are unknown to the tokenizer (a script no task has "
+                     "seen?): the model reads only unknown-token markers, so "
+                     + ("the routing and the answer are guesses" if routed else "the answer is a guess"))
+    if routed and n_tasks == 1:
+        notes.append(ONE_TASK_NOTE)
+    return notes
 
 
 def routed_hit(pred_task: str, pred_label: str, true_task: str, true_label: str,
@@ -117,6 +150,7 @@ def predict(model: AdaptBankModel, texts: Sequence[str], *, task: str | None = N
             probs = (out.scores.float() / model.router_temperature).softmax(-1).cpu()  # (B, E) router order
             _with_alternatives(model, batch, answers, probs, explain, ambiguous_at)
         for row, i in enumerate(chunk):
+            answers[row].notes = input_notes(model.tokenizer, ids[i], task is None, len(model.tasks))
             out_list[i] = answers[row]
     return out_list  # type: ignore[return-value]
 
