@@ -171,7 +171,7 @@ STEPS: list[Step] = [
                              "--add-task-texts", "200"),
            ("--tasks", "2", "--base", "minilm", "--repeats", "1", "--no-strace", "--router-commits", "2", "--add-task",
             "sst2", "--add-task-texts", "16"), r_bank)
-      for n in (1, 1000)),
+      for n in (1, 100, 1000)),
     Step("task_bytes", "Bytes on disk per task, every method", "task_bytes.py", (), ("--quick",), r_bytes),
     Step("compile", "torch.compile speed-up (one expert, mixed, routed)", "compile_speed.py", (),
          ("--experts", "2", "--batch", "4", "--max-length", "16", "--repeats", "1", "--warmup", "1", "--paths",
