@@ -151,6 +151,20 @@ def test_runs_without_hits_say_why_there_is_no_interval(tmp_path: Path) -> None:
     assert d["diff"] is None and d["reason"] == "per-example hits not recorded (oracle)"
 
 
+def test_an_unfinished_run_is_not_bootstrapped_against_a_finished_one(tmp_path: Path) -> None:
+    """An unfinished run's last row is after an earlier task (later tasks at their baselines), so its ACC
+    difference to a finished run says nothing about the strategies: no interval, and the reason."""
+    partial = rich_run("partial", "replay", better=0.2)
+    partial["oracle"]["matrix"], partial["finished"] = ORACLE[:2], False
+    partial["steps"], partial["router_matrix"] = partial["steps"][:2], partial["router_matrix"][:2]
+    partial["routed"]["matrix"] = partial["routed"]["matrix"][:2]
+    dirs = [write_run(tmp_path, rich_run("done")), write_run(tmp_path, partial)]
+    (d,) = build_report(dirs)["differences"][:1]
+    assert d["run"] == "partial" and d["diff"] is None and "unfinished" in d["reason"]
+    finished = build_report([dirs[0], write_run(tmp_path, rich_run("other", "replay", better=0.2))])
+    assert finished["differences"][0]["diff"] is not None  # the same hits, both finished: compared
+
+
 def test_html_output_writes_figures_and_data_beside_the_page(tmp_path: Path) -> None:
     dirs = [write_run(tmp_path, rich_run("bank-o1")), write_run(tmp_path, make_run("seq", "seq-lora", routed=None))]
     out = tmp_path / "out" / "page.html"

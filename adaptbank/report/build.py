@@ -303,7 +303,9 @@ def _differences(runs: Sequence[Mapping[str, Any]], n: int = 10_000) -> list[dic
                                    "lo": None, "hi": None, "n_examples": None, "reason": None}
             if kind == "routed" and (run["routed"] is None or ref["routed"] is None):
                 continue  # no routed evaluation on one side: nothing to compare
-            if a is None or b is None:
+            if not (run["finished"] and ref["finished"]):
+                row["reason"] = "a run is unfinished: its last row is not after the last task; not compared"
+            elif a is None or b is None:
                 row["reason"] = f"per-example hits not recorded ({kind})"
             elif set(a) != set(b) or any(len(a[t]) != len(b[t]) for t in a):
                 row["reason"] = "hits cover different tasks or test sets; not paired"
