@@ -92,7 +92,7 @@ def input_notes(tokenizer: object, ids: list[int], routed: bool, n_tasks: int) -
     unknown = sum(i == unk for i in real) if unk is not None else 0
     if real and unknown / len(real) >= UNKNOWN_SHARE:
         notes.append(f"{unknown} of its {len(real)} tokens are unknown to the tokenizer (a script no task has "
-                     "seen?): the model reads only unknown-token markers, so "
+                     "seen?): the model reads mostly unknown-token markers, so "
                      + ("the routing and the answer are guesses" if routed else "the answer is a guess"))
     if routed and n_tasks == 1:
         notes.append(ONE_TASK_NOTE)
