@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from adaptbank._atomic import TMP_PREFIX, marker_live
+from adaptbank.bank.locks import writer_lock
 from adaptbank.bank.manifest import (
     _AREAS,
     _MANIFEST,
@@ -73,7 +74,7 @@ def repair(store: BankStore) -> list[str]:
     """
     removed: list[str] = []
     try:
-        with store._locked():
+        with writer_lock(store.path, store.lock_timeout):
             store.reload()
             referenced = {_norm(e["dir"]) for _, e in _groups(store._manifest)}
             live = set()

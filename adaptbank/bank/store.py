@@ -29,23 +29,21 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:  # torch and safetensors load lazily: listing a bank must not pay for importing torch
     import torch
 
-from adaptbank._atomic import LockTimeoutError, atomic_write_bytes, exclusive_lock, fsync_dir, hold_marker
+from adaptbank._atomic import atomic_write_bytes, fsync_dir
 from adaptbank.bank.files import BankFiles, encode
+from adaptbank.bank.locks import pending_marker, writer_lock
 from adaptbank.bank.manifest import (  # the errors and Problem are re-exported: callers import them from here
     _AREAS,
-    _LOCK,
     _MANIFEST,
-    _PENDING,
     SCHEMA_VERSION,
     BankCorruptError,
     BankError,
@@ -125,7 +123,7 @@ class BankStore:
         try:
             for area in _AREAS:
                 (p / area).mkdir(parents=True, exist_ok=True)
-            with store._locked():
+            with writer_lock(store.path, store.lock_timeout):
                 if (p / _MANIFEST).exists():
                     raise BankError(f"{p}: another process created a bank here concurrently")
                 store._commit({"schema": SCHEMA_VERSION, "adaptbank_version": _version(), "created": _now(),
@@ -408,10 +406,10 @@ class BankStore:
                      apply: Callable[[dict[str, Any], dict[str, dict[str, Any]]], list[str]]) -> None:
         """Write ``new`` dirs unlocked, then apply+commit under the lock, then delete doomed dirs."""
         try:
-            with self._pending(uid) if new else contextlib.nullcontext():
+            with pending_marker(self.path, uid, self.lock_timeout) if new else contextlib.nullcontext():
                 try:
                     records = {reldir: self._write_dir(reldir, payload) for reldir, payload in new.items()}
-                    with self._locked():
+                    with writer_lock(self.path, self.lock_timeout):
                         m = _read_manifest_file(self.path, written=self._written)
                         doomed = apply(m, records)
                         self._commit(m)
@@ -428,29 +426,3 @@ class BankStore:
                         shutil.rmtree(self._files.inside(reldir, label), ignore_errors=True)
         except OSError as exc:
             raise BankError(f"{self.path}: {label} failed; the bank is unchanged: {exc}") from exc
-
-    @contextlib.contextmanager
-    def _pending(self, uid: str) -> Iterator[None]:
-        """Hold a flock'ed ``.tmp-pending-<uid>`` marker so repair() spares this write's new dirs."""
-        marker = self.path / f"{_PENDING}{uid}"
-        with self._locked():  # repair() holds the lock, so it never sees a live marker unlocked
-            fd = hold_marker(marker)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(OSError):
-                marker.unlink()
-            os.close(fd)
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """The writers' exclusive lock on BANK/.lock (waits ``lock_timeout`` s; None: forever)."""
-        with contextlib.ExitStack() as stack:
-            try:
-                stack.enter_context(exclusive_lock(self.path / _LOCK, self.lock_timeout))
-            except LockTimeoutError as exc:
-                raise BankLockedError(f"{self.path}: another writer holds the bank lock: {exc}; wait for it to "
-                                      "finish, or pass a longer lock_timeout (--lock-timeout)",
-                                      holder_pid=exc.holder_pid) from None
-            yield
-
