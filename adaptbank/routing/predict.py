@@ -35,7 +35,7 @@ from adaptbank.routing.ambiguity import AMBIGUOUS_AT
 from adaptbank.routing.token import token_routed_features
 from adaptbank.training.features import device_of
 
-__all__ = ["AMBIGUOUS_AT", "ONE_TASK_NOTE", "UNKNOWN_SHARE", "Prediction", "input_notes", "predict", "routed_hit",
+__all__ = ["AMBIGUOUS_AT", "ONE_TASK_NOTE", "UNKNOWN_SHARE", "Prediction", "input_notes", "predict", "routed_hit", "token_kinds",
            "right_task"]
 
 
@@ -83,11 +83,18 @@ UNKNOWN_SHARE = 0.5
 ONE_TASK_NOTE = "the bank holds one task: every input goes to it (no routing needed)"
 
 
-def input_notes(tokenizer: object, ids: list[int], routed: bool, n_tasks: int) -> list[str]:
-    """The notes of one input with token ids ``ids`` (special tokens included), see the module docstring."""
-    notes = []
+def token_kinds(tokenizer: object) -> tuple[int | None, frozenset[int]]:
+    """The tokenizer's unknown-token id (None: it has none) and its other special ids."""
     unk = getattr(tokenizer, "unk_token_id", None)
-    special = set(getattr(tokenizer, "all_special_ids", ())) - {unk}
+    return unk, frozenset(getattr(tokenizer, "all_special_ids", ())) - {unk}
+
+
+def input_notes(tokenizer: object, ids: list[int], routed: bool, n_tasks: int, *,
+                kinds: tuple[int | None, frozenset[int]] | None = None) -> list[str]:
+    """The notes of one input with token ids ``ids`` (special tokens included), see the module docstring;
+    ``kinds``: :func:`token_kinds` of ``tokenizer``, computed once by a caller with many inputs."""
+    notes = []
+    unk, special = token_kinds(tokenizer) if kinds is None else kinds
     real = [i for i in ids if i not in special]
     unknown = sum(i == unk for i in real) if unk is not None else 0
     if real and unknown / len(real) >= UNKNOWN_SHARE:
@@ -131,6 +138,7 @@ def predict(model: AdaptBankModel, texts: Sequence[str], *, task: str | None = N
     model.eval()
     out_list: list[Prediction | None] = [None] * len(texts)
     names = list(model.state.experts)
+    kinds = token_kinds(model.tokenizer)
     for chunk in batches(ids, batch_size, shuffle=False):
         batch = collate([ids[i] for i in chunk], pad_id(model.tokenizer), device_of(model))
         if task is not None:
@@ -150,7 +158,7 @@ def predict(model: AdaptBankModel, texts: Sequence[str], *, task: str | None = N
             probs = (out.scores.float() / model.router_temperature).softmax(-1).cpu()  # (B, E) router order
             _with_alternatives(model, batch, answers, probs, explain, ambiguous_at)
         for row, i in enumerate(chunk):
-            answers[row].notes = input_notes(model.tokenizer, ids[i], task is None, len(model.tasks))
+            answers[row].notes = input_notes(model.tokenizer, ids[i], task is None, len(model.tasks), kinds=kinds)
             out_list[i] = answers[row]
     return out_list  # type: ignore[return-value]
 
