@@ -37,18 +37,19 @@ def target_paths(model: AdaptBankModel, method: MethodConfig, head: HeadKind = "
     seq2seq = model.encoder is not model.backbone
     if seq2seq and head == "classification":  # T5: a head reads the encoder only
         paths = [p for p in paths if p.startswith("encoder.")]
+    layers = getattr(method, "layers", None)
+    names = layer_paths(model) if model.reserved_layers or layers is not None else []
     if model.reserved_layers:
-        reserved = tuple(f"{p}." for p in layer_paths(model)[: model.reserved_layers])
+        reserved = tuple(f"{p}." for p in names[: model.reserved_layers])
         paths = [p for p in paths if not p.startswith(reserved)]
         if not paths:
             raise ValueError(f"targets {method.targets!r} select only layers below {model.reserved_layers}, which "
                              "are reserved for the router's features")
-    layers = getattr(method, "layers", None)
     if layers is not None:
         if seq2seq and head != "classification":
             raise ValueError("--layers indexes the encoder's layers; an encoder-decoder generation task also "
                              "adapts the decoder, so leave layers unset there")
-        paths = _in_layers(paths, layer_paths(model), layers, model.reserved_layers, method.targets)
+        paths = _in_layers(paths, names, layers, model.reserved_layers, method.targets)
     return paths
 
 
