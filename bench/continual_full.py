@@ -3,6 +3,7 @@
     python bench/continual_full.py run    [--pieces STRATEGY:ORDER ...] [--runs-dir DIR] [--max-train N ...]
     python bench/continual_full.py status [--runs-dir DIR]
     python bench/continual_full.py report [--runs-dir DIR] [--out bench/results/continual_full]
+    python bench/continual_full.py recover [--runs-dir DIR] [--from bench/results/continual_full.json]
 
 The grid (tasks/runs/standard5-order{1,2,3}.toml: MiniLM, LoRA q+v r=8, 1,000 train / 500 test
 examples per task, 2 epochs, 128 tokens, seed 0):
@@ -28,6 +29,12 @@ and its output to ``DIR/logs/<piece>.log``. Ctrl-C stops after the runner has ke
 strategy for ACC, BWT, FWT, forgetting (max-based and first-minus-last), routed ACC, trainable
 parameters, bank bytes and time, then the paired bootstrap against bank order 1 where the runs
 carry per-example hits, then every run's matrices, figures and cost per task.
+
+``recover`` puts back the runs that a report holds but the runs folder lost (it lives in /tmp by
+default): ``OUT.json`` carries every run's matrices, steps, hits and router matrix, which is all of
+``result.json`` that the report reads, so each missing piece gets a ``result.json`` rebuilt from it
+(with a note saying so) and its ``bench.jsonl`` record; a later ``run`` skips the finished ones and
+``report`` shows them as before. Pieces present in the folder are never overwritten.
 """
 
 from __future__ import annotations
@@ -190,6 +197,60 @@ def write_reports(args: argparse.Namespace) -> int:
     return 0
 
 
+def _piece_of(run: dict[str, Any]) -> tuple[str, int]:
+    """(strategy, order) of a report's run, from its strategy and its spec's name ``standard5-order<N>``."""
+    name = run["name"].split(" (")[0]
+    order = name.rsplit("order", 1)[-1]
+    if not order.isdigit() or (run["strategy"], int(order)) not in GRID:
+        raise ValueError(f"run {run['name']!r} ({run['strategy']}) is not a piece of the grid")
+    return run["strategy"], int(order)
+
+
+def recover(args: argparse.Namespace) -> int:
+    source = Path(args.source)
+    summary = json.loads(source.read_text(encoding="utf-8"))
+    runs_dir = Path(args.runs_dir)
+    (runs_dir / "logs").mkdir(parents=True, exist_ok=True)
+    grid = {g["piece"]: g for g in summary.get("grid", [])}
+    report = summary["report"]
+    restored = 0
+    for run in report["runs"] if "runs" in report else [report]:
+        strategy, order = _piece_of(run)
+        name = piece_name(strategy, order)
+        run_dir = runs_dir / name
+        if state(run_dir) != "absent":
+            print(f"{name}: {state(run_dir)} in {runs_dir}, kept")
+            continue
+        routed = run["routed"]
+        result = {"schema": 1, "name": run["name"].split(" (")[0], "strategy": strategy, "tasks": run["tasks"],
+                  "seed": run["seed"], "backbone": run["backbone"], "config": run["config"],
+                  "config_changed": run["config_changed"],
+                  "oracle": {"baseline": run["baseline"], "matrix": run["matrix"]},
+                  "routed": None if routed is None else {"baseline": routed["baseline"], "matrix": routed["matrix"]},
+                  "steps": run["steps"], "finished": run["finished"], "metric": run["metric"],
+                  "notes": [*run["notes"], f"recovered from {source.name}: this run's folder was lost; its numbers "
+                            "are those the report recorded"]}  # fmt: skip
+        for key, value in (("router_confusion", run["router_confusion"]), ("hits", run["hits"]),
+                           ("router_matrix", (run.get("router") or {}).get("matrix"))):
+            if value is not None:
+                result[key] = value
+        run_dir.mkdir(parents=True)
+        tmp = run_dir / "result.json.tmp"
+        tmp.write_text(json.dumps(result, allow_nan=False) + "\n", encoding="utf-8")
+        tmp.replace(run_dir / "result.json")
+        g = grid.get(name, {})
+        if "wall_seconds" in g:
+            record = {"piece": name, "cmd": ["recovered", str(source)], "rc": 0, "wall_seconds": g["wall_seconds"],
+                      "peak_rss_bytes": g["peak_rss_bytes"], "state_before": "absent", "state_after": state(run_dir),
+                      "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "recovered": True}  # fmt: skip
+            with open(runs_dir / "bench.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        restored += 1
+        print(f"{name}: recovered ({state(run_dir)})")
+    print(f"{restored} run(s) recovered into {runs_dir}")
+    return 0
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -198,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # kill PID stops like Ctrl-C: the current run keeps its tasks
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
-    for name in ("run", "status", "report"):
+    for name in ("run", "status", "report", "recover"):
         p = sub.add_parser(name)
         p.add_argument("--runs-dir", default="/tmp/adaptbank-continual-full", help="one folder per piece")
         if name == "run":
@@ -213,8 +274,11 @@ def main(argv: list[str] | None = None) -> int:
         if name == "report":
             p.add_argument("--out", default=str(REPO / "bench" / "results" / "continual_full"),
                            help="output path without extension: OUT.md, OUT.json, OUT.html")
+        if name == "recover":
+            p.add_argument("--from", dest="source", default=str(REPO / "bench" / "results" / "continual_full.json"),
+                           help="a report's OUT.json")
     args = ap.parse_args(argv)
-    return {"run": run_pieces, "status": show_status, "report": write_reports}[args.command](args)
+    return {"run": run_pieces, "status": show_status, "report": write_reports, "recover": recover}[args.command](args)
 
 
 if __name__ == "__main__":
