@@ -15,6 +15,13 @@ that adaptbank and peft agree (the same A and B are copied into both) before tim
 timed round-robin (``_common.interleaved``: medians of ``--repeats`` after ``--warmup`` rounds), and the
 table gives each one's cost over ``base``. Quiet machine only (``_common.announce_load``).
 
+Wall time on this machine varies by a few percent between rounds, more than the q+v expert costs,
+so the script also accounts for the expert's work op by op: one forward per variant under
+``torch.profiler``, and for every aten op the calls beyond the base forward's times that op's mean
+self time (the LoRA ``mm``/``addmm_``, peft's ``linear``/``mul``/``add``...). "added ops over base" is
+that sum over the base forward's total op time: what the expert adds, without the noise of the big
+matmuls it does not touch.
+
 Usage::
 
     python bench/inference_speed.py --json bench/results/inference_speed.json
@@ -78,7 +85,7 @@ def main() -> None:
         ab.add_task("t", LoRAConfig(targets=preset), ["a", "b"], seed=0)
         return ab
 
-    fns["base"] = plain(base.model)
+    fns["base"] = plain(copy.deepcopy(base.model))  # a copy like every other variant's weights
     for label, preset in TARGETS.items():
         ab = holding(preset)
         with torch.no_grad():
@@ -110,13 +117,37 @@ def main() -> None:
               "; max |expert - base| (the experts do change the output):", {k: f"{v:.1e}" for k, v in effect.items()},
               flush=True)
         times = interleaved(fns, args.repeats, args.warmup)
-    rows = [[k, times[k], args.batch / times[k], times[k] / times["base"]] for k in fns]
-    print(table(["variant", "s per batch", "ex/s", "cost over base"], rows))
+        added = added_op_share(fns)
+    rows = [[k, times[k], args.batch / times[k], times[k] / times["base"], added[k]] for k in fns]
+    print(table(["variant", "s per batch", "ex/s", "cost over base", "added ops over base"], rows))
     for label in TARGETS:
         print(f"{label}: adaptbank / peft time {times[f'adaptbank {label}'] / times[f'peft {label}']:.3f}")
     write_json(args.json, {"environment": environment(args.threads), "quiet_start": quiet, "args": vars(args),
                            "seconds": times, "over_base": {k: times[k] / times["base"] for k in fns},
-                           "max_abs_diff": agree, "expert_effect": effect})
+                           "max_abs_diff": agree, "expert_effect": effect, "added_op_share": added})
+
+
+def added_op_share(fns: dict[str, Any], rounds: int = 3) -> dict[str, float]:
+    """Per variant: the self time of its aten ops beyond the base forward's calls (extra calls of an op
+    times that op's mean self time in the variant), over the base forward's total self time; the median
+    over ``rounds`` profiled forwards of every variant, round-robin."""
+    import statistics
+
+    from torch.profiler import ProfilerActivity, profile
+
+    shares: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        stats: dict[str, dict[str, tuple[int, float]]] = {}
+        for k, fn in fns.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                fn()
+            stats[k] = {e.key: (e.count, e.self_cpu_time_total) for e in prof.key_averages() if e.key.startswith("aten::")}
+        base = stats["base"]
+        total = sum(t for _, t in base.values())
+        for k, ops in stats.items():
+            extra = sum(max(0, n - base.get(op, (0, 0.0))[0]) * t / n for op, (n, t) in ops.items() if n)
+            shares[k].append(extra / total)
+    return {k: statistics.median(v) for k, v in shares.items()}
 
 
 if __name__ == "__main__":

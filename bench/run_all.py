@@ -59,11 +59,16 @@ def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
 # ----------------------------------------------------------------------------- renderers, one per step's JSON
 def r_inference(d: dict[str, Any]) -> list[str]:
     s, over = d["seconds"], d["over_base"]
-    rows = [[k, s[k], d["args"]["batch"] / s[k], f"{over[k]:.3f}x"] for k in s]
-    lines = _table(["variant", "s per batch", "ex/s", "time over base"], rows)
+    added = d.get("added_op_share", {})
+    rows = [[k, s[k], d["args"]["batch"] / s[k], f"{over[k]:.3f}x", f"{100 * added[k]:.1f}%" if k in added else "-"]
+            for k in s]
+    lines = _table(["variant", "s per batch", "ex/s", "time over base", "added ops over base"], rows)
     ratios = ", ".join(f"{label}: {s[f'adaptbank {label}'] / s[f'peft {label}']:.3f}" for label in ("q+v", "all-linear"))
     return lines + ["", f"adaptbank / peft time (unmerged): {ratios} (< 1: adaptbank faster); outputs agree to "
-                    + ", ".join(f"{k} {v:.1e}" for k, v in d["max_abs_diff"].items()) + "."]
+                    + ", ".join(f"{k} {v:.1e}" for k, v in d["max_abs_diff"].items()) + ". Added ops over base: "
+                    "the self time of the aten calls a variant makes beyond the base forward's (one profiled forward "
+                    "each), over the base forward's op time: the expert's own cost, free of the round-to-round noise "
+                    "of the matmuls it does not touch."]
 
 
 def r_train_speed(d: dict[str, Any]) -> list[str]:
