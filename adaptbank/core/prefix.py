@@ -114,11 +114,13 @@ def prefix_cache(rows: Sequence[tuple[Tensor, Tensor] | None], heads: int, head_
     Pm = int(lengths.max())
     distinct = list({id(r[0]): r for r in rows if r is not None}.values())
     B = len(rows)
+    # per layer by unbind, not key[n]: the backward of N selects writes N zero-filled copies of the whole
+    # (N, B, H, P, d) stack, unbind's is one stack of the per-layer gradients
     if len(distinct) == 1 and all(r is not None for r in rows):  # one task's prefix on every row: broadcast it
-        k, v = (t.to(dtype).view(N, 1, Pm, heads, head_dim).transpose(2, 3) for t in distinct[0])  # (N, 1, H, P, d)
-        key, value = k.expand(N, B, heads, Pm, head_dim), v.expand(N, B, heads, Pm, head_dim)  # (N, B, H, P, d)
+        k, v = (t.to(dtype).view(N, Pm, heads, head_dim).transpose(1, 2) for t in distinct[0])  # (N, H, P, d)
         mask = torch.ones(B, Pm, dtype=torch.bool, device=device)  # (B, P)
-        return [(key[n], value[n]) for n in range(N)], mask, lengths
+        return [(kn.expand(B, heads, Pm, head_dim), vn.expand(B, heads, Pm, head_dim))  # (B, H, P, d) each
+                for kn, vn in zip(k.unbind(0), v.unbind(0), strict=True)], mask, lengths
     pad = lambda t: torch.cat([t, t.new_zeros(N, Pm - t.shape[1], W)], 1).to(dtype)  # noqa: E731 (N, P_max, W)
     table_k = torch.stack([pad(k) for k, _ in distinct] + [ref.new_zeros(N, Pm, W).to(dtype)])  # (U + 1, N, P_max, W)
     table_v = torch.stack([pad(v) for _, v in distinct] + [ref.new_zeros(N, Pm, W).to(dtype)])  # (U + 1, N, P_max, W)
@@ -127,4 +129,4 @@ def prefix_cache(rows: Sequence[tuple[Tensor, Tensor] | None], heads: int, head_
     key = table_k[row].view(B, N, Pm, heads, head_dim).permute(1, 0, 3, 2, 4)  # (N, B, H, P_max, d)
     value = table_v[row].view(B, N, Pm, heads, head_dim).permute(1, 0, 3, 2, 4)  # (N, B, H, P_max, d)
     mask = torch.arange(Pm, device=device)[None] < lengths[:, None]  # (B, P_max)
-    return [(key[n], value[n]) for n in range(N)], mask, lengths
+    return list(zip(key.unbind(0), value.unbind(0), strict=True)), mask, lengths
