@@ -11,7 +11,10 @@ examples per task, 2 epochs, 128 tokens, seed 0):
 - order 1 (dbpedia, amazon, yelp, yahoo, ag_news): every strategy, bank shared-a seq-lora seq-full ewc
   replay olora joint;
 - orders 2 (dbpedia, amazon, yelp, ag_news, yahoo) and 3 (yahoo, amazon, yelp, ag_news, dbpedia):
-  bank, seq-lora, replay.
+  bank, seq-lora, replay;
+- ``seq-lora-fresh-heads`` (order 1): seq-lora in the setting of ../shared/ANCHORS.md, fresh random heads
+  and one learning rate (tasks/runs/standard5-order1-fresh-heads.toml), so that the report shows where
+  forgetting comes from; the report groups it apart from seq-lora (another train setting).
 
 The orders are O-LoRA's (Wang et al. 2023; its scripts/order_{1,2,3}.sh) with yelp, which O-LoRA
 merges into amazon's label space, as its own task right after amazon.
@@ -54,7 +57,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 ALL = ("bank", "shared-a", "seq-lora", "seq-full", "ewc", "replay", "olora", "joint")
-GRID: tuple[tuple[str, int], ...] = (*((s, 1) for s in ALL), *((s, o) for o in (2, 3) for s in ("bank", "seq-lora", "replay")))
+VARIANTS: dict[str, tuple[str, str]] = {"seq-lora-fresh-heads": ("seq-lora", "-fresh-heads")}
+"""Piece label -> (strategy, suffix of the run spec's name): a strategy in another spec's setting."""
+GRID: tuple[tuple[str, int], ...] = (*((s, 1) for s in ALL), *((s, o) for o in (2, 3) for s in ("bank", "seq-lora", "replay")),
+                                     ("seq-lora-fresh-heads", 1))  # fmt: skip
 PASS_THROUGH = ("max_train", "max_test", "epochs", "max_length", "seed")
 
 
@@ -79,9 +85,10 @@ def state(run_dir: Path) -> str:
     return "finished" if data.get("finished") else f"{len(data['oracle']['matrix'])}/{len(data['tasks'])} tasks"
 
 
-def _command(strategy: str, order: int, run_dir: Path, args: argparse.Namespace) -> list[str]:
-    cmd = [sys.executable, "-m", "adaptbank.cli", "run", str(REPO / "tasks" / "runs" / f"standard5-order{order}.toml"),
-           "--out", str(run_dir), "--strategy", strategy]
+def _command(label: str, order: int, run_dir: Path, args: argparse.Namespace) -> list[str]:
+    strategy, suffix = VARIANTS.get(label, (label, ""))
+    spec = REPO / "tasks" / "runs" / f"standard5-order{order}{suffix}.toml"
+    cmd = [sys.executable, "-m", "adaptbank.cli", "run", str(spec), "--out", str(run_dir), "--strategy", strategy]
     for key in PASS_THROUGH:
         value = getattr(args, key)
         if value is not None:
@@ -142,7 +149,7 @@ def run_pieces(args: argparse.Namespace) -> int:
 
 def show_status(args: argparse.Namespace) -> int:
     for strategy, order in GRID:
-        print(f"{piece_name(strategy, order):18s} {state(Path(args.runs_dir) / piece_name(strategy, order))}")
+        print(f"{piece_name(strategy, order):28s} {state(Path(args.runs_dir) / piece_name(strategy, order))}")
     return 0
 
 
@@ -173,7 +180,8 @@ def write_reports(args: argparse.Namespace) -> int:
     report = build_report(dirs)
     runs = report["runs"] if "runs" in report else [report]
     changed = sorted({f"{k} = {json.dumps(v[1] if isinstance(v, list) and len(v) == 2 else v)}"
-                      for r in runs for k, v in r["config_changed"].items() if k != "strategy"})
+                      for r in runs if r["name"].split(" (")[0][-1:].isdigit()  # not a variant's own spec
+                      for k, v in r["config_changed"].items() if k != "strategy"})
     bench = _bench_records(runs_dir)
     states = {piece_name(s, o): state(runs_dir / piece_name(s, o)) for s, o in GRID}
     rows = [[name, st, str(bench.get(name, {}).get("invocations", "–")),
@@ -182,7 +190,8 @@ def write_reports(args: argparse.Namespace) -> int:
     head = ["# Continual learning, standard five, full size", "",
             "MiniLM, LoRA q+v r=8, 1,000 train / 500 test per task, 2 epochs, 128 tokens, seed 0 (the run specs "
             "tasks/runs/standard5-order{1,2,3}.toml" + (f"; changed in the runs: {', '.join(changed)}" if changed else "")
-            + "). Orders: O-LoRA's 1-3 with yelp after amazon. Spread: mean ± sample sd over the orders a strategy "
+            + "; seq-lora-fresh-heads: tasks/runs/standard5-order1-fresh-heads.toml, fresh heads and one learning "
+            "rate). Orders: O-LoRA's 1-3 with yelp after amazon. Spread: mean ± sample sd over the orders a strategy "
             "ran in (n in the runs column; order-1-only strategies have no sd).", "",
             "## Grid", "", *md_table(["piece", "state", "invocations", "wall time", "peak RSS (process)"], rows), ""]
     text = "\n".join(head) + "\n" + render_markdown(report).replace("# Comparison", "## Comparison", 1)
@@ -198,12 +207,14 @@ def write_reports(args: argparse.Namespace) -> int:
 
 
 def _piece_of(run: dict[str, Any]) -> tuple[str, int]:
-    """(strategy, order) of a report's run, from its strategy and its spec's name ``standard5-order<N>``."""
+    """(piece label, order) of a report's run, from its strategy and its spec's name ``standard5-order<N>[suffix]``."""
     name = run["name"].split(" (")[0]
-    order = name.rsplit("order", 1)[-1]
-    if not order.isdigit() or (run["strategy"], int(order)) not in GRID:
+    tail = name.rsplit("order", 1)[-1]
+    order, suffix = tail[:1], tail[1:]
+    label = next((k for k, v in VARIANTS.items() if v == (run["strategy"], suffix)), run["strategy"] if not suffix else "")
+    if not order.isdigit() or (label, int(order)) not in GRID:
         raise ValueError(f"run {run['name']!r} ({run['strategy']}) is not a piece of the grid")
-    return run["strategy"], int(order)
+    return label, int(order)
 
 
 def recover(args: argparse.Namespace) -> int:
@@ -215,11 +226,14 @@ def recover(args: argparse.Namespace) -> int:
     report = summary["report"]
     restored = 0
     for run in report["runs"] if "runs" in report else [report]:
-        strategy, order = _piece_of(run)
-        name = piece_name(strategy, order)
+        label, order = _piece_of(run)
+        strategy, name = run["strategy"], piece_name(label, order)
         run_dir = runs_dir / name
         if state(run_dir) != "absent":
             print(f"{name}: {state(run_dir)} in {runs_dir}, kept")
+            continue
+        if not run["finished"]:  # its state (bank, optimiser) went with the folder: run it again instead
+            print(f"{name}: unfinished in {source.name}, not recovered (a run resumes from its folder only)")
             continue
         routed = run["routed"]
         result = {"schema": 1, "name": run["name"].split(" (")[0], "strategy": strategy, "tasks": run["tasks"],

@@ -17,6 +17,7 @@ from test_report import BASELINE, ORACLE, ROUTED, TASKS, make_run, write_run
 from adaptbank import metrics
 from adaptbank.report import figures
 from adaptbank.report.build import build_report, load_run, render_html, render_markdown, write_report
+from adaptbank.report.export import data_files
 
 
 def _hits(rate: dict[str, float], n: int = 50, seed: int = 0) -> dict[str, list[int]]:
@@ -143,6 +144,27 @@ def test_several_runs_spread_bootstrap_and_bars(tmp_path: Path) -> None:
     line = next(x for x in md.splitlines() if x.startswith("| seq-o1 | bank-o1 | oracle |"))
     assert "better (150 paired examples)" in line, line
     assert 'data-name="comparison-bars.png"' in render_html(report)
+
+
+def test_runs_of_one_strategy_in_two_settings_are_two_groups(tmp_path: Path) -> None:
+    """seq-lora with probe-initialised heads in two orders is one group; seq-lora with fresh heads (another
+    train setting) is its own, labelled by what differs; the task order and the seed do not split."""
+    probe = {"train": {"probe_init": True, "head_lr": 2e-3, "epochs": 2}, "method": {"rank": 8}}
+    fresh = {"train": {"probe_init": False, "head_lr": 5e-4, "epochs": 2}, "method": {"rank": 8}}
+    runs = [make_run("o1", "seq-lora", config={**probe, "tasks": TASKS, "seed": 0}),
+            make_run("o2", "seq-lora", config={**probe, "tasks": TASKS[::-1], "seed": 1}),
+            make_run("fresh", "seq-lora", config={**fresh, "tasks": TASKS, "seed": 0})]
+    runs[1]["seed"] = 1
+    report = build_report([write_run(tmp_path, r) for r in runs])
+    groups = [(g["label"], g["n"], g["runs"]) for g in report["groups"]]
+    assert groups == [("seq-lora", 2, ["o1", "o2"]),
+                      ("seq-lora (train.probe_init=false, train.head_lr=0.0005)", 1, ["fresh"])], groups
+    md = render_markdown(report)
+    assert "| seq-lora (train.probe_init=false, train.head_lr=0.0005) | 1 |" in md
+    files = data_files(report)
+    rows = list(csv.DictReader(io.StringIO(files["groups.csv"].decode())))
+    assert [(r["strategy"], r["label"], r["n"]) for r in rows] == [
+        ("seq-lora", "seq-lora", "2"), ("seq-lora", "seq-lora (train.probe_init=false, train.head_lr=0.0005)", "1")]
 
 
 def test_runs_without_hits_say_why_there_is_no_interval(tmp_path: Path) -> None:

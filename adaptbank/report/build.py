@@ -274,17 +274,43 @@ GROUP_KEYS = ("acc", "bwt", "fwt", "forgetting", "forgetting_last", "learning_ac
               "trainable_params", "bank_bytes", "seconds", "peak_memory_bytes")  # fmt: skip
 
 
+SETTING_KEYS: tuple[str, ...] = ("backbone", "strategy", "method", "train", "options")
+"""The parts of a run's config that make its setting; runs that differ only elsewhere (task order, seed,
+evaluation modes, task specs) are one group."""
+
+
+def _leaves(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        return {k: v for key, sub in value.items() for k, v in _leaves(sub, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def _setting(run: Mapping[str, Any]) -> dict[str, Any]:
+    config = run.get("config") or {}
+    return _leaves({"strategy": run["strategy"], **{k: config.get(k) for k in SETTING_KEYS if k != "strategy"}})
+
+
 def _groups(runs: Sequence[Mapping[str, Any]], comparison: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Runs of one strategy (different orders or seeds) as one group: mean, sample sd and count per key."""
+    """Runs of one strategy and one setting (different orders or seeds) as one group: mean, sample sd and
+    count per key. The first setting of a strategy is labelled by the strategy; a later one by the strategy
+    and what differs from that first one (``seq-lora (train.probe_init=false, train.head_lr=0.0005)``)."""
+    settings = [_setting(r) for r in runs]
     order: dict[str, list[int]] = {}
-    for i, r in enumerate(runs):
-        order.setdefault(str(r["strategy"]), []).append(i)
+    for i, setting in enumerate(settings):
+        order.setdefault(json.dumps(setting, sort_keys=True, default=str), []).append(i)
+    first: dict[str, dict[str, Any]] = {}
     out = []
-    for strategy, idx in order.items():
+    for idx in order.values():
+        strategy, setting = str(runs[idx[0]]["strategy"]), settings[idx[0]]
+        ref = first.setdefault(strategy, setting)
+        diff = [f"{k}={json.dumps(v)}" for k, v in setting.items() if ref.get(k) != v]
+        diff += [f"{k} unset" for k in ref if k not in setting]
+        label = strategy if not diff else f"{strategy} ({', '.join(diff)})"
         rows = [{**comparison[i], "forgetting_last": runs[i]["forgetting_last"],
                  "learning_accuracy": runs[i]["learning_accuracy"],
                  "peak_memory_bytes": runs[i].get("peak_memory_bytes")} for i in idx]  # fmt: skip
-        group: dict[str, Any] = {"strategy": strategy, "n": len(idx), "runs": [runs[i]["name"] for i in idx]}
+        group: dict[str, Any] = {"strategy": strategy, "label": label, "n": len(idx),
+                                 "runs": [runs[i]["name"] for i in idx]}
         for key in GROUP_KEYS:
             mean, sd, n = mean_sd([row[key] for row in rows])
             group[key] = {"mean": mean, "sd": sd, "n": n}

@@ -74,9 +74,10 @@ def data_files(report: Mapping[str, Any]) -> dict[str, bytes]:
     files["steps.csv"] = _csv(["run", *keys], [[r["name"], *(s.get(k) for k in keys)] for r in runs for s in r["steps"]])
     if comparison is not None:
         groups = report.get("groups") or []
-        metric_keys = [k for k in (groups[0] if groups else {}) if k not in ("strategy", "n", "runs")]
-        files["groups.csv"] = _csv(["strategy", "n", *(f"{k}_{s}" for k in metric_keys for s in ("mean", "sd"))],
-                                   [[g["strategy"], g["n"], *(g[k][s] for k in metric_keys for s in ("mean", "sd"))]
+        metric_keys = [k for k in (groups[0] if groups else {}) if k not in ("strategy", "label", "n", "runs")]
+        files["groups.csv"] = _csv(["strategy", "label", "n", *(f"{k}_{s}" for k in metric_keys for s in ("mean", "sd"))],
+                                   [[g["strategy"], g.get("label", g["strategy"]), g["n"],
+                                     *(g[k][s] for k in metric_keys for s in ("mean", "sd"))]
                                     for g in groups])  # fmt: skip
         diff_keys = ["run", "reference", "kind", "diff", "lo", "hi", "n_examples", "reason"]
         files["differences.csv"] = _csv(diff_keys, [[d.get(k) for k in diff_keys] for d in report.get("differences") or []])

@@ -127,9 +127,9 @@ GROUP_COLUMNS = (("acc", "ACC %", pct), ("bwt", "BWT %", pct), ("fwt", "FWT %", 
 
 
 def groups_table(groups: Sequence[Mapping[str, Any]]) -> Table:
-    """Mean ± sample sd (ddof 1) over the runs of each strategy (orders or seeds)."""
+    """Mean ± sample sd (ddof 1) over the runs of each strategy and setting (orders or seeds)."""
     head = ("strategy", "runs", *(label for _, label, _ in GROUP_COLUMNS))
-    rows = [[str(g["strategy"]), str(g["n"]), *(_pm(g[key], f) for key, _, f in GROUP_COLUMNS)] for g in groups]
+    rows = [[str(g.get("label", g["strategy"])), str(g["n"]), *(_pm(g[key], f) for key, _, f in GROUP_COLUMNS)] for g in groups]
     return head, rows
 
 
