@@ -66,7 +66,7 @@ def r_inference(d: dict[str, Any]) -> list[str]:
     ratios = ", ".join(f"{label}: {s[f'adaptbank {label}'] / s[f'peft {label}']:.3f}" for label in ("q+v", "all-linear"))
     return lines + ["", f"adaptbank / peft time (unmerged): {ratios} (< 1: adaptbank faster); outputs agree to "
                     + ", ".join(f"{k} {v:.1e}" for k, v in d["max_abs_diff"].items()) + ". Added ops over base: "
-                    "the self time of the aten calls a variant makes beyond the base forward's (one profiled forward "
+                    "the self time of the aten calls a variant makes beyond the base forward's (median of three profiled forwards "
                     "each), over the base forward's op time: the expert's own cost, free of the round-to-round noise "
                     "of the matmuls it does not touch."]
 
@@ -169,7 +169,7 @@ STEPS: list[Step] = [
     Step("cached_layers", "Cached frozen layers (`--cache-frozen`, `--layers`) and add-task's profile",
          "cached_layers.py", ("--rounds", "3"), ("--quick",), r_cached),
     Step("mixed_batch", "Mixed batch with N experts held, adaptbank vs peft `adapter_names=`", "mixed_batch.py",
-         ("--n", "1", "32", "128", "1024", "--peft-max-n", "128", "--peft-fast-add", "--repeats", "3"),
+         ("--n", "1", "32", "128", "1024", "--peft-max-n", "128", "--peft-fast-add", "--repeats", "5"),
          ("--n", "1", "4", "--repeats", "1", "--warmup", "0", "--batch", "8", "--max-length", "32"), r_mixed),
     *(Step(f"bank_{n}", f"The bank with {n} task(s): list, one-task load, commit cost", "bank_scale.py",
            ("--tasks", str(n)), ("--tasks", str(min(n, 5)), "--repeats", "1", "--no-strace"), r_bank)
