@@ -132,7 +132,7 @@ def render_html(report: Mapping[str, Any], figures: Sequence[Figure] | None = No
     if comparison is not None:
         parts += ["<h2>Comparison</h2>", _table((COMPARISON_HEAD, comparison_rows(comparison)))]
         if any(g["n"] > 1 for g in report.get("groups", ())):
-            parts += ["<h3>Mean ± sd over runs of one strategy (orders or seeds; sd with ddof 1)</h3>",
+            parts += ["<h3>Mean ± sd over runs of one strategy and setting (orders or seeds; sd with ddof 1)</h3>",
                       _table(groups_table(report["groups"]))]  # fmt: skip
         if report.get("differences"):
             parts += ["<h3>Paired bootstrap of Δ ACC (final row, 10,000 resamples of the test examples)</h3>",

@@ -208,7 +208,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if comparison is not None:
         lines += ["# Comparison", "", *md_table(COMPARISON_HEAD, comparison_rows(comparison)), ""]
         if any(g["n"] > 1 for g in report.get("groups", ())):
-            lines += ["## Mean ± sd over runs of one strategy (orders or seeds; sd with ddof 1)", "",
+            lines += ["## Mean ± sd over runs of one strategy and setting (orders or seeds; sd with ddof 1)", "",
                       *md_table(*groups_table(report["groups"])), ""]  # fmt: skip
         if report.get("differences"):
             lines += ["## Paired bootstrap of Δ ACC (final row, 10,000 resamples of the test examples)", "",
