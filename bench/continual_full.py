@@ -180,7 +180,7 @@ def write_reports(args: argparse.Namespace) -> int:
     report = build_report(dirs)
     runs = report["runs"] if "runs" in report else [report]
     changed = sorted({f"{k} = {json.dumps(v[1] if isinstance(v, list) and len(v) == 2 else v)}"
-                      for r in runs if r["name"].split(" (")[0][-1:].isdigit()  # not a variant's own spec
+                      for r in runs if _piece_of(r)[0] not in VARIANTS  # a variant's spec changes more, on purpose
                       for k, v in r["config_changed"].items() if k != "strategy"})
     bench = _bench_records(runs_dir)
     states = {piece_name(s, o): state(runs_dir / piece_name(s, o)) for s, o in GRID}
@@ -218,6 +218,8 @@ def _piece_of(run: dict[str, Any]) -> tuple[str, int]:
 
 
 def recover(args: argparse.Namespace) -> int:
+    from adaptbank._atomic import atomic_write_bytes
+
     source = Path(args.source)
     summary = json.loads(source.read_text(encoding="utf-8"))
     runs_dir = Path(args.runs_dir)
@@ -249,9 +251,7 @@ def recover(args: argparse.Namespace) -> int:
             if value is not None:
                 result[key] = value
         run_dir.mkdir(parents=True)
-        tmp = run_dir / "result.json.tmp"
-        tmp.write_text(json.dumps(result, allow_nan=False) + "\n", encoding="utf-8")
-        tmp.replace(run_dir / "result.json")
+        atomic_write_bytes(run_dir / "result.json", (json.dumps(result, allow_nan=False) + "\n").encode())
         g = grid.get(name, {})
         if "wall_seconds" in g:
             record = {"piece": name, "cmd": ["recovered", str(source)], "rc": 0, "wall_seconds": g["wall_seconds"],

@@ -16,8 +16,8 @@ timed round-robin (``_common.interleaved``: medians of ``--repeats`` after ``--w
 table gives each one's cost over ``base``. Quiet machine only (``_common.announce_load``).
 
 Wall time on this machine varies by a few percent between rounds, more than the q+v expert costs,
-so the script also accounts for the expert's work op by op: one forward per variant under
-``torch.profiler``, and for every aten op the calls beyond the base forward's times that op's mean
+so the script also accounts for the expert's work op by op: three rounds of one forward per variant
+under ``torch.profiler`` (the median is reported), and for every aten op the calls beyond the base forward's times that op's mean
 self time (the LoRA ``mm``/``addmm_``, peft's ``linear``/``mul``/``add``...). "added ops over base" is
 that sum over the base forward's total op time: what the expert adds, without the noise of the big
 matmuls it does not touch.

@@ -76,7 +76,7 @@ def data_files(report: Mapping[str, Any]) -> dict[str, bytes]:
         groups = report.get("groups") or []
         metric_keys = [k for k in (groups[0] if groups else {}) if k not in ("strategy", "label", "n", "runs")]
         files["groups.csv"] = _csv(["strategy", "label", "n", *(f"{k}_{s}" for k in metric_keys for s in ("mean", "sd"))],
-                                   [[g["strategy"], g.get("label", g["strategy"]), g["n"],
+                                   [[g["strategy"], g["label"], g["n"],
                                      *(g[k][s] for k in metric_keys for s in ("mean", "sd"))]
                                     for g in groups])  # fmt: skip
         diff_keys = ["run", "reference", "kind", "diff", "lo", "hi", "n_examples", "reason"]

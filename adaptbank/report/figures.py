@@ -100,7 +100,7 @@ def grouped_bars(groups: Sequence[Mapping[str, Any]], metrics: Sequence[tuple[st
     for gi, g in enumerate(groups):
         xs = [m + (gi - (s - 1) / 2) * width for m in range(k)]
         means = [100.0 * (g[key]["mean"] if g[key]["mean"] is not None else math.nan) for key, _ in metrics]
-        ax.bar(xs, means, width, color=f"C{gi % 10}", label=f"{plain(g.get('label', g['strategy']))} (n={g['n']})")
+        ax.bar(xs, means, width, color=f"C{gi % 10}", label=f"{plain(g['label'])} (n={g['n']})")
         bars = [(x, m, 100.0 * g[key]["sd"]) for x, m, (key, _) in zip(xs, means, metrics, strict=True)
                 if g[key]["sd"] is not None]  # a single run has no spread: no error bar at all
         if bars:

@@ -129,7 +129,7 @@ GROUP_COLUMNS = (("acc", "ACC %", pct), ("bwt", "BWT %", pct), ("fwt", "FWT %", 
 def groups_table(groups: Sequence[Mapping[str, Any]]) -> Table:
     """Mean ± sample sd (ddof 1) over the runs of each strategy and setting (orders or seeds)."""
     head = ("strategy", "runs", *(label for _, label, _ in GROUP_COLUMNS))
-    rows = [[str(g.get("label", g["strategy"])), str(g["n"]), *(_pm(g[key], f) for key, _, f in GROUP_COLUMNS)] for g in groups]
+    rows = [[str(g["label"]), str(g["n"]), *(_pm(g[key], f) for key, _, f in GROUP_COLUMNS)] for g in groups]
     return head, rows
 
 
