@@ -2,6 +2,7 @@
 
     python bench/nine_tasks_routed.py --max-train 1000 --epochs 1 --json bench/results/nine_tasks_routed.json
     python bench/nine_tasks_routed.py --max-train 500 --max-test 500 --router-pools mean+rms --json ...
+    python bench/nine_tasks_routed.py --max-train 500 --max-test 500 --router-replay 500 --json ...
 
 After each addition, the router's task-identification accuracy is measured on the test split of every
 task seen so far (the router alone: its features come from the frozen lower layers, so this needs only
@@ -32,6 +33,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bank", default=None, help="bank folder [a new temp folder]")
     ap.add_argument("--router-pools", default="mean", help="RouterConfig.pools of the bank: mean, rms or mean+rms")
+    ap.add_argument("--router-replay", type=int, default=0,
+                    help="RouterConfig.replay of the bank: router vectors kept per task for the replay router (0: LDA)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import torch
@@ -44,13 +47,15 @@ def main() -> int:
     from adaptbank.training.features import frozen_pass
 
     path = Path(args.bank or tempfile.mkdtemp(prefix="adaptbank-nine-")) / "bank"
-    bank = AdapterBank.init(path, router=RouterConfig(pools=args.router_pools))
+    bank = AdapterBank.init(path, router=RouterConfig(pools=args.router_pools, replay=args.router_replay))
     train = TrainConfig(epochs=args.epochs, max_train=args.max_train, max_test=args.max_test)
     feats: dict[str, torch.Tensor] = {}
     router_acc: list[dict[str, float]] = []
     start = time.perf_counter()
+    commits: list[float] = []
     for task in args.tasks:
         r = bank.add_task(task, LoRAConfig(), train)
+        commits.append((r.phase_seconds or {}).get("commit", 0.0))
         model = bank.new_model()
         data = load_task(task, max_train=1, max_test=args.max_test, seed=0)
         ids = tokenize(model.tokenizer, [e.text for e in data.test], train.max_length)
@@ -64,7 +69,7 @@ def main() -> int:
     first = args.tasks[0]
     out = {"config": vars(args), "bank": str(path), "router_accuracy_after_each_addition": router_acc,
            "router_forgetting_first_task": {"right_after": router_acc[0][first], "at_end": router_acc[-1][first]},
-           "routed": res, "seconds": time.perf_counter() - start}
+           "routed": res, "commit_seconds": commits, "seconds": time.perf_counter() - start}
     print(f"\n{'task':<10} {'router':>7} {'routed':>7} {'oracle':>7}")
     for t, row in res["tasks"].items():
         print(f"{t:<10} {100 * row['router_accuracy']:7.1f} {100 * row['routed_accuracy']:7.1f} "
@@ -74,6 +79,7 @@ def main() -> int:
           f"{100 * a['oracle_accuracy']:7.1f}   routed/oracle = {a['routed_over_oracle']:.3f}")
     print(f"router forgetting, {first}: {100 * router_acc[0][first]:.1f}% right after it was added, "
           f"{100 * router_acc[-1][first]:.1f}% after all {len(args.tasks)} tasks")
+    print("add-task commit (task files + router refit) s: " + ", ".join(f"{c:.2f}" for c in commits))
     print("confusion (true -> chosen, off-diagonal):")
     for t, row in res["confusion"].items():
         off = {k: v for k, v in row.items() if k != t}

@@ -93,7 +93,7 @@ def mahalanobis_from_stored_router(bank: AdapterBank, a: str, b: str) -> float:
     covariance of the stored router statistics, shrunk as the router shrinks it."""
     stats = bank.store.read_router()[0]["stats"]
     scatter, dim = stats["scatter"].double(), stats["scatter"].shape[0]
-    cov = scatter / (int(stats["scatter_count"][0]) - stats["means"].shape[0])
+    cov = scatter / (int(stats["scatter_count"][0]) - stats["counts"].shape[0])
     shrink = bank.router_config.shrinkage
     cov = (1 - shrink) * cov + shrink * torch.trace(cov) / dim * torch.eye(dim, dtype=torch.float64)
     diff = bank.store.read_tensors(a, "memory")["mean"].double() - bank.store.read_tensors(b, "memory")["mean"].double()

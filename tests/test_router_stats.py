@@ -170,6 +170,8 @@ def test_bank_router_after_add_replace_remove_equals_a_fresh_fit(tiny_bert_dir, 
         mean, scatter = RouterStats.task_stats(x)  # (F,), (F, F) exact, from the raw features
         scratch.add(name, mean, len(x), scatter)
     stored = RouterStats.from_tensors(bank.tasks(), bank.store.read_router()[0]["stats"])
+    assert stored.means == [None, None]  # the stored router keeps no means: each task's memory file holds its own
+    stored.fill_means(lambda name: bank.store.read_tensors(name, "memory", keys=["mean"])["mean"])
     assert stored.counts == scratch.counts == [25, 40]
     assert stored.scatter_count == scratch.scatter_count == 65 and stored.stale_count == 0  # no removed share left
     for a, b in zip(stored.means, scratch.means):

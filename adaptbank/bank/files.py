@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -83,8 +84,9 @@ class BankFiles:
         return path
 
     def load_tensors(self, entry: dict[str, Any], stem: str, check: Check,
-                     label: str) -> dict[str, torch.Tensor]:
-        """The tensors of ``<stem>.safetensors`` of manifest ``entry``, checked first."""
+                     label: str, keys: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """The tensors of ``<stem>.safetensors`` of manifest ``entry``, checked first; only ``keys`` when
+        given (read lazily: the rest of the file is not loaded)."""
         rel = f"{stem}.safetensors"
         if rel not in entry["files"]:
             raise BankError(f"{self.path}: {label} has no tensor file {rel!r} (has {sorted(entry['files'])})")
@@ -94,9 +96,19 @@ class BankFiles:
         except TensorFileError as exc:
             raise _read_failed(path, label, "", exc) from None
         try:
+            from safetensors import safe_open
             from safetensors.torch import load_file
 
-            return load_file(path)
+            if keys is None:
+                return load_file(path)
+            with safe_open(path, framework="pt") as f:
+                missing = sorted(set(keys) - set(f.keys()))
+                if missing:
+                    raise BankError(f"{path}: {label}: {stem}.safetensors has no tensor {missing[0]!r} (has "
+                                    f"{sorted(f.keys())})")
+                return {k: f.get_tensor(k) for k in keys}
+        except BankError:
+            raise
         except Exception as exc:  # noqa: BLE001 - any parser failure means a corrupt file
             raise _read_failed(path, label, "unreadable safetensors file", exc) from exc
 

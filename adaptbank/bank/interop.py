@@ -175,7 +175,7 @@ def import_peft(bank: AdapterBank, src: str | Path, name: str, *, spec: TaskSpec
         say(f"{name}: head fitted as a probe on {len(ids)} training examples")
     acc = evaluate(model, name, [e.text for e in data.test], [e.label for e in data.test], max_length=train.max_length)
     files = model.export_task(name)
-    files["memory"] = memory = router_memory.task_memory(router_feats)
+    files["memory"] = memory = router_memory.task_memory(router_feats, bank.router_config.replay)
     metrics = {"test_accuracy": acc, "n_train": len(data.train), "n_test": len(data.test), "probe_accuracy": None,
                "trainable_params": sum(p.numel() for p in model.expert_parameters(name)),
                "head_params": sum(p.numel() for p in model.heads[name].parameters()), "steps": 0}
@@ -186,7 +186,7 @@ def import_peft(bank: AdapterBank, src: str | Path, name: str, *, spec: TaskSpec
                                "base_model_name_or_path": adapter.config.get("base_model_name_or_path"),
                                "head": "file" if head is not None else "probe"}
     bank.store.write_task(name, files, config, router=bank._router_update(
-        add=(name, router_memory.memory_stats(memory))))
+        add=(name, router_memory.memory_stats(memory)), add_kept=memory.get("replay")))
     bank.store.reload()
     return ImportResult(name=name, method=method.kind, head="file" if head is not None else "probe",
                         test_accuracy=acc, n_train=len(data.train), n_test=len(data.test))

@@ -39,8 +39,9 @@ from adaptbank.core.config import MethodConfig
 from adaptbank.data.specs import validate_task_name
 from adaptbank.routing.lda import LDARouter, RouterStats, shrunk_covariance
 from adaptbank.routing.pools import check_pools
+from adaptbank.routing.replay import fit_replay, keep_rows
 
-__all__ = ["RouterDriftError", "task_memory", "memory_stats", "stats_from", "router_files", "router_update",
+__all__ = ["RouterDriftError", "task_memory", "kept_vectors", "memory_stats", "stats_from", "router_files", "router_update",
            "refit", "stored_router", "check_exact_removal", "precheck", "choose_group", "router_distances"]
 
 TaskStats = tuple[Tensor, int, "Tensor | None"]
@@ -51,12 +52,24 @@ class RouterDriftError(BankError):
     """Removing or replacing a task whose scatter the bank cannot subtract (an old bank's task)."""
 
 
-def task_memory(features: Tensor) -> dict[str, Tensor]:
-    """The memory file of a task with router features ``features`` (N, F): mean, count, packed factor."""
+def task_memory(features: Tensor, replay: int = 0) -> dict[str, Tensor]:
+    """The memory file of a task with router features ``features`` (N, F): mean, count, packed factor, and
+    with ``replay`` > 0 that many of the feature rows (``routing.replay.keep_rows``, float16) as ``replay``."""
     mean, factor = RouterStats.task_factor(features)  # (F,), (r, F)
     rows, cols = torch.triu_indices(*factor.shape)  # (K,) each, K = r F - r (r - 1) / 2
-    return {"mean": mean, "count": torch.tensor([features.shape[0]]),
-            "scatter_factor": factor[rows, cols].float(), "scatter_rank": torch.tensor([factor.shape[0]])}
+    memory = {"mean": mean, "count": torch.tensor([features.shape[0]]),
+              "scatter_factor": factor[rows, cols].float(), "scatter_rank": torch.tensor([factor.shape[0]])}
+    if replay:
+        memory["replay"] = keep_rows(features, replay)  # (M, F)
+    return memory
+
+
+def kept_vectors(memory: dict[str, Tensor], name: str, where: object) -> Tensor:
+    """The router replay vectors (M, F) of task ``name``'s memory; an error says when it keeps none."""
+    if "replay" not in memory:
+        raise BankError(f"{where}: task {name!r} keeps no router replay vectors (it was stored without "
+                        "--router-replay); add it again to this bank, or use a bank with the LDA router")
+    return memory["replay"]
 
 
 def memory_stats(memory: dict[str, Tensor]) -> TaskStats:
@@ -84,26 +97,40 @@ def stats_from(current: tuple[dict, dict[str, Any]] | None, dim: int) -> RouterS
 
 
 def router_files(stats: RouterStats, layers: int, shrinkage: float,
-                 pools: Sequence[str] = ("mean",)) -> tuple[dict, dict, list[str]]:
-    """``(files, meta, expert_order)`` for the store: the statistics and the LDA router fitted on them.
-    ``meta["pools"]`` is written only for pools other than today's ``("mean",)``, so such banks' stored
-    router stays byte-identical to before the option."""
-    files = {"stats": stats.to_tensors()}
-    if stats.names:
-        lda = LDARouter.fit(stats, layers=layers, shrinkage=shrinkage, pools=pools)
-        files["lda"] = {"weight": lda.weight.clone(), "bias": lda.bias.clone()}
-    meta = {"kind": "lda", "layers": layers, "shrinkage": shrinkage, "expert_order": list(stats.names),
-            "adaptbank_version": __version__}
+                 pools: Sequence[str] = ("mean",), kept: Sequence[Tensor] | None = None) -> tuple[dict, dict, list[str]]:
+    """``(files, meta, expert_order)`` for the store: the statistics and the LDA router fitted on them, or
+    with ``kept`` (each task's replay vectors, in ``stats.names`` order) the replay router
+    (``routing.replay``), stored in the same linear form under ``lda``. ``meta["pools"]`` is written only
+    for pools other than today's ``("mean",)``, so such banks' stored router stays byte-identical to
+    before the option."""
+    files = {"stats": stats.to_tensors(means=False)}
+    meta: dict[str, Any] = {"kind": "lda", "layers": layers, "shrinkage": shrinkage, "expert_order": list(stats.names),
+                            "adaptbank_version": __version__}
+    if stats.names and kept is not None:
+        weight, bias, l2 = fit_replay(stats, kept, shrinkage=shrinkage)  # (E, F), (E,)
+        files["lda"] = {"weight": weight, "bias": bias}
+        meta |= {"kind": "replay-lr", "replay_l2": l2, "replay_rows": [int(k.shape[0]) for k in kept]}
     if tuple(pools) != ("mean",):
         meta["pools"] = list(check_pools(pools))
     return files, meta, list(stats.names)
 
 
-def stored_router(files: dict[str, Any], meta: dict[str, Any]) -> LDARouter:
-    """The LDA router of a stored router ``(files, meta)``; a router stored before pools existed (no
-    ``meta["pools"]``) reads mean pools, as it was fitted on."""
-    return LDARouter(meta["expert_order"], files["lda"]["weight"], files["lda"]["bias"], layers=meta["layers"],
-                     pools=meta.get("pools", ("mean",)))
+def stored_router(files: dict[str, Any], meta: dict[str, Any],
+                  read_mean: Callable[[str], Tensor] | None = None) -> LDARouter:
+    """The router of a stored router ``(files, meta)``: its stored weights (the replay router, and banks
+    written before the LDA was solved at load), else the LDA solved now from the stored statistics and
+    each task's mean, ``read_mean(name)`` (F,) (its memory file's). A router stored before pools existed
+    (no ``meta["pools"]``) reads mean pools, as it was fitted on."""
+    pools = meta.get("pools", ("mean",))
+    if "lda" in files:
+        return LDARouter(meta["expert_order"], files["lda"]["weight"], files["lda"]["bias"], layers=meta["layers"],
+                         pools=pools)
+    stats = RouterStats.from_tensors(meta["expert_order"], files["stats"])
+    if read_mean is None and any(m is None for m in stats.means):
+        raise ValueError("this stored router keeps its tasks' means in their memory files: pass read_mean")
+    if read_mean is not None:
+        stats.fill_means(read_mean)
+    return LDARouter.fit(stats, layers=meta["layers"], shrinkage=meta["shrinkage"], pools=pools)
 
 
 def check_exact_removal(where: object, stats: RouterStats, name: str, scatter: Tensor | None, *,
@@ -137,12 +164,14 @@ def precheck(store: BankStore, name: str, *, doing: str, allow_drift: bool) -> N
 
 def router_update(store: BankStore, *, dim: Callable[[], int], layers: int, shrinkage: float,
                   add: tuple[str, TaskStats] | None = None, drop: str | None = None,
-                  allow_drift: bool = False,
-                  pools: Sequence[str] = ("mean",)) -> Callable[..., tuple[dict, dict, list[str]]]:
+                  allow_drift: bool = False, pools: Sequence[str] = ("mean",), replay: bool = False,
+                  add_kept: Tensor | None = None) -> Callable[..., tuple[dict, dict, list[str]]]:
     """A store callback (``store.RouterUpdate``): the stored statistics plus task ``add`` (replacing the
     same name's old version in its place) or minus ``drop``, each removal subtracting the task's own
     stored scatter (read as committed before the change), then the router refitted. ``dim()``: the
-    feature width F, asked for only when the bank has no router yet."""
+    feature width F, asked for only when the bank has no router yet. With ``replay`` the refit is the
+    replay router over every task's kept vectors (the added task's ``add_kept``, the others' as
+    committed)."""
 
     def update(current: Any, tasks: list[str], previous: Callable[[str, str], dict[str, Tensor]]) -> Any:
         stats = stats_from(current, dim() if current is None else 0)
@@ -162,7 +191,14 @@ def router_update(store: BankStore, *, dim: Callable[[], int], layers: int, shri
         _drop_vanished(stats, tasks, store.path)
         if sorted(stats.names) == sorted(tasks):
             stats.reorder(tasks)
-        return router_files(stats, layers, shrinkage, pools)
+        kept = None
+        if replay:  # the refit reads every other task's memory: its kept vectors and its mean
+            if add is not None and add_kept is None:
+                raise ValueError(f"replay router: task {add[0]!r} is added without its kept vectors")
+            memories = {n: previous(n, "memory") for n in stats.names if add is None or n != add[0]}
+            stats.fill_means(lambda n: memories[n]["mean"])
+            kept = [add_kept if n not in memories else kept_vectors(memories[n], n, store.path) for n in stats.names]
+        return router_files(stats, layers, shrinkage, pools, kept)
 
     return update
 
@@ -178,25 +214,39 @@ def _drop_vanished(stats: RouterStats, tasks: list[str], where: object) -> None:
 
 
 def refit(store: BankStore, *, dim: int, layers: int, shrinkage: float,
-          pools: Sequence[str] = ("mean",)) -> tuple[dict, dict, list[str]]:
+          pools: Sequence[str] = ("mean",), replay: bool = False) -> tuple[dict, dict, list[str]]:
     """The router refitted from the bank's memory. When every task holds its scatter, from scratch: the
     tasks' stored means, counts and scatters, nothing else (exact, whatever happened before). Otherwise
     the stored statistics, with the mean (and scatter, when stored) of any task they lack; such a task's
-    unknown scatter is left out and the pooled covariance of the others stands in."""
+    unknown scatter is left out and the pooled covariance of the others stands in. With ``replay``, the
+    replay router over the tasks' kept vectors."""
     tasks = store.tasks()
-    memory = {name: memory_stats(store.read_tensors(name, "memory")) for name in tasks}
-    if all(m[2] is not None for m in memory.values()):
-        stats = RouterStats(dim)
-        for name in tasks:
-            stats.add(name, *memory[name])
-        return router_files(stats, layers, shrinkage, pools)
+    stats, kept = RouterStats(dim), [] if replay else None
+    for name in tasks:  # one task's memory at a time: a scatter is F x F float64 (10.6 MB for MiniLM)
+        memory = store.read_tensors(name, "memory")
+        mean, count, scatter = memory_stats(memory)
+        if scatter is None:
+            break
+        stats.add(name, mean, count, scatter)
+        if kept is not None:
+            kept.append(kept_vectors(memory, name, store.path))
+    else:
+        return router_files(stats, layers, shrinkage, pools, kept)
     stats = stats_from(store.read_router(), dim)
     _drop_vanished(stats, tasks, store.path)
+    kept = [] if replay else None
+    means = {}
     for name in tasks:
+        memory = store.read_tensors(name, "memory")
         if name not in stats.names:
-            stats.add(name, *memory[name])
+            stats.add(name, *memory_stats(memory))
+        if kept is not None:
+            kept.append(kept_vectors(memory, name, store.path))
+            means[name] = memory["mean"]
+    if kept is not None:
+        stats.fill_means(means.__getitem__)
     stats.reorder(tasks)
-    return router_files(stats, layers, shrinkage, pools)
+    return router_files(stats, layers, shrinkage, pools, kept)
 
 
 def router_distances(store: BankStore, tasks: list[str], mean: Tensor, scatter: Tensor, count: int, *, dim: int,

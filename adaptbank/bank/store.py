@@ -31,7 +31,7 @@ import copy
 import json
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -185,8 +185,9 @@ class BankStore:
         return self._fresh(lambda m: _find_task(m, name, self.path),
                            lambda e: self._files.load_json(e, "config.json", check, label))
 
-    def read_tensors(self, name: str, stem: str, *, check: Check = "fast") -> dict[str, torch.Tensor]:
-        """Tensors of file group ``stem`` of task ``name``.
+    def read_tensors(self, name: str, stem: str, *, check: Check = "fast",
+                     keys: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Tensors of file group ``stem`` of task ``name`` (only ``keys`` when given).
 
         ``check``: "fast" compares size and mtime with the manifest and falls back to sha256 when
         the mtime differs; "full" always hashes; "none" trusts the file.
@@ -194,7 +195,7 @@ class BankStore:
         validate_name(stem, "stem")
         label = f"task {name!r}"
         return self._fresh(lambda m: _find_task(m, name, self.path),
-                           lambda e: self._files.load_tensors(e, stem, check, label))
+                           lambda e: self._files.load_tensors(e, stem, check, label, keys))
 
     def read_shared(self, group: str, stem: str, *, check: Check = "fast") -> dict[str, torch.Tensor]:
         """Tensors of file group ``stem`` of shared group ``group``."""

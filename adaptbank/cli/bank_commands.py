@@ -50,6 +50,7 @@ _BANK = click.argument("bank", type=click.Path(file_okay=False))
 @config_option(RouterConfig, "shrinkage", "--router-shrinkage")
 @config_option(RouterConfig, "share_distance")
 @config_option(RouterConfig, "pools", "--router-pools")
+@config_option(RouterConfig, "replay", "--router-replay")
 @click.option("--quantize", default=None, metavar="nf4|int8", help="Hold the base's frozen linear layers "
               "weight-only quantised (QLoRA-style nf4, or int8); experts train in full precision on top. "
               "Needs bitsandbytes (pip install 'adaptbank[quantize]').")

@@ -187,6 +187,7 @@ CONFIG_FLAGS: dict[str, dict[str, ConfigFlag]] = {
         "--router-shrinkage": ConfigFlag(RouterConfig, "shrinkage", alias="--shrinkage alone would not say of what"),
         "--share-distance": ConfigFlag(RouterConfig, "share_distance"),
         "--router-pools": ConfigFlag(RouterConfig, "pools", alias="--pools alone would not say of what"),
+        "--router-replay": ConfigFlag(RouterConfig, "replay", alias="--replay is a continual strategy's"),
     },
     "add-task": {
         "--rank": ConfigFlag(LoRAConfig, "rank", also=ADAPTER_WIDTHS),

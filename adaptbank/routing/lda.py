@@ -30,7 +30,7 @@ are, so every guarantee above holds for any pools.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -63,7 +63,7 @@ class RouterStats:
     def __init__(self, dim: int) -> None:
         self.dim = dim
         self.names: list[str] = []
-        self.means: list[Tensor] = []  # each (F,)
+        self.means: list[Tensor | None] = []  # each (F,); None: not loaded (stored with the task, see fill_means)
         self.counts: list[int] = []
         self.pooled: list[bool] = []
         """Whether the task's scatter is in ``scatter`` (a task added with ``scatter=None`` is not)."""
@@ -163,21 +163,44 @@ class RouterStats:
         if not any(self.pooled) and self.stale_count == 0:
             self.scatter.zero_()
 
-    def to_tensors(self) -> dict[str, Tensor]:
-        return {"means": torch.stack(self.means) if self.means else torch.zeros(0, self.dim, dtype=torch.float64),
-                "counts": torch.tensor(self.counts, dtype=torch.long), "scatter": self.scatter.clone(),
-                "scatter_count": torch.tensor([self.scatter_count]),
-                "pooled": torch.tensor(self.pooled, dtype=torch.long)}
+    def fill_means(self, read: Callable[[str], Tensor]) -> None:
+        """Load the means not held (None) with ``read(name)`` ((F,) each)."""
+        for i, (name, mean) in enumerate(zip(self.names, self.means)):
+            if mean is None:
+                got = read(name)
+                self._check(name, got, None)
+                self.means[i] = got.double()
+
+    def held_means(self) -> list[Tensor]:
+        """The means, each (F,); an error names a task whose mean is not loaded (see :meth:`fill_means`)."""
+        missing = [n for n, m in zip(self.names, self.means) if m is None]
+        if missing:
+            raise ValueError(f"router stats hold no mean for {missing}; load them with fill_means first")
+        return [m for m in self.means if m is not None]
+
+    def to_tensors(self, *, means: bool = True) -> dict[str, Tensor]:
+        """The statistics as tensors; ``means=False`` leaves the per-task means out (a bank keeps each
+        task's mean in its own memory file, so its stored router stays the same size as tasks come)."""
+        out = {"counts": torch.tensor(self.counts, dtype=torch.long), "scatter": self.scatter.clone(),
+               "scatter_count": torch.tensor([self.scatter_count]),
+               "pooled": torch.tensor(self.pooled, dtype=torch.long)}
+        if means:
+            held = self.held_means()
+            out["means"] = torch.stack(held) if held else torch.zeros(0, self.dim, dtype=torch.float64)
+        return out
 
     @classmethod
     def from_tensors(cls, names: Sequence[str], t: dict[str, Tensor]) -> RouterStats:
-        """Inverse of :meth:`to_tensors`. Statistics stored before ``pooled`` existed count every task
-        as pooled: the bank added each task's scatter when it added the task."""
+        """Inverse of :meth:`to_tensors`; without ``means`` every mean is None until :meth:`fill_means`.
+        Statistics stored before ``pooled`` existed count every task as pooled: the bank added each
+        task's scatter when it added the task."""
         stats = cls(t["scatter"].shape[0])
-        if t["means"].shape[0] != len(names):
+        if "counts" in t and t["counts"].shape[0] != len(names):
+            raise ValueError(f"router stats hold {t['counts'].shape[0]} counts for {len(names)} experts {list(names)}")
+        if "means" in t and t["means"].shape[0] != len(names):
             raise ValueError(f"router stats hold {t['means'].shape[0]} means for {len(names)} experts {list(names)}")
         stats.names = list(names)
-        stats.means = list(t["means"].double().unbind(0))
+        stats.means = list(t["means"].double().unbind(0)) if "means" in t else [None] * len(names)
         stats.counts = [int(c) for c in t["counts"]]
         stats.pooled = [bool(p) for p in t["pooled"]] if "pooled" in t else [True] * len(names)
         stats.scatter = t["scatter"].double().clone()
@@ -218,7 +241,7 @@ class LDARouter(nn.Module):
             pools: Sequence[str] = ("mean",)) -> LDARouter:
         if not stats.names:
             raise ValueError("cannot fit a router with no tasks")
-        means = torch.stack(stats.means)  # (E, F)
+        means = torch.stack(stats.held_means())  # (E, F)
         weight = torch.linalg.solve(shrunk_covariance(stats, shrinkage), means.T).T  # (E, F)
         bias = -0.5 * (weight * means).sum(1)  # (E,)
         return cls(stats.names, weight, bias, layers=layers, pools=pools)
