@@ -236,8 +236,14 @@ def _check_manifest(data: object, where: str) -> dict[str, Any]:
 def _read_manifest_file(bank: Path, *, written: bytes | None = None) -> dict[str, Any]:
     """The committed ``manifest.json`` of the bank at ``bank``, read without a lock and validated.
 
-    ``written``: the bytes this process last committed there; when the file still holds exactly them,
-    they were validated before they were written and are only parsed."""
+    ``written``: bytes known valid (this process committed or validated them); when the file still holds
+    exactly them, they are only parsed."""
+    return read_manifest_checked(bank, written)[0]
+
+
+def read_manifest_checked(bank: Path, known: bytes | None = None) -> tuple[dict[str, Any], bytes]:
+    """``(manifest, its bytes)``, as :func:`_read_manifest_file` with ``written=known``: the bytes returned are
+    known valid for the next read (validating a manifest of 1,000 tasks costs more than parsing it)."""
     mpath = bank / _MANIFEST
     try:
         raw = mpath.read_bytes()
@@ -245,9 +251,9 @@ def _read_manifest_file(bank: Path, *, written: bytes | None = None) -> dict[str
         raise BankError(f"{bank}: not an adaptbank bank (no {_MANIFEST})") from None
     except OSError as exc:
         raise BankError(f"{mpath}: cannot read manifest: {exc}") from exc
-    if written is not None and raw == written:
-        return json.loads(raw)
-    return _parse_manifest(raw, str(mpath))
+    if known is not None and raw == known:
+        return json.loads(raw), raw
+    return _parse_manifest(raw, str(mpath)), raw
 
 
 def _parse_manifest(raw: bytes, where: str) -> dict[str, Any]:

@@ -61,9 +61,9 @@ from adaptbank.bank.manifest import (  # the errors and Problem are re-exported:
     _groups,
     _is_skeleton,
     _now,
-    _read_manifest_file,
     _version,
     encode_manifest,
+    read_manifest_checked,
 )
 from adaptbank.core.config import validate_name
 
@@ -96,7 +96,7 @@ class BankStore:
         self.path: Path = Path(path).absolute()
         self._files = BankFiles(self.path)
         self._manifest = manifest
-        self._written: bytes | None = None  # the manifest bytes this object last committed (known valid)
+        self._written: bytes | None = None  # the manifest bytes this object last committed or validated (known valid)
         self.lock_timeout = lock_timeout
         """Seconds a writer waits for the lock before ``BankLockedError``; None waits forever."""
 
@@ -364,7 +364,9 @@ class BankStore:
 
     # ------------------------------------------------------------------ internals
     def _read_manifest(self) -> dict[str, Any]:
-        return _read_manifest_file(self.path)
+        """The committed manifest, validated unless it is byte for byte the one this object last saw valid."""
+        manifest, self._written = read_manifest_checked(self.path, self._written)
+        return manifest
 
     def _router(self, m: dict[str, Any]) -> dict[str, Any]:
         if m["router"] is None:
@@ -411,7 +413,7 @@ class BankStore:
                 try:
                     records = {reldir: self._write_dir(reldir, payload) for reldir, payload in new.items()}
                     with writer_lock(self.path, self.lock_timeout):
-                        m = _read_manifest_file(self.path, written=self._written)
+                        m = self._read_manifest()
                         doomed = apply(m, records)
                         self._commit(m)
                 except _CommittedError:
