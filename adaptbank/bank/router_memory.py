@@ -10,6 +10,16 @@ of the R factor of a QR decomposition of the centred features, ``S_e = R^T R`` (
 (any N >= 1152), against 5.3 MB for a float32 F x F scatter, 2.65 MB for its packed triangle and
 10.6 MB in float64.
 
+With ``--router-replay M`` it also keeps ``replay``: M of the task's router-feature rows (float16,
+``2 M F`` bytes), which the replay router (``routing.replay``) is refitted on whenever the tasks change.
+
+**What the stored router keeps.** ``stats``: the pooled scatter (F x F float64, once per bank), its
+example count, and per task a count and a pooled flag (16 bytes); no per-task mean or weight row.
+The means stay in the tasks' own memory files and the LDA is solved when the router is loaded
+(:func:`stored_router`), so a commit writes the same bytes whether the bank holds 1 task or 1,000.
+The replay router's weights are stored (``lda``), since its fit is an optimisation, not a solve; so
+are the weights of routers written before this form, which still read as they were.
+
 **Why a float32 factor suffices, and the pool is float64.** The task's contribution to the pooled
 scatter is *defined* as ``R^T R`` computed in float64 from the stored float32 ``R``, at add time and
 again at remove time, so the subtraction takes out bit for bit what was added: what float32 storage
