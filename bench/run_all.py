@@ -134,15 +134,18 @@ def r_bank(d: dict[str, Any]) -> list[str]:
     rows = [[d["tasks"], med["list_cli"], med["startup_import_cli"], reads["load_cold"]["seconds"],
              reads["load_warm"]["seconds"] if reads.get("load_warm") else None, b["write_task_ms_first_10"],
              b["write_task_ms_last_10"], b.get("commit_with_router_ms"), b.get("add_task_seconds"),
-             b.get("add_task_bank_overhead_seconds"), b["bytes_per_task"]]]
+             b.get("add_task_bank_overhead_seconds"),
+             " / ".join(f"{x:.2f}" for x in b["add_task_overheads"]) if b.get("add_task_overheads") else None,
+             b["bytes_per_task"]]]
     return _table(["tasks", "`list --json` s", "python + import s", "load one task, new bank object s",
                    "load one task, same bank s", "commit ms, first 10", "commit ms, last 10",
                    "add-task commit with router update ms", "real add-task s", "its bank overhead s",
-                   "bytes per task"], rows) + [
+                   "overhead of each run s", "bytes per task"], rows) + [
         "", "Commits write the task straight through the store (no router); the add-task commit adds the router "
         "update (statistics, LDA refit) that `add-task` commits with the task, on a router fitted over the bank. "
         "The real add-task (`--add-task`): sst2, 1 epoch, 64 tokens, added and removed again; its bank overhead "
-        "is its time minus tokenise, frozen pass, probe, training and evaluation (the task's own work)."]
+        "is its time minus tokenise, frozen pass, probe, training and evaluation (the task's own work); it runs "
+        "`--add-task-repeats` times (3) and the run with the median overhead is shown."]
 
 
 def r_bytes(d: dict[str, Any]) -> list[str]:
@@ -178,7 +181,7 @@ STEPS: list[Step] = [
            "bank_scale.py", ("--tasks", str(n), "--base", "minilm", "--repeats", "1", "--no-strace", "--add-task", "sst2",
                              "--add-task-texts", "200"),
            ("--tasks", "2", "--base", "minilm", "--repeats", "1", "--no-strace", "--router-commits", "2", "--add-task",
-            "sst2", "--add-task-texts", "16"), r_bank)
+            "sst2", "--add-task-texts", "16", "--add-task-repeats", "1"), r_bank)
       for n in (1, 100, 1000)),
     Step("task_bytes", "Bytes on disk per task, every method", "task_bytes.py", (), ("--quick",), r_bytes),
     Step("compile", "torch.compile speed-up (one expert, mixed, routed)", "compile_speed.py", (),

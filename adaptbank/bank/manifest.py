@@ -245,15 +245,21 @@ def read_manifest_checked(bank: Path, known: bytes | None = None) -> tuple[dict[
     """``(manifest, its bytes)``, as :func:`_read_manifest_file` with ``written=known``: the bytes returned are
     known valid for the next read (validating a manifest of 1,000 tasks costs more than parsing it)."""
     mpath = bank / _MANIFEST
+    raw = read_manifest_bytes(bank)
+    if known is not None and raw == known:
+        return json.loads(raw), raw
+    return _parse_manifest(raw, str(mpath)), raw
+
+
+def read_manifest_bytes(bank: Path) -> bytes:
+    """The bytes of the bank's ``manifest.json``; an error says when it is missing or unreadable."""
+    mpath = bank / _MANIFEST
     try:
-        raw = mpath.read_bytes()
+        return mpath.read_bytes()
     except FileNotFoundError:
         raise BankError(f"{bank}: not an adaptbank bank (no {_MANIFEST})") from None
     except OSError as exc:
         raise BankError(f"{mpath}: cannot read manifest: {exc}") from exc
-    if known is not None and raw == known:
-        return json.loads(raw), raw
-    return _parse_manifest(raw, str(mpath)), raw
 
 
 def _parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
