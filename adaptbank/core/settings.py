@@ -121,7 +121,7 @@ class RouterConfig(_Config):
     the nine shared tasks, for twice the router statistics)."""
     replay: int = 0
     """Router features kept per task for a discriminative router refitted on every change
-    (``routing.replay``, --router-replay); 0: the closed-form LDA (default). 500 on the nine shared tasks:
+    (--router-replay; ``routing.replay``); 0: the closed-form LDA (default). 500 on the nine shared tasks:
     routed/oracle 96.7 -> 97.4%, for 2 * replay * F bytes more per task and a refit whose time grows with
     the bank."""
 
