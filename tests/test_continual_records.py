@@ -85,3 +85,45 @@ def test_the_report_compares_two_real_runs_with_a_paired_bootstrap(runs):
     (d,) = [d for d in report["differences"] if d["kind"] == "oracle"]  # seq-lora has no routed row
     assert d["reason"] is None and d["n_examples"] == 90, d
     assert d["lo"] <= d["diff"] <= d["hi"] and d["hi"] - d["lo"] > 0
+
+
+def test_each_step_keeps_its_tasks_hits_when_learned_and_the_report_puts_an_interval_on_bwt(runs):
+    """Step i records task i's per-example hits of row i (R[i][i]); the report's BWT interval is a paired
+    bootstrap of final-row hits against those: exactly [0, 0] for the bank (nothing moves), and for
+    seq-lora an interval that holds the run's BWT (the unit test below covers a run that forgets)."""
+    from adaptbank.report.build import summarize_run
+
+    for strategy, path in runs.items():
+        result = load_run(path)
+        matrix = result["oracle"]["matrix"]
+        for i, step in enumerate(result["steps"]):
+            vec = step["learned_hits"]
+            assert len(vec) == 30 and sum(vec) / 30 == matrix[i][i], (strategy, i)
+        summary = summarize_run(result)
+        lo, hi = summary["bwt_interval"]
+        if strategy == "bank":
+            assert lo == hi == 0.0 and summary["bwt"] == 0.0
+        else:  # an interval around the run's BWT, of width zero exactly when no earlier answer changed
+            moved = any(result["hits"]["oracle"][s["task"]] != s["learned_hits"] for s in result["steps"][:-1])
+            assert lo <= summary["bwt"] <= hi and (hi - lo > 0) == moved, (summary["bwt"], lo, hi, moved)
+    old = load_run(runs["seq-lora"])
+    for step in old["steps"]:
+        del step["learned_hits"]  # a run written before the runner kept them: no interval, no error
+    assert summarize_run(old)["bwt_interval"] is None
+    report = build_report([runs["bank"], runs["seq-lora"]])
+    assert report["comparison"][0]["bwt_interval"] == [0.0, 0.0]
+
+
+def test_bwt_interval_is_the_paired_bootstrap_of_final_against_learned_hits():
+    """Unit check on made-up hits: task a loses 10 of 100 right answers, task b none; the observed BWT
+    (-5 points) lies inside the interval, which excludes 0 (every change is a loss)."""
+    from adaptbank.report.build import _bwt_interval
+
+    learned = [1] * 60 + [0] * 40
+    final = [0] * 10 + [1] * 50 + [0] * 40
+    steps = [{"task": "a", "learned_hits": learned}, {"task": "b", "learned_hits": [1, 0] * 50}]
+    hits = {"oracle": {"a": final, "b": [1, 0] * 50, "c": [1] * 100}, "routed": None}
+    lo, hi = _bwt_interval(steps, hits, rows=3)
+    assert lo <= -0.05 <= hi and hi < 0, (lo, hi)
+    with pytest.raises(ValueError, match="learned_hits of task 'a' must be 0/1 integers"):
+        _bwt_interval([{"task": "a", "learned_hits": [2] * 100}, steps[1]], hits, rows=3)

@@ -121,7 +121,8 @@ def test_two_runs_comparison(tmp_path: Path) -> None:
     assert [r["name"] for r in report["runs"]] == ["a-bank", "b-seq"]
     rows = report["comparison"]
     assert set(rows[0]) == {"name", "strategy", "acc", "bwt", "fwt", "forgetting", "routed_acc",
-                            "trainable_params", "bank_bytes", "seconds"}  # fmt: skip
+                            "trainable_params", "bank_bytes", "seconds", "bwt_interval"}  # fmt: skip
+    assert rows[0]["bwt_interval"] is None  # made-up runs carry no per-step hits
     assert rows[0]["routed_acc"] == metrics.average_accuracy(ROUTED) and rows[1]["routed_acc"] is None
     assert rows[1]["strategy"] == "sequential" and rows[1]["seconds"] == pytest.approx(40.5)
 

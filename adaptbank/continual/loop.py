@@ -349,11 +349,13 @@ def run_sequence(spec: RunSpec, out_dir: str | Path, *, callbacks: Sequence[Call
         peak = peak_bytes() if peak_known else None
         last = _last_row(strategy, spec.task_names)
         router_row = _router_row(strategy) if routed is not None else None
+        learned_hits = list(strategy.oracle_hits[task]) if task in strategy.oracle_hits else None  # R[i][i] per example
 
         def record(task: str = task, router_acc: float | None = router_acc, info: Learned = info,
                    seconds: float = seconds, peak: int | None = peak, last: dict[str, Any] = last,
-                   router_row: list[float] | None = router_row) -> dict[str, Any]:  # rank 0: the entry, result.json
-            entry = {"task": task, "router_accuracy": router_acc, "router_row": router_row,
+                   router_row: list[float] | None = router_row,
+                   learned_hits: list[int] | None = learned_hits) -> dict[str, Any]:  # rank 0: the entry, result.json
+            entry = {"task": task, "router_accuracy": router_acc, "router_row": router_row, "learned_hits": learned_hits,
                      "trainable_params": info.trainable_params,
                      "bank_bytes": strategy.size_bytes(), "seconds": seconds, "train_steps": info.train_steps,
                      "final_loss": info.final_loss, "peak_memory_bytes": peak}

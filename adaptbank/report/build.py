@@ -16,6 +16,8 @@ Optional keys (absent or null: the report says "not recorded"; present: validate
 - ``"metric"``: ``"accuracy"`` (default) or ``"exact_match"`` (generation runs): the cells' unit, used
   in every table title and colour bar.
 - ``"notes"``: a list of strings, shown under the run's heading.
+- ``"steps"[i]["learned_hits"]``: task i's per-example hits in row i (R[i][i]), as in ``hits``; with the
+  final row's ``hits`` they give BWT a 95% paired bootstrap interval (``bwt_interval``), shown beside BWT.
 - ``"steps"[i]["peak_memory_bytes"]``: peak memory while learning and evaluating task i, in bytes (a
   finite number >= 0 or null); shown in the cost-per-task table. ``train_steps`` and ``final_loss``
   (written by the runner) are shown too.
@@ -214,12 +216,14 @@ def summarize_run(run: Mapping[str, Any]) -> dict[str, Any]:
 
     Keys: name, strategy, tasks, seed, backbone, finished, matrix, baseline, acc, bwt, fwt, forgetting,
     forgetting_last, learning_accuracy (oracle routing), routed (same matrix/metric keys, or None),
-    steps, total_seconds, trainable_params, bank_bytes (from the last step), config, config_changed;
+    steps, total_seconds, trainable_params (the most any step trained: joint trains once, in step 0),
+    bank_bytes (from the last step), config, config_changed;
     metric ("accuracy" | "exact_match"), notes, peak_memory_bytes (max over steps, or None),
     router_confusion, hits (as in result.json, or None), error_split (per task in ``hits.routed``:
     ``{"task", "n", "both_right", "routing_errors", "routed_only_right", "both_wrong"}``, or None) and
     router (``{"matrix", "acc", "forgetting", "drops", "forgetting_last", "first_task": [when added, now]}``: the
-    router's task identification over the steps, or None when not recorded).
+    router's task identification over the steps, or None when not recorded), bwt_interval (``[lo, hi]``,
+    the 95% paired bootstrap of BWT over test examples, or None: see :func:`_bwt_interval`).
     """
     _validate(run, f"run {run.get('name', '?')!r}" if isinstance(run, Mapping) else "run")
     tasks = run["tasks"]
@@ -228,12 +232,14 @@ def summarize_run(run: Mapping[str, Any]) -> dict[str, Any]:
     steps = [dict(s) for s in run["steps"]]
     seconds = [s["seconds"] for s in steps if s.get("seconds") is not None]
     peaks = [s["peak_memory_bytes"] for s in steps if s.get("peak_memory_bytes") is not None]
+    params = [s["trainable_params"] for s in steps if s.get("trainable_params") is not None]
     last = steps[-1] if steps else {}
     hits = _hits(run)
     split = None
     if hits is not None and hits["routed"] is not None:
         split = [{"task": t, **error_split(hits["oracle"][t], hits["routed"][t])} for t in tasks if t in hits["routed"]]
     conf = run.get("router_confusion")
+    bwt_ci = _bwt_interval(steps, hits, len(run["oracle"]["matrix"]))
     return {
         "name": run["name"],
         "strategy": run["strategy"],
@@ -245,7 +251,7 @@ def summarize_run(run: Mapping[str, Any]) -> dict[str, Any]:
         "routed": routed,
         "steps": steps,
         "total_seconds": math.fsum(seconds) if seconds else None,
-        "trainable_params": last.get("trainable_params"),
+        "trainable_params": max(params) if params else None,
         "bank_bytes": last.get("bank_bytes"),
         "config": dict(run["config"]),
         "config_changed": dict(run["config_changed"]),
@@ -256,7 +262,27 @@ def summarize_run(run: Mapping[str, Any]) -> dict[str, Any]:
         "hits": hits,
         "error_split": split,
         "router": _router_block(run.get("router_matrix")),
+        "bwt_interval": bwt_ci,
     }
+
+
+def _bwt_interval(steps: Sequence[Mapping[str, Any]], hits: Mapping[str, Any] | None, rows: int) -> list[float] | None:
+    """95% paired bootstrap interval ``[lo, hi]`` of the oracle BWT over test examples: per task j < t, the
+    final row's hits against the hits of row j (``steps[j]["learned_hits"]``, R[j][j] per example), resampled
+    within each task (:func:`adaptbank.report.stats.paired_bootstrap`); None when a vector is missing (runs
+    written before the runner kept them) or fewer than two rows exist."""
+    if hits is None or rows < 2 or len(steps) < rows - 1:
+        return None
+    final, learned = {}, {}
+    for step in steps[: rows - 1]:
+        task, vec = step.get("task"), step.get("learned_hits")
+        if not isinstance(vec, list) or task not in hits["oracle"] or len(vec) != len(hits["oracle"][task]):
+            return None
+        if not all(h in (0, 1) and not isinstance(h, (bool, float)) for h in vec):
+            raise ValueError(f"steps: learned_hits of task {task!r} must be 0/1 integers")
+        final[task], learned[task] = hits["oracle"][task], vec
+    _, lo, hi = paired_bootstrap(final, learned)
+    return [lo, hi]
 
 
 def _router_block(matrix: Sequence[Sequence[float | None]] | None) -> dict[str, Any] | None:
@@ -371,7 +397,8 @@ def build_report(run_dirs: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
     keys = ("name", "strategy", "acc", "bwt", "fwt", "forgetting")
     comparison = [
         {**{k: r[k] for k in keys}, "routed_acc": None if r["routed"] is None else r["routed"]["acc"],
-         "trainable_params": r["trainable_params"], "bank_bytes": r["bank_bytes"], "seconds": r["total_seconds"]}
+         "trainable_params": r["trainable_params"], "bank_bytes": r["bank_bytes"], "seconds": r["total_seconds"],
+         "bwt_interval": r["bwt_interval"]}
         for r in runs
     ]  # fmt: skip
     return {"runs": runs, "comparison": comparison, "groups": _groups(runs, comparison),
