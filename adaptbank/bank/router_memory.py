@@ -108,9 +108,10 @@ def stats_from(current: tuple[dict, dict[str, Any]] | None, dim: int) -> RouterS
 
 def router_files(stats: RouterStats, layers: int, shrinkage: float,
                  pools: Sequence[str] = ("mean",), kept: Sequence[Tensor] | None = None) -> tuple[dict, dict, list[str]]:
-    """``(files, meta, expert_order)`` for the store: the statistics and the LDA router fitted on them, or
-    with ``kept`` (each task's replay vectors, in ``stats.names`` order) the replay router
-    (``routing.replay``), stored in the same linear form under ``lda``. ``meta["pools"]`` is written only
+    """``(files, meta, expert_order)`` for the store: the statistics without per-task means (the LDA is
+    solved from them at load, :func:`stored_router`), and with ``kept`` (each task's replay vectors, in
+    ``stats.names`` order, means filled in) the replay router (``routing.replay``), fitted now and stored
+    in the LDA's linear form under ``lda``. ``meta["pools"]`` is written only
     for pools other than today's ``("mean",)``, so such banks' stored router stays byte-identical to
     before the option."""
     files = {"stats": stats.to_tensors(means=False)}
