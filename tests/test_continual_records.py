@@ -112,6 +112,14 @@ def test_each_step_keeps_its_tasks_hits_when_learned_and_the_report_puts_an_inte
     assert summarize_run(old)["bwt_interval"] is None
     report = build_report([runs["bank"], runs["seq-lora"]])
     assert report["comparison"][0]["bwt_interval"] == [0.0, 0.0]
+    from adaptbank.report.export import data_files
+    from adaptbank.report.tables import comparison_rows
+
+    assert comparison_rows(report["comparison"])[0][3] == "0.0 [0.0, 0.0]"  # BWT with its interval
+    files = data_files(report)
+    head = files["steps.csv"].decode().splitlines()[0].split(",")
+    assert "learned_hits" not in head and "task" in head  # the per-example vectors stay in report.json
+    assert b"learned_hits" in files["report.json"]
 
 
 def test_bwt_interval_is_the_paired_bootstrap_of_final_against_learned_hits():

@@ -8,7 +8,8 @@
                        bank_bytes, total_seconds, peak_memory_bytes
 - ``matrices.csv``     long form, one row per cell: run, routing (oracle | routed), after (the task
                        just learned, or "baseline"), task, value (a fraction; empty when not evaluated)
-- ``steps.csv``        one row per run and step with every key the runner wrote in ``steps``
+- ``steps.csv``        one row per run and step with every key the runner wrote in ``steps`` but the per-example
+                       ``learned_hits`` (in ``report.json``)
 - ``groups.csv``       (several runs) strategy, n, and ``<metric>_mean`` / ``<metric>_sd`` per metric
 - ``differences.csv``  (several runs) the paired-bootstrap rows: run, reference, kind, diff, lo, hi,
                        n_examples, reason
@@ -70,7 +71,7 @@ def data_files(report: Mapping[str, Any]) -> dict[str, bytes]:
     files["matrices.csv"] = _csv(["run", "routing", "after", "task", "value"], cells)
     keys: list[str] = []
     for r in runs:
-        keys += [k for s in r["steps"] for k in s if k not in keys]
+        keys += [k for s in r["steps"] for k in s if k not in keys and k != "learned_hits"]  # per example: in report.json
     files["steps.csv"] = _csv(["run", *keys], [[r["name"], *(s.get(k) for k in keys)] for r in runs for s in r["steps"]])
     if comparison is not None:
         groups = report.get("groups") or []
