@@ -142,7 +142,8 @@ def r_bank(d: dict[str, Any]) -> list[str]:
                    "add-task commit with router update ms", "real add-task s", "its bank overhead s",
                    "overhead of each run s", "bytes per task"], rows) + [
         "", "Commits write the task straight through the store (no router); the add-task commit adds the router "
-        "update (statistics, LDA refit) that `add-task` commits with the task, on a router fitted over the bank. "
+        "update that `add-task` commits with the task (the statistics; the LDA is solved when a router is loaded, "
+        "no longer per commit), on a router fitted over the bank. "
         "The real add-task (`--add-task`): sst2, 1 epoch, 64 tokens, added and removed again; its bank overhead "
         "is its time minus tokenise, frozen pass, probe, training and evaluation (the task's own work); it runs "
         "`--add-task-repeats` times (3) and the run with the median overhead is shown."]
