@@ -202,8 +202,6 @@ def _real_add_task(bank, spec: str, texts: int, repeats: int) -> dict:
     this bank, each removed again: the profile of each, and the bank's overhead = its time minus the phases that
     depend only on the task's own data (tokenise, frozen pass, probe, training, evaluation); the figures kept are
     those of the run with the median overhead."""
-    import statistics
-
     from adaptbank import TrainConfig
 
     runs = []
@@ -222,8 +220,7 @@ def _real_add_task(bank, spec: str, texts: int, repeats: int) -> dict:
     mid = sorted(runs, key=lambda r: r["overhead"])[len(runs) // 2]
     return {"add_task_spec": spec, "add_task_texts": texts, "add_task_seconds": mid["seconds"],
             "add_task_phases": mid["phases"], "add_task_bank_overhead_seconds": mid["overhead"],
-            "add_task_overheads": [r["overhead"] for r in runs],
-            "add_task_overhead_median": statistics.median(r["overhead"] for r in runs)}
+            "add_task_overheads": [r["overhead"] for r in runs]}
 
 
 def _router_commits(bank, template: dict, memory: dict, config: dict, k: int) -> dict:

@@ -238,17 +238,16 @@ def _read_manifest_file(bank: Path, *, written: bytes | None = None) -> dict[str
 
     ``written``: bytes known valid (this process committed or validated them); when the file still holds
     exactly them, they are only parsed."""
-    return read_manifest_checked(bank, written)[0]
+    return manifest_from_bytes(read_manifest_bytes(bank), bank, known=written)
 
 
-def read_manifest_checked(bank: Path, known: bytes | None = None) -> tuple[dict[str, Any], bytes]:
-    """``(manifest, its bytes)``, as :func:`_read_manifest_file` with ``written=known``: the bytes returned are
-    known valid for the next read (validating a manifest of 1,000 tasks costs more than parsing it)."""
-    mpath = bank / _MANIFEST
-    raw = read_manifest_bytes(bank)
+def manifest_from_bytes(raw: bytes, bank: Path, *, known: bytes | None = None) -> dict[str, Any]:
+    """The manifest in ``raw``, the bytes of the ``manifest.json`` of the bank at ``bank``: validated, unless
+    they equal ``known`` (bytes already committed or validated), which are only parsed (validating a manifest
+    of 1,000 tasks costs more than parsing it)."""
     if known is not None and raw == known:
-        return json.loads(raw), raw
-    return _parse_manifest(raw, str(mpath)), raw
+        return json.loads(raw)
+    return _parse_manifest(raw, str(bank / _MANIFEST))
 
 
 def read_manifest_bytes(bank: Path) -> bytes:

@@ -63,8 +63,8 @@ from adaptbank.bank.manifest import (  # the errors and Problem are re-exported:
     _now,
     _version,
     encode_manifest,
+    manifest_from_bytes,
     read_manifest_bytes,
-    read_manifest_checked,
 )
 from adaptbank.core.config import validate_name
 
@@ -149,10 +149,11 @@ class BankStore:
     def reload(self) -> None:
         """Re-read ``manifest.json`` (to see commits made by other processes); when it still holds the bytes
         the cached manifest came from, nothing is parsed (a manifest of 1,000 tasks takes 20 ms to parse)."""
-        if self._cached_raw is not None and read_manifest_bytes(self.path) == self._cached_raw:
+        raw = read_manifest_bytes(self.path)
+        if raw == self._cached_raw:
             return
-        self._manifest = self._read_manifest()
-        self._cached_raw = self._written
+        self._manifest = manifest_from_bytes(raw, self.path, known=self._written)
+        self._written = self._cached_raw = raw
 
     @property
     def generation(self) -> int:
@@ -371,7 +372,9 @@ class BankStore:
     # ------------------------------------------------------------------ internals
     def _read_manifest(self) -> dict[str, Any]:
         """The committed manifest, validated unless it is byte for byte the one this object last saw valid."""
-        manifest, self._written = read_manifest_checked(self.path, self._written)
+        raw = read_manifest_bytes(self.path)
+        manifest = manifest_from_bytes(raw, self.path, known=self._written)
+        self._written = raw
         return manifest
 
     def _router(self, m: dict[str, Any]) -> dict[str, Any]:
