@@ -11,6 +11,10 @@ dropout. After them, one round of the four settings trains with ``train_dropout=
 run must store the same expert as an uncached one: the script prints the largest difference between
 their stored tensors and both test accuracies (and those runs' times, a second speed figure).
 
+Each round also times what an uncached run spends below the first trained layer in training (the
+embeddings and frozen layers, forward in training mode over the same batches: :func:`below_forward`), the
+most any cache could remove; ``uncached / (uncached - that)`` is printed as the perfect cache's bound.
+
 Figures: the median round of add-task's whole wall time and of its training phase
 (``metrics.phase_seconds``, add-task's own profile), the speed-ups uncached / cached, and the median
 profile of each setting (where add-task's time goes). Time only on a quiet machine: the load average at
@@ -40,6 +44,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "layers 4-5, cached": {"layers": (4, 5), "cache_frozen": True},
 }
 PAIRS = (("layers 2-5", "layers 2-5, cached"), ("layers 4-5", "layers 4-5, cached"))
+BELOW = {"layers 2-5, cached": 2, "layers 4-5, cached": 4}
+"""The first layer that trains in each cached setting: the cache can take away at most the forward below it."""
 
 
 def parse() -> argparse.Namespace:
@@ -71,8 +77,48 @@ def run_one(root: Path, args: argparse.Namespace, setting: dict[str, Any], tag: 
     return {"wall": wall, "phases": info["metrics"]["phase_seconds"], "accuracy": r.test_accuracy, "tensors": tensors}
 
 
-def summary(runs: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, Any], dict[str, Any], list[list[Any]]]:
-    """Medians per setting, the uncached/cached pairs, and the table's rows."""
+def below_forward(args: argparse.Namespace, layer: int) -> float:
+    """Seconds of what an uncached run spends below ``layer`` in training: the embeddings and layers
+    ``0 .. layer-1`` run forward in training mode (dropout on, no autograd graph: nothing below ``layer``
+    trains) over the same epochs of batches as add-task's training. A perfect cache removes exactly this,
+    so ``uncached / (uncached - this)`` bounds the cache's add-task speed-up."""
+    import torch
+
+    from adaptbank.bank.facade import AdapterBank
+    from adaptbank.core.config import TrainConfig
+    from adaptbank.data.load import load_task
+    from adaptbank.data.specs import load_task_spec
+    from adaptbank.data.tokens import collate, pad_id, tokenize
+    from adaptbank.routing.taps import layer_list
+    from adaptbank.training.loop import Row, epoch_batches, total_steps
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = AdapterBank.init(Path(tmp) / "bank").new_model()
+    cfg = TrainConfig(epochs=args.epochs, max_train=args.max_train, max_test=args.max_test)
+    data = load_task(load_task_spec(args.task), max_train=args.max_train, max_test=args.max_test, seed=cfg.seed)
+    ids = tokenize(model.tokenizer, [e.text for e in data.train], cfg.max_length)
+    rows = [Row(x, e.label, args.task) for x, e in zip(ids, data.train)]
+    layers = layer_list(model.encoder)
+    parent, attr = next((m, n) for m in model.encoder.modules() for n, c in m.named_children() if c is layers)
+    setattr(parent, attr, torch.nn.ModuleList(list(layers)[:layer]))  # the encoder runs layers 0 .. layer-1 only
+    try:
+        model.train(True)
+        model.route()
+        plan = epoch_batches(rows, cfg, cfg.seed)
+        start = time.perf_counter()
+        with torch.no_grad():
+            for _, batch_rows in zip(range(total_steps(len(rows), cfg)), plan):
+                model.features(**collate([r.ids for r in batch_rows], pad_id(model.tokenizer)))  # (B, D)
+        return time.perf_counter() - start
+    finally:
+        setattr(parent, attr, layers)
+        model.eval()
+
+
+def summary(runs: dict[str, list[dict[str, Any]]], below: dict[str, list[float]] | None = None
+            ) -> tuple[dict[str, Any], dict[str, Any], list[list[Any]]]:
+    """Medians per setting, the uncached/cached pairs, and the table's rows; with ``below`` (seconds of
+    :func:`below_forward` per cached setting and round) each pair also gets the perfect cache's bound."""
     med = {k: {"wall": statistics.median(r["wall"] for r in v),
                "training": statistics.median(r["phases"]["training"] for r in v), "accuracy": v[0]["accuracy"],
                "phases": {p: statistics.median(r["phases"][p] for r in v) for p in v[0]["phases"]}}
@@ -84,16 +130,21 @@ def summary(runs: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, Any], dict
         pairs[cached] = {"add_task_speedup": med[plain]["wall"] / med[cached]["wall"],
                          "training_speedup": med[plain]["training"] / med[cached]["training"], "max_abs_diff": diff,
                          "accuracies": [med[plain]["accuracy"], med[cached]["accuracy"]]}
+        if below:
+            cut = statistics.median(below[cached])
+            pairs[cached].update(below_seconds=cut, bound=med[plain]["wall"] / (med[plain]["wall"] - cut))
         for k in (plain, cached):
             rows.append([k, med[k]["wall"], med[k]["training"], med[k]["accuracy"] * 100,
                          f"{pairs[cached]['add_task_speedup']:.2f}x" if k == cached else "",
                          f"{pairs[cached]['training_speedup']:.2f}x" if k == cached else "",
-                         f"{diff:.1e}" if k == cached else ""])
+                         f"{diff:.1e}" if k == cached else "",
+                         f"{pairs[cached]['below_seconds']:.2f}" if k == cached and below else "",
+                         f"{pairs[cached]['bound']:.2f}x" if k == cached and below else ""])
     return med, pairs, rows
 
 
 HEADERS = ["setting", "add-task s", "training s", "test acc", "add-task speed-up", "training speed-up",
-           "max |diff| of the stored tensors"]
+           "max |diff| of the stored tensors", "forward below s", "perfect cache's bound"]
 
 
 def main() -> None:
@@ -104,6 +155,7 @@ def main() -> None:
     quiet = announce_load()
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in SETTINGS}
     exact: dict[str, list[dict[str, Any]]] = {k: [] for k in SETTINGS}
+    below: dict[str, list[float]] = {k: [] for k in BELOW}
     with tempfile.TemporaryDirectory() as tmp:
         warm = argparse.Namespace(**{**vars(args), "max_train": 32, "max_test": 16, "epochs": 1.0})
         for k in SETTINGS:  # untimed: imports, first calls, allocator warm-up
@@ -115,12 +167,15 @@ def main() -> None:
                 runs[k].append(got)
                 print(f"round {rnd + 1} {k}: add-task {got['wall']:.1f} s, training {got['phases']['training']:.1f} s, "
                       f"accuracy {got['accuracy']:.3f}", flush=True)
+            for k, layer in BELOW.items():
+                below[k].append(below_forward(args, layer))
+                print(f"round {rnd + 1}: forward below layer {layer} in training {below[k][-1]:.1f} s", flush=True)
         for k in SETTINGS:
             got = run_one(Path(tmp), args, {**SETTINGS[k], "dropout": False}, f"exact-{_tag(k)}")
             exact[k].append(got)
             print(f"dropout off, {k}: add-task {got['wall']:.1f} s, training {got['phases']['training']:.1f} s, "
                   f"accuracy {got['accuracy']:.3f}", flush=True)
-    med, pairs, rows = summary(runs)
+    med, pairs, rows = summary(runs, below)
     med_exact, pairs_exact, rows_exact = summary(exact)
     print(f"\ndefaults (dropout on), median of {args.rounds} rounds (the first round's tensors compared):")
     print(table(HEADERS, rows))
@@ -132,7 +187,8 @@ def main() -> None:
     print(table(["setting", *names], [[k, *(m["phases"][p] for p in names)] for k, m in med.items()]))
     write_json(args.json, {"environment": environment(args.threads), "quiet_start": quiet, "args": vars(args),
                            "median": med, "pairs": pairs, "dropout_off": {"median": med_exact, "pairs": pairs_exact},
-                           "rounds": {k: [{"wall": r["wall"], "phases": r["phases"]} for r in v] for k, v in runs.items()}})
+                           "rounds": {k: [{"wall": r["wall"], "phases": r["phases"]} for r in v] for k, v in runs.items()},
+                           "below_seconds": below})
 
 
 def _tag(setting: str) -> str:

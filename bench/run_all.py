@@ -97,15 +97,22 @@ def r_cached(d: dict[str, Any]) -> list[str]:
             p = pairs.get(k)
             out.append([k, m["wall"], m["training"], 100 * m["accuracy"],
                         f"{p['add_task_speedup']:.2f}x" if p else "", f"{p['training_speedup']:.2f}x" if p else "",
-                        f"{p['max_abs_diff']:.1e}" if p else ""])
+                        f"{p['max_abs_diff']:.1e}" if p else "",
+                        f"{p['below_seconds']:.2f}" if p and "below_seconds" in p else "",
+                        f"{p['bound']:.2f}x" if p and "bound" in p else ""])
         return out
 
     heads = ["setting", "add-task s", "training s", "test acc", "add-task speed-up", "training speed-up",
-             "max abs diff of stored tensors"]
+             "max abs diff of stored tensors", "forward below s", "perfect cache's bound"]
     a = d["args"]
     lines = [f"{a['task']}, {a['max_train']} training / {a['max_test']} test texts, {a['epochs']:g} epochs; defaults "
              f"(dropout on), median of {a['rounds']} interleaved rounds:", ""]
     lines += _table(heads, rows_of(d["median"], d["pairs"]))
+    if any("bound" in p for p in d["pairs"].values()):
+        lines += ["", "Forward below: the seconds an uncached run spends below the first trained layer in training (the "
+                  "embeddings and the frozen layers, forward in training mode over the same batches; nothing below "
+                  "trains, so there is no backward there), measured in each round; a perfect cache removes exactly that, "
+                  "so uncached / (uncached - forward below) bounds the add-task speed-up a cache can give."]
     lines += ["", "Dropout off (`--no-train-dropout`), one round, where a cached run must store the uncached expert:", ""]
     lines += _table(heads, rows_of(d["dropout_off"]["median"], d["dropout_off"]["pairs"]))
     order = ["data", "model", "tokenise", "frozen pass", "router memory", "probe", "training", "evaluation"]

@@ -44,6 +44,9 @@ def test_run_all_quick_runs_every_step_and_writes_the_report(tmp_path):
     cached = json.loads((out / "cached_layers.json").read_text())
     for pair in cached["dropout_off"]["pairs"].values():  # dropout off: the cached run stores the same expert
         assert pair["max_abs_diff"] < 1e-4 and pair["accuracies"][0] == pair["accuracies"][1]
+    for name, pair in cached["pairs"].items():  # the perfect cache's bound: uncached / (uncached - forward below)
+        plain = cached["median"][name.replace(", cached", "")]["wall"]
+        assert 0 < pair["below_seconds"] < plain and pair["bound"] == plain / (plain - pair["below_seconds"])
 
     memory = json.loads((out / "train_memory.json").read_text())["memory"]["lora"]
     assert memory["adaptbank"]["peak_rss"] >= memory["adaptbank"]["rss_after_setup"] > 100 * 2**20
