@@ -152,8 +152,8 @@ class BankStore:
         raw = read_manifest_bytes(self.path)
         if raw == self._cached_raw:
             return
-        self._manifest = manifest_from_bytes(raw, self.path, known=self._written)
-        self._written = self._cached_raw = raw
+        self._manifest = self._read_manifest(raw)
+        self._cached_raw = raw
 
     @property
     def generation(self) -> int:
@@ -370,9 +370,10 @@ class BankStore:
         return maintenance.repair(self)
 
     # ------------------------------------------------------------------ internals
-    def _read_manifest(self) -> dict[str, Any]:
-        """The committed manifest, validated unless it is byte for byte the one this object last saw valid."""
-        raw = read_manifest_bytes(self.path)
+    def _read_manifest(self, raw: bytes | None = None) -> dict[str, Any]:
+        """The committed manifest (``raw``: its bytes, already read), validated unless it is byte for byte
+        the one this object last saw valid; its bytes become the ones known valid."""
+        raw = read_manifest_bytes(self.path) if raw is None else raw
         manifest = manifest_from_bytes(raw, self.path, known=self._written)
         self._written = raw
         return manifest
