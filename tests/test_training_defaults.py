@@ -53,3 +53,14 @@ def test_chosen_c_follows_the_held_out_loss():
     W, b = fit_probe(x, y, 3, c=None, scale=0.5)
     Wc, bc = fit_probe(x, y, 3, c=choose_probe_c(x, y), scale=0.5)
     assert torch.equal(W, Wc) and torch.equal(b, bc)
+
+
+def test_few_shot_many_classes_fits_without_a_regression_warning():
+    import warnings
+
+    x, y = _data(n=60, d=16, classes=40)  # more classes than half the examples: clinc150 at 64 examples
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        W, b = fit_probe(x, y, 40, c=None)
+    assert not [w for w in caught if "unique classes" in str(w.message)], [str(w.message) for w in caught]
+    assert (x @ W.T + b).argmax(1).eq(torch.tensor(y)).float().mean() > 0.9  # still a real fit of 40 classes

@@ -5,7 +5,9 @@ Letters in shape comments: B batch, T tokens, D hidden size, F router features, 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -100,6 +102,16 @@ PROBE_CS: tuple[float, ...] = (0.01, 0.1, 1.0)
 """The L2 strengths (scikit-learn's C) that :func:`choose_probe_c` chooses from."""
 
 
+def _fit_quietly(clf: Any, x: Any, y: Any) -> Any:
+    """``clf.fit(x, y)`` without scikit-learn's "more unique classes than 50% of the samples ... could
+    represent a regression problem" warning: the labels are class indices by construction (a few-shot
+    task with many classes, clinc150 at 64 examples, is still classification), so it only alarms users."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The number of unique classes is greater than 50%",
+                                category=UserWarning)
+        return clf.fit(x, y)
+
+
 def choose_probe_c(features: Tensor, labels: Sequence[int], *, seed: int = 0, cs: Sequence[float] = PROBE_CS,
                    holdout: float = 0.25) -> float:
     """The C of ``cs`` whose probe, fitted on a random ``1 - holdout`` of the examples (drawn with
@@ -120,7 +132,7 @@ def choose_probe_c(features: Tensor, labels: Sequence[int], *, seed: int = 0, cs
     x = features.double().numpy()  # float64: the solver's path must not hinge on float32 rounding
     best, best_loss = float(max(cs)), float("inf")
     for c in sorted(cs):
-        clf = LogisticRegression(max_iter=2000, C=c, random_state=seed).fit(x[fit], y[fit])
+        clf = _fit_quietly(LogisticRegression(max_iter=2000, C=c, random_state=seed), x[fit], y[fit])
         seen = np.isin(y[out], clf.classes_)
         if not seen.any():
             return float(max(cs))
@@ -151,8 +163,8 @@ def fit_probe(features: Tensor, labels: Sequence[int], n_classes: int, *, seed: 
     # float64 and a tight tolerance: the probe is the optimum of a strictly convex problem, found to 1e-8, so
     # features that differ by float noise (a sharded pass: 2e-7) give heads that differ by about as much,
     # not by the 1e-3 that lbfgs' default stopping point left (it depends on the path to the optimum)
-    clf = LogisticRegression(max_iter=2000, C=c, random_state=seed, tol=PROBE_TOL)
-    clf.fit(features.double().numpy(), y)
+    clf = _fit_quietly(LogisticRegression(max_iter=2000, C=c, random_state=seed, tol=PROBE_TOL),
+                       features.double().numpy(), y)
     coef = torch.as_tensor(clf.coef_, dtype=torch.float32)  # (C', D) or (1, D) for two classes
     bias = torch.as_tensor(clf.intercept_, dtype=torch.float32)
     if len(present) == 2:  # sklearn keeps one row for two classes: split it symmetrically
