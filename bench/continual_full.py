@@ -96,14 +96,57 @@ def _command(label: str, order: int, run_dir: Path, args: argparse.Namespace) ->
     return cmd
 
 
+def child_env(threads: int | None) -> dict[str, str]:
+    """The environment of each run's subprocess: offline, this checkout's adaptbank first (not an install),
+    ``OMP_NUM_THREADS`` = ``threads`` when given."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
+        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def run_logged(name: str, cmd: list[str], run_dir: Path, runs_dir: Path, env: dict[str, str], before: str) -> int | None:
+    """Run ``cmd`` (an ``adaptbank run`` into ``run_dir``) in its own subprocess, its output appended to
+    ``runs_dir/logs/<name>.log`` and its command, exit status, wall time and peak RSS to
+    ``runs_dir/bench.jsonl``; the exit status, or None when interrupted (the runner keeps its finished tasks)."""
+    print(f"{name}: {before} -> running: {' '.join(cmd[1:])}", flush=True)
+    (runs_dir / "logs").mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(runs_dir / "logs" / f"{name}.log", "a", encoding="utf-8") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except KeyboardInterrupt:  # pass it on (a terminal's Ctrl-C reaches both): the runner keeps its tasks
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # SIGINT ignored (started in the background): stop it;
+                proc.terminate()  # result.json is written atomically after each task, so any point is safe
+                proc.wait()
+            print(f"{name}: interrupted ({state(run_dir)}); run the same command again to resume", flush=True)
+            return None
+    rc = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - start
+    record = {"piece": name, "cmd": cmd[1:], "rc": rc, "wall_seconds": round(seconds, 1),
+              "peak_rss_bytes": usage.ru_maxrss * 1024, "state_before": before, "state_after": state(run_dir),
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+    with open(runs_dir / "bench.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    print(f"{name}: rc {rc}, {seconds:.0f} s, peak RSS {usage.ru_maxrss / 1024:.0f} MiB, now {record['state_after']}",
+          flush=True)
+    if rc != 0:
+        print(f"{name}: failed; see {runs_dir / 'logs' / (name + '.log')}", file=sys.stderr)
+    return rc
+
+
 def run_pieces(args: argparse.Namespace) -> int:
     runs_dir = Path(args.runs_dir)
     (runs_dir / "logs").mkdir(parents=True, exist_ok=True)
     pieces = args.pieces or list(GRID)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
-        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}  # this checkout's adaptbank, not an install
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
+    env = child_env(args.threads)
     failed = []
     for strategy, order in pieces:
         name = piece_name(strategy, order)
@@ -113,35 +156,11 @@ def run_pieces(args: argparse.Namespace) -> int:
             print(f"{name}: finished, skipped")
             continue
         cmd = _command(strategy, order, run_dir, args)
-        print(f"{name}: {before} -> running: {' '.join(cmd[1:])}", flush=True)
-        start = time.perf_counter()
-        with open(runs_dir / "logs" / f"{name}.log", "a", encoding="utf-8") as log:
-            log.write(f"\n$ {' '.join(cmd)}\n")
-            log.flush()
-            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-            try:
-                _, status, usage = os.wait4(proc.pid, 0)
-            except KeyboardInterrupt:  # pass it on (a terminal's Ctrl-C reaches both): the runner keeps its tasks
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:  # SIGINT ignored (started in the background): stop it;
-                    proc.terminate()  # result.json is written atomically after each task, so any point is safe
-                    proc.wait()
-                print(f"{name}: interrupted ({state(run_dir)}); run the same command again to resume", flush=True)
-                return 130
-        rc = os.waitstatus_to_exitcode(status)
-        seconds = time.perf_counter() - start
-        record = {"piece": name, "cmd": cmd[1:], "rc": rc, "wall_seconds": round(seconds, 1),
-                  "peak_rss_bytes": usage.ru_maxrss * 1024, "state_before": before, "state_after": state(run_dir),
-                  "time": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
-        with open(runs_dir / "bench.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        print(f"{name}: rc {rc}, {seconds:.0f} s, peak RSS {usage.ru_maxrss / 1024:.0f} MiB, now {record['state_after']}",
-              flush=True)
+        rc = run_logged(name, cmd, run_dir, runs_dir, env, before)
+        if rc is None:
+            return 130
         if rc != 0:
             failed.append(name)
-            print(f"{name}: failed; see {runs_dir / 'logs' / (name + '.log')}", file=sys.stderr)
     if failed:
         print(f"failed: {' '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

@@ -1,0 +1,202 @@
+"""`--init-from nearest` against a zero start on the nine-task sequence: runs and a report with intervals.
+
+    python bench/init_from.py run    [--runs-dir DIR] [--budgets 64 500] [--seeds 0 1 2] [--max-test 500]
+                                     [--epochs 2] [--max-length 128] [--threads N]
+    python bench/init_from.py report [--runs-dir DIR] [--out bench/results/init_from]
+
+Each piece is ``adaptbank run tasks/runs/all9.toml --strategy bank --max-train N --seed S`` twice, once
+with every expert starting from zero and once with ``--init-from nearest`` (each new expert starts from
+the stored expert nearest in the router's feature space, ``adaptbank/bank/init_from.py``), into
+``DIR/n<N>-s<S>/{zero,nearest}``, one subprocess after another (``continual_full.run_logged``: resumable,
+a finished run is skipped, every invocation logged to ``DIR/bench.jsonl``).
+
+The bank never forgets, so its final accuracy on a task is the accuracy the task reached when it was
+trained: what a start can change. The report groups the pairs by their train settings (read from each
+run's config, so runs made by hand with other settings group apart) and prints, per group:
+
+- ACC (the mean over the nine tasks) of zero and nearest starts, mean ± sd over seeds, and Δ ACC with a
+  95% paired bootstrap interval over test examples (``adaptbank.report.stats.paired_bootstrap``, every
+  seed's every task a stratum, so the interval covers the seeds' spread of test outcomes, not of training);
+- per task: the source each nearest start took (per seed), both accuracies (mean over seeds) and Δ with
+  its own paired bootstrap interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from continual_full import REPO, child_env, run_logged, state
+
+VARIANTS = ("zero", "nearest")
+SPEC = REPO / "tasks" / "runs" / "all9.toml"
+SETTINGS = ("max_train", "max_test", "epochs", "max_length")
+
+
+def piece(budget: int, seed: int) -> str:
+    return f"n{budget}-s{seed}"
+
+
+def run(args: argparse.Namespace) -> int:
+    runs_dir = Path(args.runs_dir)
+    env = child_env(args.threads)
+    failed = []
+    for budget in args.budgets:
+        for seed in args.seeds:
+            for variant in VARIANTS:
+                run_dir = runs_dir / piece(budget, seed) / variant
+                name = f"{piece(budget, seed)}-{variant}"
+                if (before := state(run_dir)) == "finished":
+                    print(f"{name}: finished, skipped")
+                    continue
+                cmd = [sys.executable, "-m", "adaptbank.cli", "run", str(SPEC), "--out", str(run_dir),
+                       "--strategy", "bank", "--max-train", str(budget), "--max-test", str(args.max_test),
+                       "--epochs", str(args.epochs), "--max-length", str(args.max_length), "--seed", str(seed),
+                       *(["--init-from", "nearest"] if variant == "nearest" else [])]
+                rc = run_logged(name, cmd, run_dir, runs_dir, env, before)
+                if rc is None:
+                    return 130
+                if rc != 0:
+                    failed.append(name)
+    if failed:
+        print(f"failed: {' '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _sources(run_dir: Path, tasks: list[str]) -> dict[str, str | None]:
+    """Per task, the stored task its expert started from (None: zero), from the run's bank."""
+    from adaptbank.bank.store import BankStore
+
+    store = BankStore.open(run_dir / "bank")
+    return {t: (store.read_config(t).get("init_from") or {}).get("task") for t in tasks}
+
+
+def _pair(run_dir: Path) -> dict[str, Any] | None:
+    """One finished (zero, nearest) pair under ``run_dir`` (``n<N>-s<S>``), or None when incomplete."""
+    results = {}
+    for variant in VARIANTS:
+        file = run_dir / variant / "result.json"
+        if state(run_dir / variant) != "finished":
+            return None
+        results[variant] = json.loads(file.read_text(encoding="utf-8"))
+    zero, nearest = results["zero"], results["nearest"]
+    if zero["tasks"] != nearest["tasks"] or zero["seed"] != nearest["seed"]:
+        raise ValueError(f"{run_dir}: the zero and nearest runs differ in tasks or seed")
+    train = zero["config"]["train"]
+    if any(train[k] != nearest["config"]["train"][k] for k in SETTINGS):
+        raise ValueError(f"{run_dir}: the zero and nearest runs differ in {SETTINGS}")
+    tasks = zero["tasks"]
+    return {"dir": str(run_dir), "seed": zero["seed"], "tasks": tasks, "settings": {k: train[k] for k in SETTINGS},
+            "hits": {v: results[v]["hits"]["oracle"] for v in VARIANTS},
+            "acc": {v: [results[v]["oracle"]["matrix"][-1][j] for j in range(len(tasks))] for v in VARIANTS},
+            "sources": _sources(run_dir / "nearest", tasks)}
+
+
+def summarise(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per group of train settings: ACC of both starts over seeds, Δ ACC and per-task Δ with intervals."""
+    from adaptbank.report.stats import mean_sd, paired_bootstrap
+
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for p in pairs:
+        groups.setdefault(tuple(p["settings"][k] for k in SETTINGS), []).append(p)
+    out = []
+    for key, members in sorted(groups.items()):
+        members.sort(key=lambda p: p["seed"])
+        tasks = members[0]["tasks"]
+        if any(p["tasks"] != tasks for p in members):
+            raise ValueError(f"settings {key}: the pairs cover different task sequences")
+        strata = {v: {f"s{p['seed']}/{t}": p["hits"][v][t] for p in members for t in tasks} for v in VARIANTS}
+        diff, lo, hi = paired_bootstrap(strata["nearest"], strata["zero"])
+        accs = {v: [sum(p["acc"][v]) / len(tasks) for p in members] for v in VARIANTS}
+        per_task = []
+        for j, t in enumerate(tasks):
+            d, tlo, thi = paired_bootstrap({f"s{p['seed']}": p["hits"]["nearest"][t] for p in members},
+                                           {f"s{p['seed']}": p["hits"]["zero"][t] for p in members})
+            per_task.append({"task": t, "sources": [p["sources"][t] for p in members],
+                             "zero": mean_sd([p["acc"]["zero"][j] for p in members])[0],
+                             "nearest": mean_sd([p["acc"]["nearest"][j] for p in members])[0],
+                             "diff": d, "lo": tlo, "hi": thi})
+        out.append({"settings": dict(zip(SETTINGS, key, strict=True)), "seeds": [p["seed"] for p in members],
+                    "acc": {v: mean_sd(accs[v])[:2] for v in VARIANTS}, "acc_per_seed": accs,
+                    "diff": diff, "lo": lo, "hi": hi, "per_task": per_task})
+    return out
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None or math.isnan(x) else f"{100 * x:.1f}"
+
+
+def _sd(x: float | None) -> str:
+    return "" if x is None else f" ± {100 * x:.1f}"
+
+
+def _signed(x: float) -> str:
+    return f"{100 * x:+.1f}"
+
+
+def markdown(groups: list[dict[str, Any]]) -> str:
+    lines = ["# `--init-from nearest` against a zero start, nine tasks (bench/init_from.py)", "",
+             "MiniLM, LoRA q+v r=8, strategy bank, tasks/runs/all9.toml (dbpedia amazon yelp yahoo ag_news sst2 trec "
+             "banking77 clinc150). Δ = nearest − zero, in points, with its 95% paired bootstrap interval over test "
+             "examples (10,000 resamples, every seed's every task a stratum).", ""]
+    for g in groups:
+        s = g["settings"]
+        (zm, zsd), (nm, nsd) = g["acc"]["zero"], g["acc"]["nearest"]
+        lines += [f"## {s['max_train']} train / {s['max_test']} test per task, {s['epochs']:g} epochs, "
+                  f"{s['max_length']} tokens; seeds {', '.join(map(str, g['seeds']))}", "",
+                  f"ACC zero {_pct(zm)}{_sd(zsd)}, nearest {_pct(nm)}{_sd(nsd)}: **Δ {_signed(g['diff'])} "
+                  f"[{_signed(g['lo'])}, {_signed(g['hi'])}]**", "",
+                  "| task | started from (per seed) | zero % | nearest % | Δ [95%] |", "|---|---|---:|---:|---|"]
+        for r in g["per_task"]:
+            src = ", ".join(x or "zero" for x in r["sources"])
+            lines.append(f"| {r['task']} | {src} | {_pct(r['zero'])} | {_pct(r['nearest'])} | "
+                         f"{_signed(r['diff'])} [{_signed(r['lo'])}, {_signed(r['hi'])}] |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def report(args: argparse.Namespace) -> int:
+    runs_dir = Path(args.runs_dir)
+    pairs = [p for d in sorted(runs_dir.glob("n*-s*")) if (p := _pair(d)) is not None]
+    if not pairs:
+        print(f"no finished (zero, nearest) pair under {runs_dir}; run `python bench/init_from.py run` first",
+              file=sys.stderr)
+        return 1
+    groups = summarise(pairs)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.md").write_text(markdown(groups), encoding="utf-8")
+    Path(f"{out}.json").write_text(json.dumps({"groups": groups, "pairs": [
+        {k: p[k] for k in ("dir", "seed", "settings", "acc", "sources")} for p in pairs]}, indent=1) + "\n",
+        encoding="utf-8")
+    print(markdown(groups))
+    print(f"wrote {out}.md and {out}.json ({len(pairs)} pairs)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name in ("run", "report"):
+        p = sub.add_parser(name)
+        p.add_argument("--runs-dir", default="/tmp/adaptbank-init-from", help="one folder per budget and seed")
+        if name == "run":
+            p.add_argument("--budgets", nargs="+", type=int, default=[64, 500], help="training examples per task")
+            p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+            p.add_argument("--max-test", dest="max_test", type=int, default=500)
+            p.add_argument("--epochs", type=float, default=2)
+            p.add_argument("--max-length", dest="max_length", type=int, default=128)
+            p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each run")
+        else:
+            p.add_argument("--out", default=str(REPO / "bench" / "results" / "init_from"),
+                           help="output path without extension: OUT.md, OUT.json")
+    args = ap.parse_args(argv)
+    return {"run": run, "report": report}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

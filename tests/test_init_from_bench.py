@@ -1,0 +1,53 @@
+"""bench/init_from.py's report: pairs grouped by train settings, Δ ACC pooled over seeds with its interval."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+
+@pytest.fixture()
+def bench():  # the bench script as a module
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import init_from
+
+        yield init_from
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+
+
+def _pair(seed: int, max_train: int, p_zero: float, p_nearest: float, n: int = 400) -> dict:
+    rng = np.random.default_rng(seed)
+    tasks = ["a", "b"]
+    hits = {v: {t: (rng.random(n) < p).astype(float).tolist() for t in tasks}
+            for v, p in (("zero", p_zero), ("nearest", p_nearest))}
+    return {"dir": f"n{max_train}-s{seed}", "seed": seed, "tasks": tasks, "sources": {"a": None, "b": "a"},
+            "settings": {"max_train": max_train, "max_test": n, "epochs": 2, "max_length": 128}, "hits": hits,
+            "acc": {v: [float(np.mean(hits[v][t])) for t in tasks] for v in hits}}
+
+
+def test_pooled_difference_is_the_mean_over_seeds_and_its_interval_separates(bench) -> None:
+    pairs = [_pair(s, 64, 0.5, 0.6) for s in (0, 1, 2)] + [_pair(7, 500, 0.7, 0.7)]
+    low, high = bench.summarise(pairs)  # sorted by settings: 64 before 500
+    assert low["settings"]["max_train"] == 64 and low["seeds"] == [0, 1, 2] and high["seeds"] == [7]
+    per_seed = [np.mean(p["acc"]["nearest"]) - np.mean(p["acc"]["zero"]) for p in pairs[:3]]
+    assert low["diff"] == pytest.approx(np.mean(per_seed), abs=1e-12)
+    assert 0 < low["lo"] < low["diff"] < low["hi"]  # 10 points better on 2,400 examples: clearly so
+    assert high["lo"] < 0 < high["hi"] or high["diff"] == 0  # same rate: the interval covers 0
+    assert [r["sources"] for r in low["per_task"]] == [[None] * 3, ["a"] * 3]
+    for j, r in enumerate(low["per_task"]):
+        assert r["diff"] == pytest.approx(np.mean([p["acc"]["nearest"][j] - p["acc"]["zero"][j] for p in pairs[:3]]))
+        assert r["lo"] <= r["diff"] <= r["hi"]
+    text = bench.markdown([low, high])
+    assert "64 train / 400 test per task" in text and "| b | a, a, a |" in text
+
+
+def test_a_group_with_different_task_sequences_is_refused(bench) -> None:
+    pair = _pair(0, 64, 0.5, 0.5)
+    pairs = [pair, {**pair, "seed": 1, "tasks": ["a", "c"]}]
+    with pytest.raises(ValueError, match="different task sequences"):
+        bench.summarise(pairs)
