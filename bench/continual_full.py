@@ -142,20 +142,15 @@ def run_logged(name: str, cmd: list[str], run_dir: Path, runs_dir: Path, env: di
     return rc
 
 
-def run_pieces(args: argparse.Namespace) -> int:
-    runs_dir = Path(args.runs_dir)
-    (runs_dir / "logs").mkdir(parents=True, exist_ok=True)
-    pieces = args.pieces or list(GRID)
-    env = child_env(args.threads)
+def run_jobs(jobs: list[tuple[str, Path, list[str]]], runs_dir: Path, env: dict[str, str]) -> int:
+    """Run each ``(name, run_dir, cmd)`` in turn with :func:`run_logged`, skipping finished runs; 0 when all
+    succeeded, 1 when any failed, 130 when interrupted."""
     failed = []
-    for strategy, order in pieces:
-        name = piece_name(strategy, order)
-        run_dir = runs_dir / name
+    for name, run_dir, cmd in jobs:
         before = state(run_dir)
         if before == "finished":
             print(f"{name}: finished, skipped")
             continue
-        cmd = _command(strategy, order, run_dir, args)
         rc = run_logged(name, cmd, run_dir, runs_dir, env, before)
         if rc is None:
             return 130
@@ -164,6 +159,13 @@ def run_pieces(args: argparse.Namespace) -> int:
     if failed:
         print(f"failed: {' '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def run_pieces(args: argparse.Namespace) -> int:
+    runs_dir = Path(args.runs_dir)
+    jobs = [(piece_name(s, o), runs_dir / piece_name(s, o), _command(s, o, runs_dir / piece_name(s, o), args))
+            for s, o in args.pieces or list(GRID)]
+    return run_jobs(jobs, runs_dir, child_env(args.threads))
 
 
 def show_status(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@
 Each piece is ``adaptbank run tasks/runs/all9.toml --strategy bank --max-train N --seed S`` twice, once
 with every expert starting from zero and once with ``--init-from nearest`` (each new expert starts from
 the stored expert nearest in the router's feature space, ``adaptbank/bank/init_from.py``), into
-``DIR/n<N>-s<S>/{zero,nearest}``, one subprocess after another (``continual_full.run_logged``: resumable,
+``DIR/n<N>-s<S>/{zero,nearest}``, one subprocess after another (``continual_full.run_jobs``: resumable,
 a finished run is skipped, every invocation logged to ``DIR/bench.jsonl``).
 
 The bank never forgets, so its final accuracy on a task is the accuracy the task reached when it was
@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from continual_full import REPO, child_env, run_logged, state
+from continual_full import REPO, child_env, run_jobs, state
 
 VARIANTS = ("zero", "nearest")
 SPEC = REPO / "tasks" / "runs" / "all9.toml"
@@ -43,28 +43,17 @@ def piece(budget: int, seed: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     runs_dir = Path(args.runs_dir)
-    env = child_env(args.threads)
-    failed = []
+    jobs = []
     for budget in args.budgets:
         for seed in args.seeds:
             for variant in VARIANTS:
                 run_dir = runs_dir / piece(budget, seed) / variant
-                name = f"{piece(budget, seed)}-{variant}"
-                if (before := state(run_dir)) == "finished":
-                    print(f"{name}: finished, skipped")
-                    continue
                 cmd = [sys.executable, "-m", "adaptbank.cli", "run", str(SPEC), "--out", str(run_dir),
                        "--strategy", "bank", "--max-train", str(budget), "--max-test", str(args.max_test),
                        "--epochs", str(args.epochs), "--max-length", str(args.max_length), "--seed", str(seed),
                        *(["--init-from", "nearest"] if variant == "nearest" else [])]
-                rc = run_logged(name, cmd, run_dir, runs_dir, env, before)
-                if rc is None:
-                    return 130
-                if rc != 0:
-                    failed.append(name)
-    if failed:
-        print(f"failed: {' '.join(failed)}", file=sys.stderr)
-    return 1 if failed else 0
+                jobs.append((f"{piece(budget, seed)}-{variant}", run_dir, cmd))
+    return run_jobs(jobs, runs_dir, child_env(args.threads))
 
 
 def _sources(run_dir: Path, tasks: list[str]) -> dict[str, str | None]:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -22,6 +27,17 @@ REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("ADAPTBANK_DATA", REPO.parent / "shared" / "data"))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@contextmanager
+def bench_module(name: str) -> Iterator[ModuleType]:
+    """The script ``bench/<name>.py`` imported as a module, with bench/ on sys.path while it is used (the
+    scripts import their siblings: ``_common``, ``continual_full``)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        yield importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "bench"))
 
 
 def randomize_expert(model, name: str, seed: int = 0, scale: float = 0.3) -> None:

@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO, require_data
+from conftest import REPO, bench_module, require_data
 
 
 def test_run_all_quick_runs_every_step_and_writes_the_report(tmp_path):
@@ -22,11 +22,8 @@ def test_run_all_quick_runs_every_step_and_writes_the_report(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "bench" / "run_all.py"), "--quick", "--out", str(out)],
                           capture_output=True, text=True, env=env, timeout=1500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        from run_all import STEPS
-    finally:
-        sys.path.remove(str(REPO / "bench"))
+    with bench_module("run_all") as run_all:
+        STEPS = run_all.STEPS
     report = (out / "BENCHMARKS.md").read_text()
     log = json.loads((out / "run_all.json").read_text())
     for step in STEPS:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, bench_module
 from test_report import TASKS, make_run, write_run
 
 from adaptbank.report.build import build_report
@@ -16,13 +15,8 @@ from adaptbank.report.build import build_report
 
 @pytest.fixture()
 def cf():  # the bench script as a module
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import continual_full
-
-        yield continual_full
-    finally:
-        sys.path.remove(str(REPO / "bench"))
+    with bench_module("continual_full") as module:
+        yield module
 
 
 def _report(cf, tmp_path: Path, runs: list[dict]) -> Path:

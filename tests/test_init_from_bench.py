@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import bench_module
 
 
 @pytest.fixture()
 def bench():  # the bench script as a module
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import init_from
-
-        yield init_from
-    finally:
-        sys.path.remove(str(REPO / "bench"))
+    with bench_module("init_from") as module:
+        yield module
 
 
 def _pair(seed: int, max_train: int, p_zero: float, p_nearest: float, n: int = 400) -> dict:
