@@ -3,6 +3,8 @@
     python bench/init_from.py run    [--runs-dir DIR] [--budgets 64 500] [--seeds 0 1 2] [--max-test 500]
                                      [--epochs 2] [--max-length 128] [--threads N]
     python bench/init_from.py report [--runs-dir DIR] [--out bench/results/init_from]
+    python bench/init_from.py few-shot --source-run DIR/n500-s0/zero [--shots 64] [--seeds 0 1 2]
+                                     [--max-test 500] [--out bench/results/init_from_few_shot]
 
 Each piece is ``adaptbank run tasks/runs/all9.toml --strategy bank --max-train N --seed S`` twice, once
 with every expert starting from zero and once with ``--init-from nearest`` (each new expert starts from
@@ -19,6 +21,12 @@ run's config, so runs made by hand with other settings group apart) and prints, 
   seed's every task a stratum, so the interval covers the seeds' spread of test outcomes, not of training);
 - per task: the source each nearest start took (per seed), both accuracies (mean over seeds) and Δ with
   its own paired bootstrap interval.
+
+``few-shot`` asks the question a sequence trained at one budget cannot: a new task with few examples
+(``--shots``) arriving at a bank of experts trained on more. For each target ``tasks[i]`` (i >= 1) of a
+finished zero-start run (``--source-run``), that run's bank is cut back to ``tasks[:i]`` (the remove
+commits, in a copy) and the target is added from zero and from its nearest stored expert, once per seed,
+each into a fresh copy of the cut bank; the same report as above, over the eight targets.
 """
 
 from __future__ import annotations
@@ -127,8 +135,8 @@ def _signed(x: float) -> str:
     return f"{100 * x:+.1f}"
 
 
-def markdown(groups: list[dict[str, Any]]) -> str:
-    lines = ["# `--init-from nearest` against a zero start, nine tasks (bench/init_from.py)", "",
+def markdown(groups: list[dict[str, Any]], title: str = "the nine-task sequence") -> str:
+    lines = [f"# `--init-from nearest` against a zero start: {title} (bench/init_from.py)", "",
              "MiniLM, LoRA q+v r=8, strategy bank, tasks/runs/all9.toml (dbpedia amazon yelp yahoo ag_news sst2 trec "
              "banking77 clinc150). Δ = nearest − zero, in points, with its 95% paired bootstrap interval over test "
              "examples (10,000 resamples, every seed's every task a stratum).", ""]
@@ -167,24 +175,120 @@ def report(args: argparse.Namespace) -> int:
     return 0
 
 
+def few_shot(args: argparse.Namespace) -> int:
+    """Few-shot targets over well-trained sources: for target ``tasks[i]`` (i >= 1) of a finished zero-start
+    run, that run's bank cut back to ``tasks[:i]`` (trained at the run's budget), and the target added with
+    ``--shots`` examples, from zero and with ``--init-from nearest``, once per seed, each into a fresh copy.
+    Resumable: every finished add is kept in ``OUT.json`` and skipped when run again."""
+    import dataclasses
+    import shutil
+    import tempfile
+
+    import torch
+
+    from adaptbank.bank.facade import AdapterBank
+    from adaptbank.core.config import TrainConfig, stored_method
+    from adaptbank.data.load import load_task
+    from adaptbank.data.specs import TaskSpec
+    from adaptbank.training.evaluate import evaluate_hits
+
+    torch.set_num_threads(args.threads or 1)
+    source = Path(args.source_run)
+    result = json.loads((source / "result.json").read_text(encoding="utf-8"))
+    if not result.get("finished") or result["strategy"] != "bank" or result["config"]["options"]["init_from"]:
+        raise SystemExit(f"{source}: --source-run must be a finished bank run with zero starts")
+    tasks = result["tasks"]
+    out = Path(f"{args.out}.json")
+    done: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))["adds"] if out.is_file() else {}
+    work = Path(tempfile.mkdtemp(prefix="adaptbank-few-shot-"))
+    try:
+        for i in range(1, len(tasks)):
+            target, base = tasks[i], work / f"base-{i}"
+            shutil.copytree(source / "bank", base)
+            cut = AdapterBank.open(base)
+            cfg = cut.store.read_config(target)
+            for name in reversed(tasks[i:]):
+                cut.remove(name)
+            spec, method = TaskSpec.from_dict(cfg["spec"]), stored_method(cfg["method"])
+            for seed in args.seeds:
+                train = dataclasses.replace(TrainConfig.from_dict(cfg["train"]), max_train=args.shots,
+                                            max_test=args.max_test, seed=seed)
+                test = load_task(spec, max_train=1, max_test=train.max_test, seed=seed).test
+                for variant in VARIANTS:
+                    key = f"{target}/s{seed}/{variant}"
+                    if key in done:
+                        continue
+                    bank_dir = work / "bank"
+                    shutil.rmtree(bank_dir, ignore_errors=True)
+                    shutil.copytree(base, bank_dir)
+                    bank = AdapterBank.open(bank_dir)
+                    added = bank.add_task(spec, method, train, init_from="nearest" if variant == "nearest" else None)
+                    hits = evaluate_hits(bank.load([target]), target, [e.text for e in test], [e.label for e in test],
+                                         max_length=train.max_length)
+                    done[key] = {"task": target, "seed": seed, "variant": variant, "accuracy": added.test_accuracy,
+                                 "hits": hits, "source": (added.init_from or {}).get("task"),
+                                 "seconds": added.seconds}
+                    print(f"{key}: {100 * added.test_accuracy:.1f}% (from {done[key]['source'] or 'zero'})", flush=True)
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_text(json.dumps({"source_run": str(source), "shots": args.shots, "adds": done}) + "\n",
+                                   encoding="utf-8")
+            shutil.rmtree(base)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    settings = {"max_train": args.shots, "max_test": args.max_test, "epochs": result["config"]["train"]["epochs"],
+                "max_length": result["config"]["train"]["max_length"]}
+    groups = summarise(few_shot_pairs(done, tasks[1:], settings))
+    text = markdown(groups, title=f"few-shot targets ({args.shots} examples) over sources trained at "
+                    f"{result['config']['train']['max_train']} (`{source}`)")
+    Path(f"{args.out}.md").write_text(text, encoding="utf-8")
+    data = json.loads(out.read_text(encoding="utf-8"))
+    out.write_text(json.dumps({**data, "groups": groups}) + "\n", encoding="utf-8")
+    print(text)
+    return 0
+
+
+def few_shot_pairs(adds: dict[str, Any], targets: list[str], settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """The few-shot adds as one pair per seed (the shape :func:`summarise` reads), seeds with every add only."""
+    seeds = sorted({a["seed"] for a in adds.values()})
+    pairs = []
+    for seed in seeds:
+        got = {(t, v): adds.get(f"{t}/s{seed}/{v}") for t in targets for v in VARIANTS}
+        if any(a is None for a in got.values()):
+            continue
+        pairs.append({"seed": seed, "tasks": targets, "settings": settings,
+                      "hits": {v: {t: got[t, v]["hits"] for t in targets} for v in VARIANTS},
+                      "acc": {v: [got[t, v]["accuracy"] for t in targets] for v in VARIANTS},
+                      "sources": {t: got[t, "nearest"]["source"] for t in targets}})
+    return pairs
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
-    for name in ("run", "report"):
+    for name in ("run", "report", "few-shot"):
         p = sub.add_parser(name)
-        p.add_argument("--runs-dir", default="/tmp/adaptbank-init-from", help="one folder per budget and seed")
-        if name == "run":
+        if name != "few-shot":
+            p.add_argument("--runs-dir", default="/tmp/adaptbank-init-from", help="one folder per budget and seed")
+        if name == "few-shot":
+            p.add_argument("--source-run", required=True, help="a finished zero-start bank run (its bank and config)")
+            p.add_argument("--shots", type=int, default=64, help="training examples of each target")
+            p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+            p.add_argument("--max-test", dest="max_test", type=int, default=500)
+            p.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
+            p.add_argument("--out", default=str(REPO / "bench" / "results" / "init_from_few_shot"),
+                           help="output path without extension: OUT.md, OUT.json (also the resume record)")
+        elif name == "run":
             p.add_argument("--budgets", nargs="+", type=int, default=[64, 500], help="training examples per task")
             p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
             p.add_argument("--max-test", dest="max_test", type=int, default=500)
             p.add_argument("--epochs", type=float, default=2)
             p.add_argument("--max-length", dest="max_length", type=int, default=128)
             p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each run")
-        else:
+        if name == "report":
             p.add_argument("--out", default=str(REPO / "bench" / "results" / "init_from"),
                            help="output path without extension: OUT.md, OUT.json")
     args = ap.parse_args(argv)
-    return {"run": run, "report": report}[args.command](args)
+    return {"run": run, "report": report, "few-shot": few_shot}[args.command](args)
 
 
 if __name__ == "__main__":
