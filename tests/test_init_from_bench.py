@@ -44,3 +44,40 @@ def test_a_group_with_different_task_sequences_is_refused(bench) -> None:
     pairs = [pair, {**pair, "seed": 1, "tasks": ["a", "c"]}]
     with pytest.raises(ValueError, match="different task sequences"):
         bench.summarise(pairs)
+
+
+def test_few_shot_adds_every_target_both_ways_and_leaves_the_source_bank(bench, tiny_bert_dir, tmp_path) -> None:
+    """bench/init_from.py few-shot on a tiny three-task bank: each later task is added from zero and from
+    an earlier (never a later) task's expert, its hits are those of its accuracy, and the source run's
+    bank is byte-identical afterwards; a second call resumes (adds nothing)."""
+    import argparse
+    import json
+
+    from conftest import tree_digest
+
+    from adaptbank.bank.facade import AdapterBank
+    from adaptbank.core.config import LoRAConfig, TrainConfig
+
+    tasks = ["weather", "topic", "intent"]
+    run = tmp_path / "run"
+    bank = AdapterBank.init(run / "bank", base=str(tiny_bert_dir))
+    train = TrainConfig(epochs=1, max_train=64, max_test=16, max_length=32)
+    for t in tasks:
+        bank.add_task(t, LoRAConfig(rank=4), train)
+    (run / "result.json").write_text(json.dumps({"finished": True, "strategy": "bank", "tasks": tasks, "config": {
+        "options": {"init_from": None}, "train": train.to_dict()}}))
+    before = tree_digest(run)
+    args = argparse.Namespace(source_run=str(run), shots=8, seeds=[0], max_test=16, threads=1,
+                              out=str(tmp_path / "few"))
+    assert bench.few_shot(args) == 0
+    adds = json.loads((tmp_path / "few.json").read_text())["adds"]
+    assert sorted(adds) == [f"{t}/s0/{v}" for t in ("intent", "topic") for v in ("nearest", "zero")]
+    assert adds["topic/s0/nearest"]["source"] == "weather"  # the only earlier task
+    assert adds["intent/s0/nearest"]["source"] in ("weather", "topic")
+    for a in adds.values():
+        assert len(a["hits"]) == 16 and sum(a["hits"]) / 16 == pytest.approx(a["accuracy"])
+        assert (a["source"] is None) == (a["variant"] == "zero")
+    assert tree_digest(run) == before
+    text = (tmp_path / "few.md").read_text()
+    assert "8 train / 16 test per task" in text and "| topic | weather |" in text
+    assert bench.few_shot(args) == 0 and json.loads((tmp_path / "few.json").read_text())["adds"] == adds
