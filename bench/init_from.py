@@ -166,11 +166,12 @@ def report(args: argparse.Namespace) -> int:
     groups = summarise(pairs)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{out}.md").write_text(markdown(groups), encoding="utf-8")
+    text = markdown(groups)
+    Path(f"{out}.md").write_text(text, encoding="utf-8")
     Path(f"{out}.json").write_text(json.dumps({"groups": groups, "pairs": [
         {k: p[k] for k in ("dir", "seed", "settings", "acc", "sources")} for p in pairs]}, indent=1) + "\n",
         encoding="utf-8")
-    print(markdown(groups))
+    print(text)
     print(f"wrote {out}.md and {out}.json ({len(pairs)} pairs)")
     return 0
 
@@ -188,9 +189,7 @@ def few_shot(args: argparse.Namespace) -> int:
 
     from adaptbank.bank.facade import AdapterBank
     from adaptbank.core.config import TrainConfig, stored_method
-    from adaptbank.data.load import load_task
     from adaptbank.data.specs import TaskSpec
-    from adaptbank.training.evaluate import evaluate_hits
 
     torch.set_num_threads(args.threads or 1)
     source = Path(args.source_run)
@@ -213,7 +212,6 @@ def few_shot(args: argparse.Namespace) -> int:
             for seed in args.seeds:
                 train = dataclasses.replace(TrainConfig.from_dict(cfg["train"]), max_train=args.shots,
                                             max_test=args.max_test, seed=seed)
-                test = load_task(spec, max_train=1, max_test=train.max_test, seed=seed).test
                 for variant in VARIANTS:
                     key = f"{target}/s{seed}/{variant}"
                     if key in done:
@@ -223,15 +221,11 @@ def few_shot(args: argparse.Namespace) -> int:
                     shutil.copytree(base, bank_dir)
                     bank = AdapterBank.open(bank_dir)
                     added = bank.add_task(spec, method, train, init_from="nearest" if variant == "nearest" else None)
-                    hits = evaluate_hits(bank.load([target]), target, [e.text for e in test], [e.label for e in test],
-                                         max_length=train.max_length)
                     done[key] = {"task": target, "seed": seed, "variant": variant, "accuracy": added.test_accuracy,
-                                 "hits": hits, "source": (added.init_from or {}).get("task"),
+                                 "hits": added.test_hits, "source": (added.init_from or {}).get("task"),
                                  "seconds": added.seconds}
                     print(f"{key}: {100 * added.test_accuracy:.1f}% (from {done[key]['source'] or 'zero'})", flush=True)
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    out.write_text(json.dumps({"source_run": str(source), "shots": args.shots, "adds": done}) + "\n",
-                                   encoding="utf-8")
+                    _write_json(out, {"source_run": str(source), "shots": args.shots, "adds": done})
             shutil.rmtree(base)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -241,10 +235,17 @@ def few_shot(args: argparse.Namespace) -> int:
     text = markdown(groups, title=f"few-shot targets ({args.shots} examples) over sources trained at "
                     f"{result['config']['train']['max_train']} (`{source}`)")
     Path(f"{args.out}.md").write_text(text, encoding="utf-8")
-    data = json.loads(out.read_text(encoding="utf-8"))
-    out.write_text(json.dumps({**data, "groups": groups}) + "\n", encoding="utf-8")
+    _write_json(out, {"source_run": str(source), "shots": args.shots, "adds": done, "groups": groups})
     print(text)
     return 0
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """``data`` as ``path``, atomically: the resume record is whole after any interruption."""
+    from adaptbank._atomic import atomic_write_bytes
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(data) + "\n").encode())
 
 
 def few_shot_pairs(adds: dict[str, Any], targets: list[str], settings: dict[str, Any]) -> list[dict[str, Any]]:

@@ -45,6 +45,13 @@ def test_add_task_stores_and_eval_reproduces_in_a_new_process(bank):
     out = subprocess.run([sys.executable, "-m", "adaptbank.cli", "eval", str(bank.path), "--json"],
                          capture_output=True, text=True, check=True)
     assert json.loads(out.stdout)["oracle"]["weather"] == r.test_accuracy
+    from adaptbank.data.load import load_task
+    from adaptbank.training.evaluate import evaluate_hits
+
+    test = load_task("weather", max_train=1, max_test=FAST.max_test, seed=FAST.seed).test
+    assert r.test_hits == evaluate_hits(bank.load(["weather"]), "weather", [e.text for e in test],
+                                        [e.label for e in test], max_length=FAST.max_length)  # the stored expert's
+    assert len(r.test_hits) == r.n_test and sum(r.test_hits) / r.n_test == r.test_accuracy
 
 
 def test_shared_a_tasks_store_b_only_and_are_smaller(bank, tiny_bert_dir, tmp_path):

@@ -29,7 +29,7 @@ from adaptbank.data.specs import TaskSpec, load_task_spec, validate_task_name
 from adaptbank.data.tokens import tokenize
 from adaptbank.training import distributed
 from adaptbank.training.distributed import Dist
-from adaptbank.training.evaluate import evaluate
+from adaptbank.training.evaluate import evaluate_hits
 from adaptbank.training.features import frozen_pass, frozen_pass_states
 from adaptbank.training.generation import encode_prompts, fit_generation_task
 from adaptbank.training.loop import train_task
@@ -58,6 +58,9 @@ class AddResult:
     """``--init-from``: the source task, its distance and why (``bank.init_from``); None for the usual zero start."""
     phase_seconds: dict[str, float] | None = None
     """Where the time went: the stored ``metrics.phase_seconds`` and the commit (written after the config)."""
+    test_hits: list[int] | None = None
+    """Per test example, 1 when the new task predicted its label (``test_accuracy`` is their mean: the
+    vector a paired bootstrap needs); None for a generation task (scored by exact match)."""
 
 
 def add_task(bank: AdapterBank, spec: TaskSpec | str | Path, method: MethodConfig | None = None,
@@ -144,6 +147,7 @@ def add_task(bank: AdapterBank, spec: TaskSpec | str | Path, method: MethodConfi
         say(f"{name}: training on {len(data.train)} examples, testing on {len(data.test)}")
     phases.mark("router memory")
     scores: dict[str, float] = {}
+    test_hits: list[int] | None = None  # a generation task is scored by exact match, not per-example hits
     if gen:
         result, scores = fit_generation_task(model, name, data, train, on_step=on_step)
         acc = scores["test_exact_match"]  # a generation task's accuracy is its exact match
@@ -155,8 +159,9 @@ def add_task(bank: AdapterBank, spec: TaskSpec | str | Path, method: MethodConfi
                             diagnose=diagnose, dist=dist, cached=cached)
         phases.mark("training")
         phases.carve("training", "probe", result.probe_seconds)
-        acc = evaluate(model, name, [e.text for e in data.test], [e.label for e in data.test],
-                       max_length=train.max_length, dist=dist)
+        test_hits = evaluate_hits(model, name, [e.text for e in data.test], [e.label for e in data.test],
+                                  max_length=train.max_length, dist=dist)
+        acc = sum(test_hits) / len(test_hits)
         phases.mark("evaluation")
     with distributed.together(dist, f"task {name!r}: before the commit"):
         say(f"{name}: trained {result.steps} steps in {result.seconds:.1f}s")
@@ -188,4 +193,4 @@ def add_task(bank: AdapterBank, spec: TaskSpec | str | Path, method: MethodConfi
                      trainable_params=config["metrics"]["trainable_params"], bytes_on_disk=nbytes,
                      seconds=time.perf_counter() - start, shared_group=group, share_reason=reason,
                      n_train=len(data.train), n_test=len(data.test), init_from=start_from,
-                     phase_seconds=phases.rounded())
+                     phase_seconds=phases.rounded(), test_hits=test_hits)
